@@ -1,0 +1,398 @@
+"""Layered configuration (DESIGN §7): defaults < user file < project file < BACKPROP_* env < options.
+
+Each setting is declared once in `FIELDS`, with its seed-compatible file key, its environment
+variable, its CLI option and its parser, so files, variables, CLI options and MCP arguments are
+validated by the same code and their errors name the same things. Stdlib only: the CLI's fast
+paths load config without paying for pydantic.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from backprop_mcp.errors import ConfigError
+
+PROJECT_FILES = ("backprop.config.json", ".backprop.json")
+USER_FILE = "config.json"
+STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP", "SIGUSR1", "SIGUSR2")
+FRAMEWORK_CHOICES = ("auto", "pytorch", "tensorflow", "jax", "none")
+PROBE_CHOICES = ("auto", "nvml", "nvidia-smi", "none", "static")
+# The wall-clock cap defaults to this multiple of the time box: a run may spend up to twice its
+# box paused (hot GPU, busy machine) before it is stopped anyway.
+WALL_CAP_MULTIPLE = 3.0
+
+
+def _number(value: object, where: str, *, minimum: float | None = None, exclusive: bool = False) -> float:
+    if isinstance(value, bool):
+        raise ConfigError(f"{where} must be a number, got {json.dumps(value)}")
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            raise ConfigError(f"{where} must be a number, got {value!r}") from None
+    if not isinstance(value, int | float) or not math.isfinite(float(value)):
+        raise ConfigError(f"{where} must be a finite number, got {_show(value)}")
+    number = float(value)
+    if minimum is not None and (number <= minimum if exclusive else number < minimum):
+        sign = ">" if exclusive else ">="
+        raise ConfigError(f"{where} must be {sign} {_fmt(minimum)}, got {_fmt(number)}")
+    return number
+
+
+def _show(value: object) -> str:
+    try:
+        return json.dumps(value)[:80]
+    except (TypeError, ValueError):
+        return repr(value)[:80]
+
+
+def _fmt(number: float) -> str:
+    return str(int(number)) if number == int(number) else str(number)
+
+
+def _positive(value: object, where: str) -> float:
+    return _number(value, where, minimum=0, exclusive=True)
+
+
+def _non_negative(value: object, where: str) -> float:
+    return _number(value, where, minimum=0)
+
+
+def _optional_positive(value: object, where: str) -> float | None:
+    return None if value is None else _positive(value, where)
+
+
+def _count(value: object, where: str) -> int:
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value.strip())
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value > 1024:
+        raise ConfigError(f"{where} must be a whole number from 1 to 1024, got {_show(value)}")
+    return value
+
+
+def _percent(value: object, where: str) -> float:
+    number = _number(value, where, minimum=0, exclusive=True)
+    if number > 100:
+        raise ConfigError(f"{where} must be a percentage in (0, 100], got {_fmt(number)}")
+    return number
+
+
+def _flag(value: object, where: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    raise ConfigError(f"{where} must be true or false, got {_show(value)}")
+
+
+def _choice(choices: tuple[str, ...]) -> Callable[[object, str], str]:
+    def parse(value: object, where: str) -> str:
+        if isinstance(value, str) and value.strip() in choices:
+            return value.strip()
+        raise ConfigError(f"{where} must be one of {', '.join(choices)}; got {_show(value)}")
+
+    return parse
+
+
+def _stop_signal(value: object, where: str) -> str:
+    if isinstance(value, str):
+        name = value.strip().upper()
+        name = name if name.startswith("SIG") else f"SIG{name}"
+        if name in STOP_SIGNALS:
+            return name
+    raise ConfigError(f"{where} must be one of {', '.join(STOP_SIGNALS)}; got {_show(value)}")
+
+
+def _gpu_memory_limit(value: object, where: str) -> str | None:
+    """'80%' (a share of the GPU) or a number of GB ('8', 8, '8GB')."""
+    if value is None:
+        return None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        value = str(value)
+    if isinstance(value, str):
+        text = value.strip().upper().removesuffix("GB").strip()
+        try:
+            if text.endswith("%"):
+                share = float(text[:-1])
+                if 0 < share <= 100:
+                    return f"{_fmt(share)}%"
+            else:
+                gb = float(text)
+                if 0 < gb <= 4096 and math.isfinite(gb):
+                    return _fmt(gb)
+        except ValueError:
+            pass
+    raise ConfigError(
+        f"{where} must be a share like \"80%\" (0-100%) or a size in GB like \"8\"; got {_show(value)}"
+    )
+
+
+def _gpu_list(value: object, where: str) -> list[str] | None:
+    if value is None:
+        return None
+    items: list[object]
+    if isinstance(value, str):
+        items = [part.strip() for part in value.split(",") if part.strip()]
+    elif isinstance(value, list):
+        items = list(value)
+    else:
+        items = []
+    result = []
+    for item in items:
+        if isinstance(item, int) and not isinstance(item, bool) and item >= 0:
+            result.append(str(item))
+        elif isinstance(item, str) and (item.isdigit() or item.startswith(("GPU-", "MIG-"))):
+            result.append(item)
+        else:
+            result = []
+            break
+    if not result:
+        raise ConfigError(
+            f"{where} must be GPU indices or UUIDs, comma-separated (e.g. \"0,1\" or \"GPU-8f3a...\"); "
+            f"got {_show(value)}"
+        )
+    return result
+
+
+def _path_list(value: object, where: str) -> list[str] | None:
+    if value is None:
+        return None
+    items: list[object]
+    if isinstance(value, str):
+        items = [part for part in value.split(os.pathsep) if part]
+    elif isinstance(value, list):
+        items = list(value)
+    else:
+        raise ConfigError(f"{where} must be a list of directories, got {_show(value)}")
+    paths = []
+    for item in items:
+        if not isinstance(item, str) or not item or "\0" in item:
+            raise ConfigError(f"{where} must be a list of directory paths, got {_show(item)}")
+        paths.append(os.path.abspath(os.path.expanduser(item)))
+    return paths
+
+
+def _python(value: object, where: str) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip() or "\0" in value:
+        raise ConfigError(f"{where} must be the path of a Python interpreter, got {_show(value)}")
+    return value.strip()
+
+
+@dataclass(frozen=True)
+class Field:
+    """One setting: where it may be given and how it is checked."""
+
+    name: str
+    key: str  # key in config files; dotted for nested objects (the seed's "gpu.maxTempC")
+    env: str
+    option: str
+    parse: Callable[[object, str], Any]
+    help: str
+
+
+FIELDS: tuple[Field, ...] = (
+    Field("max_run_minutes", "maxRunMinutes", "BACKPROP_MAX_RUN_MINUTES", "--max-run-minutes",
+          _positive, "time box in minutes of running time (default 10)"),
+    Field("max_wall_minutes", "maxWallMinutes", "BACKPROP_MAX_WALL_MINUTES", "--max-wall-minutes",
+          _optional_positive, f"wall-clock cap including paused time (default {_fmt(WALL_CAP_MULTIPLE)}x the box)"),
+    Field("framework", "framework", "BACKPROP_FRAMEWORK_DEFAULT", "--framework",
+          _choice(FRAMEWORK_CHOICES), "pytorch, tensorflow, jax, none or auto (read from the script's imports)"),
+    Field("checkpoint_every_minutes", "checkpointEveryMinutes", "BACKPROP_CHECKPOINT_EVERY_MINUTES",
+          "--checkpoint-every-minutes", _positive, "checkpoint interval suggested to the script (default 2)"),
+    Field("gpu_memory_limit", "gpuMemoryLimit", "BACKPROP_GPU_MEMORY_LIMIT", "--gpu-memory-limit",
+          _gpu_memory_limit, "GPU memory limit: \"80%\" of the GPU or a size in GB"),
+    Field("max_parallel", "maxParallel", "BACKPROP_MAX_PARALLEL", "--max-parallel",
+          _count, "most runs live at once on this machine (default 2)"),
+    Field("min_free_ram_gb", "minFreeRamGB", "BACKPROP_MIN_FREE_RAM_GB", "--min-free-ram",
+          _non_negative, "free RAM needed to start, GB (default 4)"),
+    Field("max_cpu_percent", "maxCpuPercent", "BACKPROP_MAX_CPU_PERCENT", "--max-cpu-percent",
+          _percent, "highest machine CPU load to start or keep running, percent (default 90)"),
+    Field("gpu_probe", "gpu.probe", "BACKPROP_GPU_PROBE", "--gpu-probe",
+          _choice(PROBE_CHOICES), "GPU probe: auto, nvml, nvidia-smi, none or static"),
+    Field("gpu_min_free_vram_mb", "gpu.minFreeVramMB", "BACKPROP_GPU_MIN_VRAM_MB", "--gpu-min-vram",
+          _non_negative, "free VRAM a GPU needs, MB (default 2500)"),
+    Field("gpu_max_temp_c", "gpu.maxTempC", "BACKPROP_GPU_MAX_TEMP_C", "--gpu-max-temp",
+          _positive, "GPU temperature limit, C (default 85)"),
+    Field("gpu_resume_below_c", "gpu.resumeBelowC", "BACKPROP_GPU_RESUME_BELOW_C", "--gpu-resume-below",
+          _non_negative, "a paused run resumes this many degrees below the limit (default 5)"),
+    Field("gpus", "gpu.devices", "BACKPROP_GPUS", "--gpus",
+          _gpu_list, "GPUs the run may use: indices or UUIDs (default all)"),
+    Field("use_gpu", "gpu.enabled", "BACKPROP_USE_GPU", "--no-gpu",
+          _flag, "false runs on CPU only and skips GPU rules (default true)"),
+    Field("grace_seconds", "graceSeconds", "BACKPROP_GRACE_SECONDS", "--grace-seconds",
+          _non_negative, "seconds between the stop signal and SIGTERM (default 30)"),
+    Field("stop_signal", "stopSignal", "BACKPROP_STOP_SIGNAL_DEFAULT", "--stop-signal",
+          _stop_signal, f"first signal at the deadline: {', '.join(STOP_SIGNALS)} (default SIGINT)"),
+    Field("queue", "queue", "BACKPROP_QUEUE", "--no-queue",
+          _flag, "wait in the queue when the machine is busy (default true)"),
+    Field("queue_timeout_minutes", "queueTimeoutMinutes", "BACKPROP_QUEUE_TIMEOUT_MINUTES",
+          "--queue-timeout", _positive, "longest wait in the queue, minutes (default 60)"),
+    Field("argv_compat", "argvCompat", "BACKPROP_ARGV_COMPAT", "--argv-compat",
+          _flag, "also pass the seed's argv flags to the script (default false)"),
+    Field("python", "python", "BACKPROP_PYTHON", "--python",
+          _python, "interpreter for scripts (default: active virtualenv, else backprop's own)"),
+    Field("allowed_roots", "allowedRoots", "BACKPROP_ALLOWED_ROOTS", "--root",
+          _path_list, "directories scripts must lie in (MCP server; os.pathsep-separated in the variable)"),
+)
+FIELDS_BY_NAME = {f.name: f for f in FIELDS}
+FIELDS_BY_KEY = {f.key: f for f in FIELDS}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The effective settings of one call."""
+
+    max_run_minutes: float = 10.0
+    max_wall_minutes: float | None = None
+    framework: str = "auto"
+    checkpoint_every_minutes: float = 2.0
+    gpu_memory_limit: str | None = None
+    max_parallel: int = 2
+    min_free_ram_gb: float = 4.0
+    max_cpu_percent: float = 90.0
+    gpu_probe: str = "auto"
+    gpu_min_free_vram_mb: float = 2500.0
+    gpu_max_temp_c: float = 85.0
+    gpu_resume_below_c: float = 5.0
+    gpus: list[str] | None = None
+    use_gpu: bool = True
+    grace_seconds: float = 30.0
+    stop_signal: str = "SIGINT"
+    queue: bool = True
+    queue_timeout_minutes: float = 60.0
+    argv_compat: bool = False
+    python: str | None = None
+    allowed_roots: list[str] | None = None
+    sources: list[str] = field(default_factory=list, compare=False)
+
+    @property
+    def wall_minutes(self) -> float:
+        """The wall-clock cap in effect."""
+        return self.max_wall_minutes or self.max_run_minutes * WALL_CAP_MULTIPLE
+
+    def as_options(self) -> dict[str, Any]:
+        """The settings as a JSON-ready dict (stored in the run record)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "sources"}
+
+
+def user_config_path(env: Mapping[str, str]) -> Path:
+    """The user's config file (BACKPROP_CONFIG overrides the platform location)."""
+    if env.get("BACKPROP_CONFIG"):
+        return Path(env["BACKPROP_CONFIG"])
+    import platformdirs
+
+    return Path(platformdirs.user_config_dir("backprop-mcp", appauthor=False)) / USER_FILE
+
+
+def find_project_file(start: Path) -> Path | None:
+    """The nearest backprop.config.json (or .backprop.json) from `start` upward."""
+    for folder in (start, *start.parents):
+        for name in PROJECT_FILES:
+            candidate = folder / name
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def read_file(path: Path) -> dict[str, Any]:
+    """Parse and validate one config file into field values."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text; a config file is a JSON object") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read ({exc.strerror})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(
+            f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})"
+        ) from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: must be a JSON object like {{\"maxRunMinutes\": 10}}")
+    values: dict[str, Any] = {}
+    _flatten(data, "", path, values)
+    return values
+
+
+def _flatten(data: dict[str, Any], prefix: str, path: Path, out: dict[str, Any]) -> None:
+    for raw_key, value in data.items():
+        key = f"{prefix}{raw_key}"
+        if key in FIELDS_BY_KEY:
+            spec = FIELDS_BY_KEY[key]
+            out[spec.name] = spec.parse(value, f"{path}: key \"{key}\"")
+        elif isinstance(value, dict) and any(k.startswith(f"{key}.") for k in FIELDS_BY_KEY):
+            _flatten(value, f"{key}.", path, out)
+        elif key.startswith("$") or key == "comment":
+            continue  # "$schema" and comments are allowed and ignored
+        else:
+            allowed = ", ".join(k for k in FIELDS_BY_KEY if k.startswith(prefix))
+            raise ConfigError(f"{path}: unknown key \"{key}\"; allowed keys are {allowed}")
+
+
+def from_env(env: Mapping[str, str]) -> dict[str, Any]:
+    """Field values given as BACKPROP_* environment variables."""
+    values: dict[str, Any] = {}
+    for spec in FIELDS:
+        raw = env.get(spec.env)
+        if raw is not None and raw != "":
+            values[spec.name] = spec.parse(raw, f"environment variable {spec.env}")
+    return values
+
+
+def parse_overrides(options: Mapping[str, object], source: str) -> dict[str, Any]:
+    """Validate call options (CLI options or MCP arguments) given by field name."""
+    values: dict[str, Any] = {}
+    for name, raw in options.items():
+        if raw is None:
+            continue
+        spec = FIELDS_BY_NAME.get(name)
+        if spec is None:
+            raise ConfigError(f"unknown {source} {name!r}")
+        label = f"option {spec.option}" if source == "option" else f"{source} {name}"
+        values[name] = spec.parse(raw, label)
+    return values
+
+
+def load_settings(
+    cwd: Path,
+    env: Mapping[str, str],
+    options: Mapping[str, object] | None = None,
+    *,
+    source: str = "option",
+    base: Mapping[str, object] | None = None,
+) -> Settings:
+    """Merge every layer into Settings. `base` (already-valid values, e.g. a stored run's options)
+    sits between the environment and the call's own options."""
+    merged: dict[str, Any] = {}
+    sources: list[str] = []
+    user = user_config_path(env)
+    if user.is_file():
+        merged.update(read_file(user))
+        sources.append(str(user))
+    project = find_project_file(cwd)
+    if project is not None:
+        merged.update(read_file(project))
+        sources.append(str(project))
+    merged.update(from_env(env))
+    if base:
+        merged.update({k: v for k, v in base.items() if k in FIELDS_BY_NAME})
+    if options:
+        merged.update(parse_overrides(options, source))
+    return replace(Settings(), **merged, sources=sources)
+
+
+def signal_number(name: str) -> int:
+    """The number of a validated stop signal name."""
+    return int(getattr(signal, name))

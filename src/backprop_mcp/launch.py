@@ -1,0 +1,152 @@
+"""How a run's script is started: interpreter choice, framework detection, the argv and the
+contract environment, and the detached launch of a run's supervisor process."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+
+from backprop_mcp import contract
+from backprop_mcp.config import Settings
+from backprop_mcp.models import GpuInfo, Limits, RunRecord
+
+# How much of the script is read to detect its framework: imports sit at the top.
+_DETECT_BYTES = 256 * 1024
+_IMPORT_RE = re.compile(rb"^\s*(?:import|from)\s+(torch|tensorflow|jax|keras|flax|lightning)\b", re.M)
+_FRAMEWORK_OF = {
+    b"torch": "pytorch",
+    b"lightning": "pytorch",
+    b"tensorflow": "tensorflow",
+    b"keras": "tensorflow",
+    b"jax": "jax",
+    b"flax": "jax",
+}
+
+
+def choose_python(option: str | None, settings: Settings, env: Mapping[str, str]) -> tuple[str, str]:
+    """(interpreter, how it was chosen): --python, else config, else an active virtualenv's
+    python, else the python running backprop."""
+    if option:
+        return option, "option"
+    if settings.python:
+        return settings.python, "config"
+    venv = env.get("VIRTUAL_ENV")
+    if venv:
+        candidate = Path(venv) / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+        if candidate.exists():
+            return str(candidate), "virtualenv"
+    return sys.executable, "current"
+
+
+def detect_framework(script: Path, requested: str) -> str:
+    """The framework given, or for 'auto' the first one the script imports ('none' if none)."""
+    if requested != "auto":
+        return requested
+    try:
+        with script.open("rb") as handle:
+            head = handle.read(_DETECT_BYTES)
+    except OSError:
+        return "none"
+    match = _IMPORT_RE.search(head)
+    return _FRAMEWORK_OF[match.group(1)] if match else "none"
+
+
+def limits_of(settings: Settings) -> Limits:
+    """The governor's limits from the settings."""
+    return Limits(
+        min_free_ram_gb=settings.min_free_ram_gb,
+        max_cpu_percent=settings.max_cpu_percent,
+        max_parallel=settings.max_parallel,
+        gpu_min_free_vram_mb=settings.gpu_min_free_vram_mb,
+        gpu_max_temp_c=settings.gpu_max_temp_c,
+        gpu_resume_below_c=settings.gpu_resume_below_c,
+        use_gpu=settings.use_gpu,
+        gpus=settings.gpus,
+    )
+
+
+def gpu_memory_limit_mb(limit: str | None, gpu: GpuInfo | None) -> float | None:
+    """The limit in MiB: a share of the chosen GPU's memory, or GB given directly."""
+    if not limit:
+        return None
+    if limit.endswith("%"):
+        total = gpu["memory_total_mb"] if gpu else None
+        return float(limit[:-1]) / 100 * total if total else None
+    return float(limit) * 1024
+
+
+def command(record: RunRecord) -> list[str]:
+    """The exact argv of the script: never through a shell, extra args passed unchanged."""
+    argv = [record["python"], record["script"], *record["args"]]
+    options = record["options"]
+    if options.get("argv_compat"):
+        argv += ["--run-id", record["run_id"], "--max-minutes", f"{record['max_run_minutes']:g}"]
+        argv += ["--checkpoint-every-seconds", f"{options['checkpoint_every_minutes'] * 60:g}"]
+        if record["resume_from"]:
+            argv += ["--resume-from", record["resume_from"]]
+        argv += ["--framework", record["framework"]]
+    return argv
+
+
+def contract_env(record: RunRecord, run_dir: Path, deadline: float | None) -> dict[str, str]:
+    """The contract variables a script receives (DESIGN §4)."""
+    options = record["options"]
+    env = {
+        contract.ENV_RUN_ID: record["run_id"],
+        contract.ENV_RUN_DIR: str(run_dir),
+        contract.ENV_CHECKPOINT_DIR: str(run_dir / "checkpoints"),
+        contract.ENV_ATTEMPT: str(record["attempt"]),
+        contract.ENV_CHECKPOINT_EVERY_SECONDS: f"{options['checkpoint_every_minutes'] * 60:g}",
+        contract.ENV_FRAMEWORK: record["framework"],
+        contract.ENV_STOP_SIGNAL: options["stop_signal"],
+        "PYTHONUNBUFFERED": "1",
+    }
+    if deadline is not None:
+        env[contract.ENV_DEADLINE] = f"{deadline:.3f}"
+    if record["resume_from"]:
+        env[contract.ENV_RESUME_FROM] = record["resume_from"]
+    gpu = record["gpu"]
+    if gpu is not None:
+        # By UUID, in PCI order: indices differ between nvidia-smi and CUDA's default ordering.
+        env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+        env["CUDA_VISIBLE_DEVICES"] = gpu["uuid"]
+    elif not options.get("use_gpu", True):
+        env["CUDA_VISIBLE_DEVICES"] = ""  # a CPU-only run must not touch any GPU
+    limit_mb = gpu_memory_limit_mb(options.get("gpu_memory_limit"), gpu)
+    if limit_mb:
+        env[contract.ENV_GPU_MEMORY_LIMIT_MB] = str(int(limit_mb))
+        total = gpu["memory_total_mb"] if gpu else None
+        if total:
+            fraction = min(limit_mb / total, 1.0)
+            env[contract.ENV_GPU_MEMORY_FRACTION] = f"{fraction:.4f}"
+            if record["framework"] == "jax":
+                # JAX preallocates 75% of the GPU unless told otherwise; it honours this variable.
+                env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{fraction:.4f}"
+    return env
+
+
+def spawn_supervisor(home: Path, run_id: str, env: Mapping[str, str]) -> subprocess.Popen[bytes]:
+    """Start the run's supervisor detached (own session, stdin closed, output to its log file),
+    so that it outlives the CLI or MCP server that started it."""
+    log_path = home / "runs" / run_id / "supervisor.log"
+    fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "backprop_mcp.supervisor", str(home), run_id],
+            stdin=subprocess.DEVNULL,
+            stdout=fd,
+            stderr=fd,
+            start_new_session=True,
+            close_fds=True,
+            env=dict(env),
+        )
+    finally:
+        os.close(fd)
+    # Reap it when it ends, so a long-lived starter (the MCP server) collects no zombies.
+    threading.Thread(target=proc.wait, name=f"reap-{run_id}", daemon=True).start()
+    return proc

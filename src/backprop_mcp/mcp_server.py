@@ -1,0 +1,161 @@
+"""The `backprop-mcp` command: a stdio MCP server for agents, and the rule for which folders its
+training scripts may come from (the allowed roots). The tools themselves live in `mcp_tools`.
+
+Nothing here imports `mcp` at module level, so `backprop-mcp --version` and `--help` stay instant;
+the SDK (the slow import, about a second) is loaded only when the server is about to serve.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+from urllib.parse import unquote, urlsplit
+
+from backprop_mcp import __version__
+from backprop_mcp.config import FIELDS_BY_NAME, load_settings
+from backprop_mcp.errors import ConfigError
+
+log = logging.getLogger("backprop_mcp.mcp")
+
+RootsSource = Literal["client", "option", "environment", "config", "default", "none"]
+
+_CONFIGURE = (
+    'pass `--root DIR` to backprop-mcp (repeatable; in claude_desktop_config.json: "args": '
+    '["--root", "/path/to/project"]), or set BACKPROP_ALLOWED_ROOTS (folders separated by '
+    f'"{os.pathsep}"), or "allowedRoots" in backprop.config.json; then restart the MCP server'
+)
+
+
+@dataclass(frozen=True)
+class Roots:
+    """The folders scripts may lie in for one call, and where that list came from."""
+
+    paths: tuple[Path, ...]
+    source: RootsSource
+    started_in: Path | None = None
+
+    def hint(self) -> str:
+        """What the user can do when a script lies outside these roots."""
+        if self.source == "client":
+            return (
+                "these roots are the workspace folders your MCP client announced: add the script's "
+                "folder to the client's workspace (in Claude Code: `/add-dir DIR`), or put the "
+                "script inside one of them"
+            )
+        if self.source == "none":
+            return (
+                f"no folder is allowed yet: the server started in {self.started_in}, and the "
+                f"filesystem root or your home folder is never allowed by default; {_CONFIGURE}"
+            )
+        return f"to allow another folder, {_CONFIGURE}"
+
+
+def configured_roots(
+    options: Sequence[str], env: Mapping[str, str], cwd: Path, home: Path | None = None
+) -> Roots:
+    """The server's own roots: `--root` options, else BACKPROP_ALLOWED_ROOTS, else "allowedRoots"
+    in the user's or the working directory's config file, else the working directory itself unless
+    it is `/` or the home folder (Claude Desktop starts servers in `/`), in which case none.
+
+    They are fixed at start-up on purpose: a config file found next to a script is never consulted,
+    so a script's folder cannot widen its own permission.
+    """
+    if options:
+        return Roots(_absolute(options, cwd), "option")
+    raw = env.get("BACKPROP_ALLOWED_ROOTS")
+    if raw:
+        parsed = FIELDS_BY_NAME["allowed_roots"].parse(raw, "environment variable BACKPROP_ALLOWED_ROOTS")
+        return Roots(_absolute(parsed or [], cwd), "environment")
+    from_files = load_settings(cwd, {k: v for k, v in env.items() if k != "BACKPROP_ALLOWED_ROOTS"})
+    if from_files.allowed_roots:
+        return Roots(_absolute(from_files.allowed_roots, cwd), "config")
+    real = Path(os.path.realpath(cwd))
+    home = Path(os.path.realpath(home or Path(env.get("HOME") or Path.home())))
+    if real == Path(real.anchor) or real == home:
+        return Roots((), "none", started_in=real)
+    return Roots((real,), "default")
+
+
+def client_roots(uris: Iterable[str]) -> tuple[Path, ...]:
+    """The local folders among the roots a client announced (`file://` URIs; others are ignored)."""
+    paths = []
+    for uri in uris:
+        parts = urlsplit(uri)
+        if parts.scheme == "file" and parts.netloc in ("", "localhost") and parts.path:
+            paths.append(Path(unquote(parts.path)))
+    return tuple(paths)
+
+
+def locate_script(script: str, cwd: str | None, roots: Roots, server_cwd: Path) -> tuple[str, str]:
+    """(script, working directory) for a run: a relative script is taken from `cwd` when given,
+    else from the first allowed root; the working directory defaults to the script's folder."""
+    path = Path(script).expanduser()
+    if not path.is_absolute():
+        base = Path(cwd).expanduser() if cwd else (roots.paths[0] if roots.paths else server_cwd)
+        path = (base if base.is_absolute() else server_cwd / base) / path
+    return str(path), cwd if cwd else str(path.parent)
+
+
+def _absolute(paths: Iterable[str], cwd: Path) -> tuple[Path, ...]:
+    return tuple(Path(os.path.realpath(cwd / Path(p).expanduser())) for p in paths)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="backprop-mcp",
+        description="Serve backprop's training tools to an MCP client (Claude Desktop, Claude Code, ...) "
+        "over stdio. Training output goes to log files, never to stdout.",
+    )
+    parser.add_argument(
+        "--root",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a folder training scripts may lie in (repeatable); default: the roots the client "
+        "announces, else BACKPROP_ALLOWED_ROOTS, else allowedRoots in the config, else the working "
+        "directory unless it is / or your home folder",
+    )
+    parser.add_argument("--home", metavar="DIR", help="the experiment store (default: BACKPROP_HOME or the "
+                        "platform's user data folder)")
+    parser.add_argument("--log-level", default="WARNING", type=str.upper,
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+                        help="log level of the server's own messages, written to stderr (default WARNING)")
+    parser.add_argument("--version", action="version", version=f"backprop-mcp {__version__}")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the stdio server until the client closes stdin; runs started here carry on."""
+    args = _parser().parse_args(argv)
+    # Before the SDK configures logging: stderr only, since stdout carries the protocol.
+    logging.basicConfig(level=args.log_level, stream=sys.stderr, format="backprop-mcp %(levelname)s %(message)s")
+    env = dict(os.environ)
+    home = Path(args.home).expanduser().resolve() if args.home else None
+    cwd = Path.cwd()
+    try:
+        roots = configured_roots(args.root, env, cwd)
+    except ConfigError as exc:
+        print(f"backprop-mcp: {exc}", file=sys.stderr)
+        return 2
+    if roots.source == "none":
+        log.warning("no allowed root: runs are refused unless the client announces roots (%s)", roots.hint())
+    log.info("allowed roots (%s): %s", roots.source, ", ".join(map(str, roots.paths)) or "none")
+
+    from backprop_mcp.mcp_tools import build_server
+
+    server = build_server(home=home, env=env, cwd=cwd, roots=roots, log_level=args.log_level)
+    try:
+        server.run("stdio")
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,448 @@
+"""The data shapes shared by the store, the supervisor, the CLI's `--json` and the MCP tools.
+
+They are `TypedDict`s, not pydantic models, on purpose: the supervisor and the fast CLI paths
+(`status`, `list`) must start in a few tens of milliseconds and importing pydantic costs ~150 ms.
+A TypedDict costs nothing at run time, type-checks strictly, and the MCP server still gets full
+JSON schemas from it (pydantic reads TypedDicts, their docstrings and attribute docstrings).
+What is stored on disk is exactly one of these shapes, so `--json` and MCP output agree by
+construction.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+# pydantic needs typing_extensions.TypedDict on Python < 3.12 to read nested TypedDicts.
+from typing_extensions import NotRequired, TypedDict  # noqa: UP035
+
+SCHEMA_VERSION = 1
+
+RunState = Literal[
+    "queued", "running", "paused", "completed", "failed", "timed_out", "stopped", "lost", "rejected"
+]
+ACTIVE_STATES: frozenset[str] = frozenset({"queued", "running", "paused"})
+TERMINAL_STATES: frozenset[str] = frozenset(
+    {"completed", "failed", "timed_out", "stopped", "lost", "rejected"}
+)
+ALL_STATES: tuple[str, ...] = (
+    "queued", "running", "paused", "completed", "failed", "timed_out", "stopped", "lost", "rejected"
+)
+
+TerminationReason = Literal[
+    "exit_zero",
+    "exit_nonzero",
+    "signal",
+    "deadline",
+    "wall_clock_cap",
+    "stop_requested",
+    "gpu_memory_limit",
+    "supervisor_lost",
+    "queue_timeout",
+    "rejected",
+    "start_failed",
+]
+
+# Pydantic reads attribute docstrings as field descriptions in the MCP schemas; setting the
+# config as a plain dict keeps pydantic out of this module's imports.
+_DOC_CONFIG: Any = {"use_attribute_docstrings": True}
+
+
+class Checkpoint(TypedDict):
+    """A checkpoint the script reported."""
+
+    path: str
+    """Absolute path of the checkpoint (relative paths are resolved against the run's cwd)."""
+    step: int | None
+    """Training step at which it was saved, when the script said so."""
+    attempt: int
+    """Attempt that saved it."""
+    saved_at: str
+    """When the event was seen, ISO 8601 UTC."""
+
+
+class AttemptSummary(TypedDict):
+    """One attempt of a run (each resume is a new attempt of the same run id)."""
+
+    attempt: int
+    """Attempt number, from 1."""
+    status: str
+    """Final (or current) state of this attempt."""
+    started_at: str | None
+    """When the script started, ISO 8601 UTC."""
+    ended_at: str | None
+    """When the attempt ended, ISO 8601 UTC."""
+    termination_reason: str | None
+    """Why it ended: exit_zero, exit_nonzero, signal, deadline, stop_requested, ..."""
+    exit_code: int | None
+    """Exit status of the script, when it exited."""
+    signal: str | None
+    """Signal that ended the script, when one did (e.g. SIGKILL)."""
+    step: int | None
+    """Last step reported in this attempt."""
+    loss: float | None
+    """Last loss reported in this attempt."""
+    resume_from: str | None
+    """Checkpoint this attempt was started from."""
+
+
+class GpuProcess(TypedDict):
+    """A process using a GPU."""
+
+    pid: int
+    """Process id."""
+    used_memory_mb: float | None
+    """GPU memory it holds, in MiB, when known."""
+
+
+class GpuInfo(TypedDict):
+    """One GPU as the probe saw it."""
+
+    index: int
+    """Index in PCI bus order."""
+    uuid: str
+    """Stable UUID (GPU-...), used for CUDA_VISIBLE_DEVICES."""
+    name: str
+    """Marketing name."""
+    memory_total_mb: float | None
+    """Total memory in MiB."""
+    memory_used_mb: float | None
+    """Used memory in MiB."""
+    memory_free_mb: float | None
+    """Free memory in MiB."""
+    temperature_c: float | None
+    """Core temperature in Celsius."""
+    utilization_pct: float | None
+    """Compute utilisation in percent."""
+    processes: list[GpuProcess]
+    """Compute processes on this GPU."""
+
+
+class SystemSnapshot(TypedDict):
+    """What the governor saw of the machine at one moment."""
+
+    taken_at: str
+    """When, ISO 8601 UTC."""
+    cpu_percent: float | None
+    """Machine-wide CPU load in percent of all cores; None when unknown."""
+    cpu_count: int
+    """Logical CPUs."""
+    ram_total_gb: float | None
+    """Total RAM in GB."""
+    ram_available_gb: float | None
+    """RAM available to new processes in GB (psutil 'available', not 'free')."""
+    gpu_probe: str
+    """Probe that produced the GPU list: nvml, nvidia-smi, static or none."""
+    gpus: list[GpuInfo] | None
+    """GPUs seen; None when the GPU state is unknown (the probe failed)."""
+    gpu_error: str | None
+    """Why the GPU state is unknown, when it is."""
+    gpu_host: bool
+    """True when this machine appears to have NVIDIA GPUs (so an unknown state fails closed)."""
+
+
+class Limits(TypedDict):
+    """The governor's limits for one run."""
+
+    min_free_ram_gb: float
+    """Free RAM needed to start, GB."""
+    max_cpu_percent: float
+    """Highest machine CPU load at which a run may start or keep running, percent."""
+    max_parallel: int
+    """Most runs live at once on this machine."""
+    gpu_min_free_vram_mb: float
+    """Free VRAM a GPU needs to be chosen, MiB."""
+    gpu_max_temp_c: float
+    """A GPU at or above this temperature is not chosen, and pauses runs on it."""
+    gpu_resume_below_c: float
+    """A paused run resumes when its GPU is this much cooler than gpu_max_temp_c (hysteresis), C."""
+    use_gpu: bool
+    """False for CPU-only runs: GPU rules are skipped."""
+    gpus: list[str] | None
+    """Allowed GPUs (indices or UUIDs); None allows all."""
+
+
+class ActiveRun(TypedDict):
+    """A live run, as the governor counts it."""
+
+    run_id: str
+    status: str
+    gpu_uuid: str | None
+    vram_promise_mb: float
+    """VRAM this run may still be about to allocate (admitted moments ago)."""
+    admitted_at: float | None
+    """Unix time of admission."""
+
+
+class Decision(TypedDict):
+    """The governor's verdict for a run now."""
+
+    allowed: bool
+    """True when the run may start now."""
+    reasons: list[str]
+    """Every rule that failed, with numbers (e.g. 'RAM 2.1 GB free < 4 GB required')."""
+    gpu: GpuInfo | None
+    """The GPU chosen for the run, when it uses one."""
+    checks: list[str]
+    """Every rule checked, passed or not, with numbers."""
+
+
+class RunRecord(TypedDict):
+    """Everything known about one run; the stored `run.json`, `--json` output and MCP output."""
+
+    schema_version: int
+    """Version of this record's schema."""
+    run_id: str
+    """Unique id: letters, digits, '-', '_' and '.'."""
+    name: str | None
+    """Human-readable name."""
+    status: str
+    """queued, running, paused, completed, failed, timed_out, stopped, lost or rejected."""
+    status_detail: str | None
+    """Why it is in that state now (queue reasons, pause reason, failure cause), in words."""
+    attempt: int
+    """Current attempt number (1 + number of resumes)."""
+    script: str
+    """Absolute path of the training script."""
+    args: list[str]
+    """Extra arguments passed to the script, unchanged."""
+    python: str
+    """Interpreter that runs the script."""
+    python_source: str
+    """How the interpreter was chosen: option, config, virtualenv or current."""
+    cwd: str
+    """Working directory of the script."""
+    framework: str
+    """pytorch, tensorflow, jax or none (auto-detected from imports unless given)."""
+    created_at: str
+    """When the run was created, ISO 8601 UTC."""
+    started_at: str | None
+    """When the current attempt's script started."""
+    ended_at: str | None
+    """When the current attempt ended."""
+    deadline: str | None
+    """When the time box of the current attempt ends (moves later while paused)."""
+    max_run_minutes: float
+    """The time box, minutes of running time."""
+    max_wall_minutes: float
+    """Cap on wall-clock minutes, paused time included."""
+    step: int | None
+    """Last step reported."""
+    total: int | None
+    """Total steps, when the script said so."""
+    loss: float | None
+    """Last loss reported."""
+    metrics: dict[str, float]
+    """Latest value of each metric reported."""
+    eta_seconds: float | None
+    """Estimated seconds to reach `total` at the recent rate."""
+    checkpoints: list[Checkpoint]
+    """Reported checkpoints, newest last (at most the last 50 are kept)."""
+    latest_checkpoint: str | None
+    """Newest reported checkpoint path."""
+    exit_code: int | None
+    """Exit status of the script's last attempt."""
+    signal: str | None
+    """Signal that ended the script, e.g. SIGKILL."""
+    termination_reason: str | None
+    """Why the run ended: exit_zero, exit_nonzero, signal, deadline, wall_clock_cap, stop_requested,
+    gpu_memory_limit, supervisor_lost, queue_timeout, rejected or start_failed."""
+    attempts: list[AttemptSummary]
+    """History of attempts, oldest first."""
+    resume_from: str | None
+    """Checkpoint the current attempt started from."""
+    gpu: GpuInfo | None
+    """GPU the run is pinned to, if any."""
+    cuda_visible_devices: str | None
+    """The CUDA_VISIBLE_DEVICES value given to the script."""
+    paused_seconds: float
+    """Seconds the current attempt spent paused (not charged to the time box)."""
+    queue_position: int | None
+    """Position in the machine-wide queue while queued (1 = next)."""
+    options: dict[str, Any]
+    """Run options: grace_seconds, stop_signal, checkpoint_every_minutes, limits, and so on."""
+    bad_event_lines: int
+    """Lines that looked like events but were not valid (logged and skipped)."""
+    supervisor_pid: int | None
+    """Pid of the supervisor process."""
+    supervisor_started: float | None
+    """Start time of the supervisor process (pid reuse check)."""
+    script_pid: int | None
+    """Pid of the script (leader of its process group)."""
+    updated_at: str
+    """Last write of this record."""
+
+
+class RunRow(TypedDict):
+    """A compact row for listing runs (the index's entries)."""
+
+    run_id: str
+    """Run id."""
+    name: str | None
+    """Name."""
+    status: str
+    """State."""
+    attempt: int
+    """Attempt number."""
+    created_at: str
+    """Creation time, ISO 8601 UTC."""
+    ended_at: str | None
+    """End of the latest attempt."""
+    step: int | None
+    """Last step reported."""
+    total: int | None
+    """Total steps."""
+    loss: float | None
+    """Last loss."""
+    script: str
+    """Script path."""
+    termination_reason: str | None
+    """Why it ended."""
+    supervisor_pid: NotRequired[int | None]
+    supervisor_started: NotRequired[float | None]
+
+
+# Set after the class bodies, as pydantic's own `with_config` does: written inside a TypedDict
+# body, a type checker takes `__pydantic_config__` for a required key of the shape.
+_DOCUMENTED: tuple[Any, ...] = (
+    Checkpoint,
+    AttemptSummary,
+    GpuProcess,
+    GpuInfo,
+    SystemSnapshot,
+    Limits,
+    Decision,
+    RunRecord,
+    RunRow,
+)
+for _shape in _DOCUMENTED:
+    _shape.__pydantic_config__ = _DOC_CONFIG
+
+
+def row_of(record: RunRecord) -> RunRow:
+    """The index row of a record."""
+    return RunRow(
+        run_id=record["run_id"],
+        name=record["name"],
+        status=record["status"],
+        attempt=record["attempt"],
+        created_at=record["created_at"],
+        ended_at=record["ended_at"],
+        step=record["step"],
+        total=record["total"],
+        loss=record["loss"],
+        script=record["script"],
+        termination_reason=record["termination_reason"],
+        supervisor_pid=record["supervisor_pid"],
+        supervisor_started=record["supervisor_started"],
+    )
+
+
+class RunPage(TypedDict):
+    """One page of runs, newest first."""
+
+    runs: list[RunRow]
+    """Runs on this page, newest first."""
+    next_cursor: str | None
+    """Pass as `cursor` to get the next page; None on the last page."""
+    total_matching: int | None
+    """How many runs match in all, when it was cheap to count."""
+
+
+class SystemStatus(TypedDict):
+    """The machine now: resources, live and queued runs, and the verdict for a new run."""
+
+    snapshot: SystemSnapshot
+    """CPU, RAM and GPUs."""
+    limits: Limits
+    """The limits a new run would be held to."""
+    live_runs: list[RunRow]
+    """Runs running or paused now."""
+    queued_runs: list[RunRow]
+    """Runs waiting in the machine-wide queue, in order."""
+    verdict: Decision
+    """Whether a new run with these limits could start now, and why not."""
+
+
+class LogTail(TypedDict):
+    """The end of a run's log."""
+
+    run_id: str
+    """Run id."""
+    attempt: int
+    """Attempt whose log this is."""
+    lines: list[str]
+    """Last lines of combined stdout and stderr, oldest first."""
+    truncated: bool
+    """True when earlier lines were left out."""
+    path: str
+    """Log file path."""
+
+
+class DryRun(TypedDict):
+    """What `run` would do, without starting anything."""
+
+    command: list[str]
+    """The exact argv the script would be started with (no shell)."""
+    cwd: str
+    """Working directory."""
+    python: str
+    """Interpreter."""
+    python_source: str
+    """How the interpreter was chosen."""
+    environment: dict[str, str]
+    """The contract variables the script would receive (the rest of the environment is inherited)."""
+    decision: Decision
+    """The governor's verdict now."""
+    limits: Limits
+    """Limits applied."""
+    options: dict[str, Any]
+    """Effective run options."""
+    config_files: list[str]
+    """Config files that were read, lowest precedence first."""
+
+
+class ComparedRun(TypedDict):
+    """One run in a comparison."""
+
+    run_id: str
+    """Run id."""
+    name: str | None
+    """Name."""
+    status: str
+    """State."""
+    step: int | None
+    """Last step."""
+    loss: float | None
+    """Last loss."""
+    metric: float | None
+    """Value of the compared metric (latest), when reported."""
+    best_metric: float | None
+    """Best value of the compared metric seen in its history (lowest for loss-like names)."""
+    metrics: dict[str, float]
+    """Latest metrics."""
+    duration_seconds: float | None
+    """Running time summed over attempts."""
+
+
+class Comparison(TypedDict):
+    """Runs side by side on one metric."""
+
+    metric: str
+    """Metric compared ('loss' by default)."""
+    lower_is_better: bool
+    """Direction used to rank."""
+    runs: list[ComparedRun]
+    """The runs, best first; runs without the metric last."""
+    best_run_id: str | None
+    """The best run, when any reported the metric."""
+
+
+class ImportReport(TypedDict):
+    """Result of importing the seed's experiments.json."""
+
+    source: str
+    """File read."""
+    imported: list[str]
+    """Run ids imported."""
+    skipped: list[str]
+    """Entries skipped, with the reason."""

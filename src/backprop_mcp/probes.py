@@ -1,0 +1,332 @@
+"""The probe boundary: what the governor can see of this machine's CPU, RAM and NVIDIA GPUs.
+
+`make_probe` picks the probe; GPU readers live in `backprop_mcp.nvidia` and the static probe for
+tests and `--dry-run` in `backprop_mcp.static_probe` (both imported lazily from here). Setting
+`BACKPROP_STATIC_PROBE=/path/to/snapshot.json` makes `make_probe` return a `StaticProbe` reading
+that file on every snapshot, whatever probe kind was asked for.
+
+A failing GPU probe never raises out of `snapshot()`: it yields `gpus=None` with `gpu_error` set
+(logged once per process), and `gpu_host` says whether the machine looks like it has NVIDIA GPUs,
+so that the governor can fail closed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Collection
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Protocol
+
+import psutil
+
+from backprop_mcp.errors import ConfigError
+from backprop_mcp.models import GpuInfo, SystemSnapshot
+
+log = logging.getLogger(__name__)
+
+ENV_STATIC_PROBE = "BACKPROP_STATIC_PROBE"
+PROBE_KINDS = ("auto", "nvml", "nvidia-smi", "none", "static")
+
+# Spans ten scheduler ticks (USER_HZ=100) per CPU, so the figure is a real measurement, yet keeps
+# `backprop status` interactive when no recent sample is cached.
+CPU_BLOCKING_SAMPLE_SECONDS = 0.1
+# Under 50 ms the tick counters barely move and the percentage is mostly rounding noise.
+CPU_CACHE_MIN_AGE_SECONDS = 0.05
+# An average over more than a minute no longer describes the machine "now".
+CPU_CACHE_MAX_AGE_SECONDS = 60.0
+
+_GIB = 1024.0**3
+_warned: set[str] = set()
+
+
+class ProbeError(Exception):
+    """A probe could not read the machine (internal: it becomes `gpu_error`, never a user error)."""
+
+
+class SystemProbe(Protocol):
+    """What the governor and supervisor need from a probe."""
+
+    def snapshot(self) -> SystemSnapshot:
+        """The machine now; never raises for GPU trouble (see the module docstring)."""
+        ...
+
+    def gpu_process_memory(self, pids: Collection[int]) -> float | None:
+        """GPU MiB held by these pids across all GPUs; None when unknown."""
+        ...
+
+
+def warn_once(message: str) -> None:
+    """Log a warning the first time this process sees it (shared by the probe modules)."""
+    # A broken driver would otherwise log the same line every sample for hours.
+    if message not in _warned:
+        _warned.add(message)
+        log.warning("%s", message)
+
+
+def now_iso() -> str:
+    """Now as ISO 8601 UTC with milliseconds, the form of `SystemSnapshot.taken_at`."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+# --- CPU and RAM -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _CpuTimes:
+    busy: float
+    total: float
+    at: float  # time.monotonic(): CLOCK_MONOTONIC is one clock for every process on the machine
+
+
+def _read_cpu_times() -> _CpuTimes:
+    fields: dict[str, float] = psutil.cpu_times()._asdict()
+    # Same accounting as psutil.cpu_percent: guest time is already inside user/nice on Linux,
+    # and iowait is idle time.
+    total = sum(v for k, v in fields.items() if k not in ("guest", "guest_nice"))
+    idle = fields.get("idle", 0.0) + fields.get("iowait", 0.0)
+    return _CpuTimes(busy=total - idle, total=total, at=time.monotonic())
+
+
+def _percent(a: _CpuTimes, b: _CpuTimes) -> float | None:
+    elapsed = b.total - a.total
+    if elapsed <= 0:
+        return None
+    return min(100.0, max(0.0, 100.0 * (b.busy - a.busy) / elapsed))
+
+
+def _percent_since(prev: _CpuTimes | None, blocking_seconds: float) -> tuple[float | None, _CpuTimes]:
+    now = _read_cpu_times()
+    if prev is not None and CPU_CACHE_MIN_AGE_SECONDS <= now.at - prev.at <= CPU_CACHE_MAX_AGE_SECONDS:
+        pct = _percent(prev, now)
+        if pct is not None:
+            return pct, now
+    time.sleep(blocking_seconds)
+    later = _read_cpu_times()
+    return _percent(now, later), later
+
+
+class CpuSource(Protocol):
+    """Machine CPU load in percent of all cores; None when unknown."""
+
+    def percent(self) -> float | None: ...
+
+
+class CpuSampler:
+    """Live machine CPU load for a long-lived process: each call measures since the previous one.
+
+    Primed on construction, like `psutil.cpu_percent(interval=None)` but with its own baseline, so
+    two samplers in one process do not steal each other's interval. A call less than
+    `CPU_CACHE_MIN_AGE_SECONDS` after the previous one takes a short blocking sample instead.
+    """
+
+    def __init__(self, *, blocking_seconds: float = CPU_BLOCKING_SAMPLE_SECONDS) -> None:
+        self._blocking = blocking_seconds
+        self._last: _CpuTimes | None = _read_cpu_times()
+
+    def percent(self) -> float | None:
+        try:
+            pct, self._last = _percent_since(self._last, self._blocking)
+        except (OSError, psutil.Error) as exc:
+            warn_once(f"CPU load unavailable: {exc}")
+            return None
+        return pct
+
+
+class CachedCpu:
+    """Machine CPU load for short-lived commands, measured since the sample a previous one cached.
+
+    The cache file holds the last CPU time totals; a sample between `CPU_CACHE_MIN_AGE_SECONDS`
+    and `CPU_CACHE_MAX_AGE_SECONDS` old gives a real figure at no cost, otherwise a blocking sample
+    of `blocking_seconds` is taken. A missing, corrupt or unwritable cache only costs that sample.
+    """
+
+    def __init__(self, path: Path, *, blocking_seconds: float = CPU_BLOCKING_SAMPLE_SECONDS) -> None:
+        self.path = path
+        self._blocking = blocking_seconds
+
+    def percent(self) -> float | None:
+        try:
+            pct, latest = _percent_since(self._load(), self._blocking)
+        except (OSError, psutil.Error) as exc:
+            warn_once(f"CPU load unavailable: {exc}")
+            return None
+        data = {"version": 1, "busy": latest.busy, "total": latest.total, "monotonic": latest.at}
+        try:
+            _write_json_atomic(self.path, data)
+        except OSError as exc:
+            log.debug("cannot write the CPU sample cache %s: %s", self.path, exc)
+        return pct
+
+    def _load(self) -> _CpuTimes | None:
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+            if data.get("version") != 1:
+                raise ValueError("unknown version")
+            return _CpuTimes(
+                busy=float(data["busy"]), total=float(data["total"]), at=float(data["monotonic"])
+            )
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+            log.info("ignoring the CPU sample cache %s: %s", self.path, exc)
+            return None
+
+
+def _write_json_atomic(path: Path, data: object) -> None:
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _ram() -> tuple[float | None, float | None]:
+    try:
+        vm = psutil.virtual_memory()
+    except (OSError, psutil.Error) as exc:
+        warn_once(f"RAM figures unavailable: {exc}")
+        return None, None
+    return vm.total / _GIB, vm.available / _GIB
+
+
+def looks_like_gpu_host(nvidia_smi: str | None = None) -> bool:
+    """True when this machine appears to have NVIDIA GPUs, whether or not a probe can read them."""
+    with contextlib.suppress(OSError):
+        if any(Path("/proc/driver/nvidia/gpus").iterdir()):
+            return True
+    return Path("/dev/nvidia0").exists() or (nvidia_smi or shutil.which("nvidia-smi")) is not None
+
+
+# --- probes ------------------------------------------------------------------------------------
+
+
+def process_total(processes: list[tuple[int, float | None]], pids: Collection[int]) -> float | None:
+    wanted = set(pids)
+    total = 0.0
+    for pid, used in processes:
+        if pid in wanted:
+            if used is None:
+                return None
+            total += used
+    return total
+
+
+class GpuSource(Protocol):
+    """One way of reading the GPUs (see `backprop_mcp.nvidia`)."""
+
+    name: str
+
+    def gpus(self) -> list[GpuInfo]:
+        """The GPUs now; raises ProbeError."""
+        ...
+
+    def process_memory(self) -> list[tuple[int, float | None]]:
+        """(pid, MiB) for every compute process on every GPU; raises ProbeError."""
+        ...
+
+
+class HostProbe:
+    """The real machine: CPU and RAM from psutil, GPUs from one GPU source or none."""
+
+    def __init__(self, gpu: GpuSource | None, *, cpu: CpuSource, gpu_host: bool) -> None:
+        self._gpu = gpu
+        self._cpu = cpu
+        self._gpu_host = gpu_host
+
+    def snapshot(self) -> SystemSnapshot:
+        gpus: list[GpuInfo] | None = []
+        error = None
+        if self._gpu is not None:
+            try:
+                gpus = self._gpu.gpus()
+            except ProbeError as exc:
+                gpus, error = None, str(exc)
+                warn_once(f"GPU state unknown ({self._gpu.name}): {error}")
+        total, available = _ram()
+        return SystemSnapshot(
+            taken_at=now_iso(),
+            cpu_percent=self._cpu.percent(),
+            cpu_count=psutil.cpu_count() or os.cpu_count() or 1,
+            ram_total_gb=total,
+            ram_available_gb=available,
+            gpu_probe=self._gpu.name if self._gpu is not None else "none",
+            gpus=gpus,
+            gpu_error=error,
+            gpu_host=self._gpu_host,
+        )
+
+    def gpu_process_memory(self, pids: Collection[int]) -> float | None:
+        if self._gpu is None:
+            return None
+        try:
+            return process_total(self._gpu.process_memory(), pids)
+        except ProbeError as exc:
+            warn_once(f"GPU process memory unknown ({self._gpu.name}): {exc}")
+            return None
+
+
+def make_probe(
+    kind: str,
+    *,
+    cpu_cache: Path | None,
+    static_path: Path | None = None,
+    nvidia_smi_timeout: float | None = None,
+) -> SystemProbe:
+    """The probe for `kind`: auto, nvml, nvidia-smi, none or static.
+
+    `cpu_cache` is the CPU sample cache file for short-lived commands; None gives a live
+    `CpuSampler` (for the supervisor). `static` reads `BACKPROP_STATIC_PROBE`, else `static_path`;
+    the variable, when set, selects the static probe whatever `kind` says. `auto` is NVML if it
+    imports and initialises, else nvidia-smi if on PATH, else no GPU probe on a machine without
+    NVIDIA GPUs and "GPU state unknown" on one with them. `nvidia_smi_timeout` shrinks
+    `NVIDIA_SMI_TIMEOUT_SECONDS` (for tests). Raises ConfigError for an unknown kind or an invalid
+    static snapshot file.
+    """
+    if kind not in PROBE_KINDS:
+        raise ConfigError(f"unknown GPU probe {kind!r}; allowed: {', '.join(PROBE_KINDS)}")
+    env_static = os.environ.get(ENV_STATIC_PROBE)
+    if kind == "static" or env_static:
+        from backprop_mcp.static_probe import StaticProbe
+
+        path = Path(env_static) if env_static else static_path
+        if path is None:
+            raise ConfigError(
+                f"the static probe needs a snapshot file: set {ENV_STATIC_PROBE}=/path/to/it.json"
+            )
+        return StaticProbe.from_file(path)
+
+    from backprop_mcp import nvidia
+
+    timeout = nvidia.NVIDIA_SMI_TIMEOUT_SECONDS if nvidia_smi_timeout is None else nvidia_smi_timeout
+    cpu: CpuSource = CachedCpu(cpu_cache) if cpu_cache is not None else CpuSampler()
+    smi = shutil.which("nvidia-smi")
+    gpu_host = looks_like_gpu_host(smi)
+    gpu: GpuSource | None = None
+    if kind == "nvml":
+        gpu = nvidia.NvmlGpus()
+    elif kind == "nvidia-smi":
+        gpu = nvidia.NvidiaSmiGpus(smi, timeout=timeout) if smi else None
+        gpu = gpu or nvidia.UnavailableGpus("nvidia-smi", "nvidia-smi not found on PATH")
+    elif kind == "auto":
+        try:
+            nvidia.nvml_loader.get()
+            gpu = nvidia.NvmlGpus()
+        except ProbeError as exc:
+            if smi:
+                gpu = nvidia.NvidiaSmiGpus(smi, timeout=timeout)
+            elif gpu_host:
+                gpu = nvidia.UnavailableGpus("auto", f"no GPU probe works ({exc}; no nvidia-smi on PATH)")
+    return HostProbe(gpu, cpu=cpu, gpu_host=gpu_host)

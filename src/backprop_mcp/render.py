@@ -1,0 +1,160 @@
+"""Human-readable rendering of records, rows and status for the CLI (no decisions here)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from backprop_mcp.models import Decision, RunRecord, RunRow, SystemStatus
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = max(int(seconds), 0)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def number(value: float | None, digits: int = 4) -> str:
+    return "-" if value is None else f"{value:.{digits}g}"
+
+
+def step_text(step: int | None, total: int | None) -> str:
+    if step is None:
+        return "-"
+    return f"{step}/{total}" if total else str(step)
+
+
+def bar(step: int | None, total: int | None, width: int = 24) -> str:
+    if not step or not total:
+        return "[" + "." * width + "]"
+    done = min(int(width * step / total), width)
+    return "[" + "#" * done + "." * (width - done) + f"] {min(100 * step / total, 100):3.0f}%"
+
+
+def progress_line(record: RunRecord, time_left: float | None, *, with_bar: bool) -> str:
+    parts = [bar(record["step"], record["total"]) if with_bar else f"step {step_text(record['step'], record['total'])}"]
+    if with_bar:
+        parts.append(step_text(record["step"], record["total"]))
+    parts.append(f"loss {number(record['loss'])}")
+    for name, value in list(record["metrics"].items())[:3]:
+        parts.append(f"{name} {number(value)}")
+    if record["eta_seconds"] is not None:
+        parts.append(f"ETA {duration(record['eta_seconds'])}")
+    if time_left is not None:
+        parts.append(f"box {duration(time_left)} left")
+    return "  ".join(parts)
+
+
+def record_text(record: RunRecord, now: float | None = None) -> str:
+    lines = [
+        f"run        {record['run_id']}" + (f"  ({record['name']})" if record["name"] else ""),
+        f"status     {record['status']}" + (f"  {record['status_detail']}" if record["status_detail"] else ""),
+        f"attempt    {record['attempt']}",
+        f"script     {record['script']} {' '.join(record['args'])}".rstrip(),
+        f"python     {record['python']} ({record['python_source']})",
+        f"cwd        {record['cwd']}",
+        f"framework  {record['framework']}",
+        f"step       {step_text(record['step'], record['total'])}    loss {number(record['loss'])}",
+    ]
+    if record["metrics"]:
+        lines.append("metrics    " + "  ".join(f"{k} {number(v)}" for k, v in record["metrics"].items()))
+    lines.append(f"time box   {record['max_run_minutes']:g} min" + (
+        f", deadline {record['deadline']}" if record["deadline"] else ""))
+    if record["paused_seconds"]:
+        lines.append(f"paused     {duration(record['paused_seconds'])} (not charged to the box)")
+    if record["cuda_visible_devices"] is not None:
+        lines.append(f"gpu        CUDA_VISIBLE_DEVICES={record['cuda_visible_devices'] or '(none)'}")
+    if record["latest_checkpoint"]:
+        lines.append(f"checkpoint {record['latest_checkpoint']}")
+    if record["termination_reason"]:
+        code = f", exit code {record['exit_code']}" if record["exit_code"] is not None else ""
+        sig = f", signal {record['signal']}" if record["signal"] else ""
+        lines.append(f"ended      {record['termination_reason']}{code}{sig} at {record['ended_at']}")
+    if record["bad_event_lines"]:
+        lines.append(f"warnings   {record['bad_event_lines']} bad event line(s) skipped (see the log)")
+    if len(record["attempts"]) > 1:
+        lines.append("attempts   " + ", ".join(
+            f"#{a['attempt']} {a['status']}" + (f" ({a['termination_reason']})" if a["termination_reason"] else "")
+            for a in record["attempts"]))
+    return "\n".join(lines)
+
+
+def table(rows: list[RunRow]) -> str:
+    if not rows:
+        return "no runs"
+    head = ("RUN ID", "NAME", "STATUS", "ATT", "STEP", "LOSS", "CREATED", "REASON")
+    body = [
+        (r["run_id"], r["name"] or "", r["status"], str(r["attempt"]), step_text(r["step"], r["total"]),
+         number(r["loss"]), r["created_at"][:19].replace("T", " "), r["termination_reason"] or "")
+        for r in rows
+    ]
+    widths = [max(len(str(row[i])) for row in (head, *body)) for i in range(len(head))]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+                     for row in (head, *body))
+
+
+def decision_text(decision: Decision) -> str:
+    verdict = "a new run can start now" if decision["allowed"] else "a new run would wait"
+    lines = [f"verdict    {verdict}"]
+    lines += [f"  - {reason}" for reason in decision["reasons"]]
+    if decision["gpu"]:
+        lines.append(f"  GPU chosen: {decision['gpu']['index']} {decision['gpu']['name']} ({decision['gpu']['uuid']})")
+    return "\n".join(lines)
+
+
+def status_text(status: SystemStatus) -> str:
+    snap = status["snapshot"]
+    cpu = "unknown" if snap["cpu_percent"] is None else f"{snap['cpu_percent']:.0f}%"
+    ram = ("unknown" if snap["ram_available_gb"] is None
+           else f"{snap['ram_available_gb']:.1f} GB free of {snap['ram_total_gb'] or 0:.1f} GB")
+    lines = [f"cpu        {cpu} of {snap['cpu_count']} cores (limit {status['limits']['max_cpu_percent']:g}%)",
+             f"ram        {ram} (need {status['limits']['min_free_ram_gb']:g} GB)"]
+    if snap["gpus"] is None:
+        lines.append(f"gpus       unknown ({snap['gpu_error']})")
+    elif not snap["gpus"]:
+        lines.append(f"gpus       none (probe: {snap['gpu_probe']})")
+    for gpu in snap["gpus"] or []:
+        lines.append(
+            f"gpu {gpu['index']}      {gpu['name']}: {number(gpu['memory_free_mb'], 6)} MB free of "
+            f"{number(gpu['memory_total_mb'], 6)} MB, {number(gpu['temperature_c'], 3)} C, "
+            f"{number(gpu['utilization_pct'], 3)}% busy"
+        )
+    lines.append(f"live runs  {len(status['live_runs'])} (max parallel {status['limits']['max_parallel']})")
+    lines += [f"  - {r['run_id']} {r['status']} step {step_text(r['step'], r['total'])}" for r in status["live_runs"]]
+    lines.append(f"queued     {len(status['queued_runs'])}")
+    lines += [f"  {i}. {r['run_id']}" for i, r in enumerate(status["queued_runs"], 1)]
+    lines.append(decision_text(status["verdict"]))
+    return "\n".join(lines)
+
+
+def seconds_until(iso: str | None, now: float | None = None) -> float | None:
+    if not iso:
+        return None
+    import calendar
+
+    try:
+        at = calendar.timegm(time.strptime(iso[:19], "%Y-%m-%dT%H:%M:%S"))
+    except ValueError:
+        return None
+    return at - (time.time() if now is None else now)
+
+
+def dry_run_text(report: dict[str, Any]) -> str:
+    import shlex
+
+    lines = [
+        f"command    {shlex.join(report['command'])}",
+        f"cwd        {report['cwd']}",
+        f"python     {report['python']} ({report['python_source']})",
+        "environment (added to the inherited one):",
+        *[f"  {k}={v}" for k, v in report["environment"].items()],
+        f"config     {', '.join(report['config_files']) or '(defaults, no config file)'}",
+        decision_text(report["decision"]),
+        "nothing was started (--dry-run)",
+    ]
+    return "\n".join(lines)

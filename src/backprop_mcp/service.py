@@ -1,0 +1,494 @@
+"""The use-cases of backprop-mcp (start, resume, status, list, stop, logs, compare, import):
+the one API that the CLI and the MCP server both call."""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import re
+import secrets
+import signal
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from backprop_mcp import governor, proctree
+from backprop_mcp.admission import Admission
+from backprop_mcp.config import Settings, load_settings
+from backprop_mcp.errors import (
+    NoCheckpoint,
+    PathNotAllowed,
+    RunNotFound,
+    RunStateError,
+    StoreError,
+    UsageError,
+)
+from backprop_mcp.launch import (
+    choose_python,
+    command,
+    contract_env,
+    detect_framework,
+    limits_of,
+    spawn_supervisor,
+)
+from backprop_mcp.models import (
+    ACTIVE_STATES,
+    ALL_STATES,
+    SCHEMA_VERSION,
+    AttemptSummary,
+    ComparedRun,
+    Comparison,
+    DryRun,
+    ImportReport,
+    LogTail,
+    RunPage,
+    RunRecord,
+    RunRow,
+    SystemStatus,
+    row_of,
+)
+from backprop_mcp.probes import make_probe
+from backprop_mcp.progress import newest_existing_checkpoint
+from backprop_mcp.store import Store, _tail_lines, check_run_id, default_home, now_iso
+
+# A run whose supervisor has not yet written its pid is "launching", not lost, for this long:
+# the gap between creating the record and the supervisor's first write is normally ~0.1 s.
+LAUNCH_GRACE_SECONDS = 30.0
+MAX_LIST_LIMIT = 1000
+MAX_LOG_TAIL = 10_000
+# Log lines returned are cut to this many characters: a tail must stay bounded in size.
+MAX_LOG_LINE_CHARS = 2000
+_LOWER_IS_BETTER = re.compile(r"loss|err|perplex|mse|mae|rmse|nll|wer|cer", re.I)
+
+
+@dataclass
+class RunRequest:
+    """A request to start a run: the script, its arguments and the run options.
+
+    `options` maps config field names (see `config.FIELDS`, e.g. "max_run_minutes",
+    "gpu_min_free_vram_mb") to raw values: strings from the CLI, typed values from MCP. They are
+    validated by the same parsers as config files, and `source` names where they came from in
+    error messages ("option" for the CLI, "argument" for MCP tools).
+    """
+
+    script: str
+    args: list[str] = field(default_factory=list)
+    name: str | None = None
+    run_id: str | None = None
+    cwd: str | None = None
+    python: str | None = None
+    resume_from: str | None = None
+    options: dict[str, object] = field(default_factory=dict)
+    source: str = "option"
+
+
+class Service:
+    """The use-cases over one store. Cheap to construct; holds no open resources."""
+
+    def __init__(
+        self,
+        home: Path | None = None,
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> None:
+        self.env: Mapping[str, str] = dict(os.environ) if env is None else env
+        self.store = Store(home or default_home(dict(self.env)))
+        self.cwd = cwd or Path.cwd()
+
+    # -- starting ---------------------------------------------------------------------------------
+
+    def settings(self, options: Mapping[str, object] | None = None, source: str = "option",
+                 *, base: Mapping[str, object] | None = None, cwd: Path | None = None) -> Settings:
+        return load_settings(cwd or self.cwd, self.env, options, source=source, base=base)
+
+    def _prepare(self, request: RunRequest, allowed_roots: Sequence[Path] | None) -> tuple[RunRecord, Settings]:
+        cwd = Path(request.cwd).expanduser() if request.cwd else self.cwd
+        if not cwd.is_absolute():
+            cwd = self.cwd / cwd
+        if not cwd.is_dir():
+            raise UsageError(f"working directory {str(cwd)!r} does not exist or is not a folder")
+        settings = self.settings(request.options, request.source, cwd=cwd)
+        script = _resolve_script(request.script, cwd)
+        roots = list(allowed_roots) if allowed_roots is not None else (
+            [Path(r) for r in settings.allowed_roots] if settings.allowed_roots else None
+        )
+        if roots is not None:
+            check_allowed(script, roots)
+        run_id = check_run_id(request.run_id) if request.run_id is not None else _new_run_id(request.name)
+        if request.name is not None and (len(request.name) > 200 or "\0" in request.name):
+            raise UsageError("a run name must be at most 200 characters, without NUL bytes")
+        if any("\0" in a for a in request.args):
+            raise UsageError("script arguments cannot contain NUL bytes")
+        resume_from = None
+        if request.resume_from:
+            resume_path = Path(request.resume_from).expanduser()
+            resume_path = resume_path if resume_path.is_absolute() else cwd / resume_path
+            if not resume_path.exists():
+                raise UsageError(f"checkpoint to resume from does not exist: {resume_path}")
+            resume_from = str(resume_path)
+        python, python_source = choose_python(request.python, settings, self.env)
+        created = now_iso()
+        record = RunRecord(
+            schema_version=SCHEMA_VERSION, run_id=run_id, name=request.name, status="queued",
+            status_detail="waiting for its supervisor to start", attempt=1, script=str(script),
+            args=list(request.args), python=python, python_source=python_source, cwd=str(cwd),
+            framework=detect_framework(script, settings.framework), created_at=created,
+            started_at=None, ended_at=None, deadline=None, max_run_minutes=settings.max_run_minutes,
+            max_wall_minutes=settings.wall_minutes, step=None, total=None, loss=None, metrics={},
+            eta_seconds=None, checkpoints=[], latest_checkpoint=None, exit_code=None, signal=None,
+            termination_reason=None, attempts=[_attempt(1, resume_from)], resume_from=resume_from,
+            gpu=None, cuda_visible_devices=None, paused_seconds=0.0, queue_position=None,
+            options=settings.as_options(), bad_event_lines=0, supervisor_pid=None,
+            supervisor_started=None, script_pid=None, updated_at=created,
+        )
+        return record, settings
+
+    def start(self, request: RunRequest, *, allowed_roots: Sequence[Path] | None = None) -> RunRecord:
+        """Create the run and launch its supervisor; returns the record at once (queued or running,
+        or `rejected` when queueing was refused and the governor said no)."""
+        record, settings = self._prepare(request, allowed_roots)
+        if not settings.queue:
+            decision = self._decide(settings)
+            if not decision["allowed"]:
+                record["status"], record["termination_reason"] = "rejected", "rejected"
+                record["status_detail"] = "; ".join(decision["reasons"])
+                record["ended_at"] = now_iso()
+                record["attempts"][-1].update(status="rejected", termination_reason="rejected",
+                                              ended_at=record["ended_at"])
+                self._create(record)
+                return record
+        self._create(record)
+        self._launch(record["run_id"])
+        return self.store.read(record["run_id"])
+
+    def _create(self, record: RunRecord) -> None:
+        self.store.create(record)
+        self.store.index_append(row_of(record), new=True)
+        self.store.append_event(record["run_id"], {"type": "created", "status": record["status"],
+                                                   "detail": record["status_detail"]})
+
+    def _launch(self, run_id: str) -> None:
+        pid_file = self.store.run_dir(run_id) / "supervisor.pid"
+        try:
+            proc = spawn_supervisor(self.store.home, run_id, self.env)
+        except OSError as exc:
+            raise StoreError(f"could not start the supervisor of run {run_id}: {exc}") from None
+        started = proctree.start_time(proc.pid)
+        pid_file.write_text(json.dumps({"pid": proc.pid, "started": started}), encoding="utf-8")
+
+    def _decide(self, settings: Settings) -> Any:
+        self.store.ensure()
+        probe = make_probe(settings.gpu_probe, cpu_cache=self.store.governor_dir / "cpu_sample.json")
+        snapshot = probe.snapshot()
+        active = Admission(self.store.governor_dir).active()
+        return governor.evaluate(snapshot, limits_of(settings), active, now=time.time())
+
+    def dry_run(self, request: RunRequest, *, allowed_roots: Sequence[Path] | None = None) -> DryRun:
+        """What `start` would do, without starting anything."""
+        record, settings = self._prepare(request, allowed_roots)
+        decision = self._decide(settings)
+        record["gpu"] = decision["gpu"] if settings.use_gpu else None
+        deadline = time.time() + settings.max_run_minutes * 60
+        run_dir = self.store.runs / record["run_id"]
+        return DryRun(
+            command=command(record), cwd=record["cwd"], python=record["python"],
+            python_source=record["python_source"],
+            environment=contract_env(record, run_dir, deadline), decision=decision,
+            limits=limits_of(settings), options=settings.as_options(), config_files=settings.sources,
+        )
+
+    def resume(
+        self,
+        run_id: str,
+        *,
+        options: Mapping[str, object] | None = None,
+        from_scratch: bool = False,
+        args: list[str] | None = None,
+        python: str | None = None,
+        cwd: str | None = None,
+        source: str = "option",
+    ) -> RunRecord:
+        """Start attempt N+1 of a finished run from its newest existing checkpoint."""
+        record = self.get(run_id)
+        with self.store.run_lock(run_id):
+            record = self.get(run_id)
+            if record["status"] in ACTIVE_STATES:
+                raise RunStateError(
+                    f"run {run_id} is {record['status']}; only a finished run can be resumed",
+                    hint=f"wait for it, or stop it first with `backprop stop {run_id}`",
+                )
+            checkpoint = None if from_scratch else newest_existing_checkpoint(record)
+            if checkpoint is None and not from_scratch:
+                known = len(record["checkpoints"])
+                why = (f"none of its {known} reported checkpoints exists any more" if known
+                       else "the script never reported a checkpoint")
+                raise NoCheckpoint(
+                    f"run {run_id} has no checkpoint to resume from: {why}",
+                    hint="start the next attempt from the beginning with --from-scratch "
+                         "(from_scratch=true in the MCP tool)",
+                )
+            new_cwd = Path(cwd) if cwd else Path(record["cwd"])
+            settings = self.settings(options, source, base=record["options"], cwd=new_cwd)
+            if python:
+                record["python"], record["python_source"] = python, "option"
+            if args is not None:
+                record["args"] = list(args)
+            attempt = record["attempt"] + 1
+            record.update(
+                attempt=attempt, status="queued", status_detail="waiting for its supervisor to start",
+                cwd=str(new_cwd), started_at=None, ended_at=None, deadline=None,
+                max_run_minutes=settings.max_run_minutes, max_wall_minutes=settings.wall_minutes,
+                eta_seconds=None, exit_code=None, signal=None, termination_reason=None,
+                resume_from=checkpoint, gpu=None, cuda_visible_devices=None, paused_seconds=0.0,
+                queue_position=None, options=settings.as_options(), supervisor_pid=None,
+                supervisor_started=None, script_pid=None,
+            )
+            record["attempts"].append(_attempt(attempt, checkpoint))
+            (self.store.run_dir(run_id) / "supervisor.pid").unlink(missing_ok=True)
+            self.store.write(record)
+            self.store.append_event(run_id, {"type": "resumed", "attempt": attempt, "resume_from": checkpoint})
+            self._launch(run_id)
+        return self.store.read(run_id)
+
+    # -- reading ----------------------------------------------------------------------------------
+
+    def get(self, run_id: str) -> RunRecord:
+        """The run's record, marking it `lost` first if its supervisor is gone."""
+        check_run_id(run_id)
+        record = self.store.read(run_id)
+        if record["status"] in ACTIVE_STATES and not self._supervised(record):
+            with self.store.run_lock(run_id):
+                record = self.store.read(run_id)
+                if record["status"] in ACTIVE_STATES and not self._supervised(record):
+                    self._mark_lost(record)
+        return record
+
+    def _supervised(self, record: RunRecord) -> bool:
+        pid, started = record["supervisor_pid"], record["supervisor_started"]
+        if pid is None:
+            try:
+                info = json.loads((self.store.run_dir(record["run_id"]) / "supervisor.pid").read_text("utf-8"))
+                pid, started = int(info["pid"]), info.get("started")
+            except (OSError, ValueError, KeyError, TypeError):
+                return _age(record["updated_at"]) < LAUNCH_GRACE_SECONDS
+        return proctree.is_alive(pid, started)
+
+    def _mark_lost(self, record: RunRecord) -> None:
+        killed = proctree.kill_leftovers(record["run_id"], record["script_pid"])
+        Admission(self.store.governor_dir).release(record["run_id"])
+        record["status"], record["termination_reason"] = "lost", "supervisor_lost"
+        record["status_detail"] = "its supervisor process died" + (
+            f"; {killed} process(es) it left were killed" if killed else "")
+        record["ended_at"] = now_iso()
+        record["attempts"][-1].update(status="lost", termination_reason="supervisor_lost",
+                                      ended_at=record["ended_at"], step=record["step"], loss=record["loss"])
+        self.store.write(record)
+        self.store.append_event(record["run_id"], {"type": "state", "status": "lost",
+                                                   "detail": record["status_detail"]})
+
+    def system_status(self, options: Mapping[str, object] | None = None, source: str = "option") -> SystemStatus:
+        """The machine, live and queued runs, and the verdict for a new run."""
+        settings = self.settings(options, source)
+        self.store.ensure()
+        probe = make_probe(settings.gpu_probe, cpu_cache=self.store.governor_dir / "cpu_sample.json")
+        snapshot = probe.snapshot()
+        admission = Admission(self.store.governor_dir)
+        active = admission.active()
+        live = self._rows(a["run_id"] for a in active)
+        queued = self._rows(admission.queued())
+        verdict = governor.evaluate(snapshot, limits_of(settings), active, now=time.time())
+        return SystemStatus(snapshot=snapshot, limits=limits_of(settings), live_runs=live,
+                            queued_runs=queued, verdict=verdict)
+
+    def _rows(self, run_ids: Iterator[str] | list[str]) -> list[RunRow]:
+        rows = []
+        for run_id in run_ids:
+            try:
+                record = self.get(run_id)
+            except (StoreError, RunNotFound, UsageError):
+                continue
+            if record["status"] in ACTIVE_STATES:
+                rows.append(row_of(record))
+        return rows
+
+    def list_runs(
+        self,
+        *,
+        status: str | None = None,
+        name: str | None = None,
+        limit: int = 20,
+        cursor: str | None = None,
+    ) -> RunPage:
+        """Runs newest first, filtered by state and name glob, paged."""
+        if status is not None and status not in ALL_STATES:
+            raise UsageError(f"unknown status {status!r}; choose one of {', '.join(ALL_STATES)}")
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIST_LIMIT:
+            raise UsageError(f"limit must be a whole number from 1 to {MAX_LIST_LIMIT}, got {limit!r}")
+        offset = 0
+        if cursor is not None:
+            if not cursor.isdigit():
+                raise UsageError(f"invalid cursor {cursor!r}; pass the next_cursor of a previous page")
+            offset = int(cursor)
+        runs: list[RunRow] = []
+        matched = 0
+        more = False
+        for row, _ in self.store.index_rows():
+            if row.get("status") in ACTIVE_STATES:
+                row = self._fresh_row(row)
+            if status is not None and row.get("status") != status:
+                continue
+            if name is not None and not fnmatch.fnmatchcase(row.get("name") or "", name):
+                continue
+            matched += 1
+            if matched <= offset:
+                continue
+            if len(runs) == limit:
+                more = True
+                break
+            row.pop("new", None)
+            runs.append(row)  # type: ignore[arg-type]
+        next_cursor = str(offset + limit) if more else None
+        return RunPage(runs=runs, next_cursor=next_cursor, total_matching=None if more else matched)
+
+    def _fresh_row(self, row: dict[str, Any]) -> dict[str, Any]:
+        # Live rows come from the record itself: it has the current step and the liveness check.
+        try:
+            return dict(row_of(self.get(row["run_id"])))
+        except (StoreError, RunNotFound, UsageError):
+            return row
+
+    def stop(self, run_id: str, *, force: bool = False) -> RunRecord:
+        """Ask the run to stop gracefully (or kill it at once with force)."""
+        record = self.get(run_id)
+        if record["status"] not in ACTIVE_STATES:
+            raise RunStateError(f"run {run_id} has already ended ({record['status']}); nothing to stop")
+        pid, started = record["supervisor_pid"], record["supervisor_started"]
+        if pid is None:
+            try:
+                info = json.loads((self.store.run_dir(run_id) / "supervisor.pid").read_text("utf-8"))
+                pid, started = int(info["pid"]), info.get("started")
+            except (OSError, ValueError, KeyError, TypeError):
+                raise RunStateError(f"run {run_id} is still launching; try again in a moment") from None
+        if proctree.is_alive(pid, started):
+            os.kill(pid, signal.SIGUSR1 if force else signal.SIGTERM)
+            self.store.append_event(run_id, {"type": "stop_requested", "force": force})
+        return self.get(run_id)
+
+    def logs(self, run_id: str, *, tail: int = 100, attempt: int | None = None) -> LogTail:
+        """The last lines of a run's log (bounded)."""
+        record = self.get(run_id)
+        if isinstance(tail, bool) or not isinstance(tail, int) or not 1 <= tail <= MAX_LOG_TAIL:
+            raise UsageError(f"tail must be a whole number from 1 to {MAX_LOG_TAIL}, got {tail!r}")
+        which = record["attempt"] if attempt is None else attempt
+        if not 1 <= which <= record["attempt"]:
+            raise UsageError(f"run {run_id} has attempts 1 to {record['attempt']}; got attempt {which}")
+        path = self.store.log_path(run_id, which)
+        raw = _tail_lines(path, tail + 1)
+        lines = [line.decode("utf-8", "replace")[:MAX_LOG_LINE_CHARS] for line in raw]
+        truncated = len(lines) > tail
+        return LogTail(run_id=run_id, attempt=which, lines=lines[-tail:], truncated=truncated, path=str(path))
+
+    def compare(self, run_ids: Sequence[str], *, metric: str = "loss") -> Comparison:
+        """Runs side by side on one metric."""
+        if not run_ids:
+            raise UsageError("give at least one run id to compare")
+        if len(run_ids) > 50:
+            raise UsageError(f"compare at most 50 runs at once, got {len(run_ids)}")
+        lower = bool(_LOWER_IS_BETTER.search(metric))
+        runs: list[ComparedRun] = []
+        for run_id in dict.fromkeys(run_ids):
+            record = self.get(run_id)
+            history = [e for e in self.store.read_events(run_id, limit=5000) if e.get("type") == "sample"]
+            values = [_metric_of(e, metric) for e in history] + [_metric_of(dict(record), metric)]
+            present = [v for v in values if v is not None]
+            best = (min(present) if lower else max(present)) if present else None
+            runs.append(ComparedRun(
+                run_id=run_id, name=record["name"], status=record["status"], step=record["step"],
+                loss=record["loss"], metric=_metric_of(dict(record), metric), best_metric=best,
+                metrics=record["metrics"], duration_seconds=_duration(record),
+            ))
+        ranked = sorted(runs, key=lambda r: (r["best_metric"] is None,
+                                             (r["best_metric"] or 0.0) * (1 if lower else -1)))
+        best_id = ranked[0]["run_id"] if ranked and ranked[0]["best_metric"] is not None else None
+        return Comparison(metric=metric, lower_is_better=lower, runs=ranked, best_run_id=best_id)
+
+    def import_legacy(self, path: Path | None = None) -> ImportReport:
+        """Import the seed's ~/.backprop/experiments.json."""
+        from backprop_mcp.legacy import import_experiments
+
+        source = path or Path(self.env.get("HOME", str(Path.home()))) / ".backprop" / "experiments.json"
+        return import_experiments(self, source)
+
+
+def check_allowed(script: Path, roots: Sequence[Path]) -> None:
+    """A script must resolve (after symlinks and '..') inside one of the allowed roots."""
+    real = Path(os.path.realpath(script))
+    resolved = [Path(os.path.realpath(r)) for r in roots]
+    if not any(real == r or real.is_relative_to(r) for r in resolved):
+        shown = ", ".join(str(r) for r in resolved) or "(none configured)"
+        raise PathNotAllowed(
+            f"script {str(script)!r} resolves to {str(real)!r}, outside the allowed roots: {shown}",
+            hint="add its folder to the allowed roots: the client's roots, `backprop-mcp --root DIR`, "
+                 "BACKPROP_ALLOWED_ROOTS or \"allowedRoots\" in backprop.config.json",
+        )
+
+
+def _resolve_script(script: str, cwd: Path) -> Path:
+    if not script or "\0" in script:
+        raise UsageError("the script path is empty or contains a NUL byte")
+    path = Path(script).expanduser()
+    path = path if path.is_absolute() else cwd / path
+    path = Path(os.path.normpath(path))
+    if not path.exists():
+        raise UsageError(f"script not found: {path}")
+    if not path.is_file():
+        raise UsageError(f"the script must be a file, but {path} is not")
+    return path
+
+
+def _new_run_id(name: str | None) -> str:
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", name or "").strip("-")[:40].lower() or "run"
+    return f"{slug}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(2)}"
+
+
+def _attempt(number: int, resume_from: str | None) -> AttemptSummary:
+    return AttemptSummary(attempt=number, status="queued", started_at=None, ended_at=None,
+                          termination_reason=None, exit_code=None, signal=None, step=None, loss=None,
+                          resume_from=resume_from)
+
+
+def _parse_iso(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        import calendar
+
+        base = calendar.timegm(time.strptime(value[:19], "%Y-%m-%dT%H:%M:%S"))
+        return base + (float("0" + value[19:-1]) if value[19:20] == "." else 0.0)
+    except ValueError:
+        return None
+
+
+def _age(iso: str) -> float:
+    at = _parse_iso(iso)
+    return time.time() - at if at is not None else float("inf")
+
+
+def _duration(record: RunRecord) -> float | None:
+    total = 0.0
+    for attempt in record["attempts"]:
+        start, end = _parse_iso(attempt["started_at"]), _parse_iso(attempt["ended_at"])
+        if start is not None:
+            total += (end or time.time()) - start
+    return round(total, 3) if total else None
+
+
+def _metric_of(entry: dict[str, Any], metric: str) -> float | None:
+    if metric == "loss" and isinstance(entry.get("loss"), int | float):
+        return float(entry["loss"])
+    value = (entry.get("metrics") or {}).get(metric)
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None

@@ -1,0 +1,394 @@
+"""The JSON experiment store (DESIGN §6): one folder per run, atomic record writes, an append-only
+index for fast listing, and the locks that let many processes share it safely.
+
+Layout under the home folder (0700 folders, 0600 files):
+
+    runs/<run_id>/run.json        the record (schema-versioned, replaced atomically)
+    runs/<run_id>/events.jsonl    the run's history, append only
+    runs/<run_id>/logs/attempt-N.log  combined stdout and stderr of each attempt
+    runs/<run_id>/lock            flock for read-modify-write by processes other than the supervisor
+    index.jsonl                   one row per change of a run's listing fields, newest last
+    index.lock                    flock serialising index appends and compaction
+    governor/                     the machine-wide queue and slots (see admission.py)
+
+Stdlib only: the supervisor and the CLI's fast paths import it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import logging
+import os
+import re
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, cast
+
+from backprop_mcp.errors import RunNotFound, StoreCorrupt, StoreError, UsageError
+from backprop_mcp.models import SCHEMA_VERSION, RunRecord, RunRow, row_of
+
+log = logging.getLogger(__name__)
+
+RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# Compact the index when it holds this many times more lines than runs (plus slack), so listing
+# stays proportional to the number of runs rather than to the number of state changes ever made.
+COMPACT_RATIO = 4
+COMPACT_SLACK = 1000
+_REVERSE_BLOCK = 64 * 1024
+# An index row is about this long; used to estimate the line count from the file size.
+_TYPICAL_ROW_BYTES = 250
+
+
+def default_home(env: os._Environ[str] | dict[str, str]) -> Path:
+    """BACKPROP_HOME, else the platform's user data folder."""
+    if env.get("BACKPROP_HOME"):
+        return Path(env["BACKPROP_HOME"]).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("backprop-mcp", appauthor=False))
+
+
+def check_run_id(run_id: str) -> str:
+    """A run id is 1-128 letters, digits, '-', '_' or '.', not starting with a separator."""
+    if not isinstance(run_id, str) or not RUN_ID_RE.match(run_id) or ".." in run_id:
+        raise UsageError(
+            f"invalid run id {run_id!r}: use 1-128 letters, digits, '-', '_' or '.', "
+            "starting with a letter or digit (no '/', no '..')"
+        )
+    return run_id
+
+
+def now_iso(at: float | None = None) -> str:
+    """ISO 8601 UTC with milliseconds."""
+    at = time.time() if at is None else at
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(at)) + f".{int(at % 1 * 1000):03d}Z"
+
+
+def _storage_error(action: str, path: Path, exc: OSError) -> StoreError:
+    if exc.errno == errno.ENOSPC:
+        why = "the disk is full"
+    elif exc.errno == errno.EDQUOT:
+        why = "the disk quota is exceeded"
+    elif exc.errno in (errno.EACCES, errno.EPERM):
+        why = "permission denied"
+    elif exc.errno == errno.EROFS:
+        why = "the file system is read-only"
+    else:
+        why = exc.strerror or str(exc)
+    return StoreError(
+        f"cannot {action} {path}: {why}; nothing already stored was changed",
+        hint="free space or fix the permissions of the store (BACKPROP_HOME), then try again",
+    )
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write a file by temp file + fsync + rename in the same folder: readers see old or new, never half."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise _storage_error("write", path, exc) from None
+
+
+def append_line(path: Path, obj: object) -> None:
+    """Append one JSON line with a single O_APPEND write (atomic with respect to other appenders)."""
+    data = (json.dumps(obj, separators=(",", ":"), allow_nan=False) + "\n").encode("utf-8")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise _storage_error("append to", path, exc) from None
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, *, blocking: bool = True) -> Iterator[bool]:
+    """An flock held for the block; the kernel drops it if the holder dies, so no stale locks."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise _storage_error("lock", path, exc) from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
+
+
+class Store:
+    """The experiment store rooted at `home`."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self.runs = home / "runs"
+        self.index_path = home / "index.jsonl"
+        self.index_lock = home / "index.lock"
+        self.governor_dir = home / "governor"
+
+    def ensure(self) -> Store:
+        """Create the folders (0700) if needed."""
+        for folder in (self.home, self.runs, self.governor_dir):
+            try:
+                folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            except OSError as exc:
+                raise _storage_error("create", folder, exc) from None
+        return self
+
+    # -- runs -----------------------------------------------------------------------------------
+
+    def run_dir(self, run_id: str) -> Path:
+        return self.runs / check_run_id(run_id)
+
+    def record_path(self, run_id: str) -> Path:
+        return self.run_dir(run_id) / "run.json"
+
+    def events_path(self, run_id: str) -> Path:
+        return self.run_dir(run_id) / "events.jsonl"
+
+    def log_path(self, run_id: str, attempt: int) -> Path:
+        return self.run_dir(run_id) / "logs" / f"attempt-{attempt}.log"
+
+    def exists(self, run_id: str) -> bool:
+        return self.record_path(run_id).is_file()
+
+    def create(self, record: RunRecord) -> None:
+        """Store a new run; fails if the id is taken (the folder is created exclusively)."""
+        self.ensure()
+        folder = self.run_dir(record["run_id"])
+        try:
+            folder.mkdir(mode=0o700)
+        except FileExistsError:
+            raise UsageError(
+                f"run id {record['run_id']!r} is already taken; choose another --run-id, "
+                f"or use `backprop resume {record['run_id']}`"
+            ) from None
+        except OSError as exc:
+            raise _storage_error("create", folder, exc) from None
+        try:
+            (folder / "logs").mkdir(mode=0o700)
+            (folder / "checkpoints").mkdir(mode=0o700)
+            self.write(record, index=False)  # the caller appends the creation row
+        except BaseException:
+            # Leave no half-created run behind: an empty folder would make the id unusable.
+            for child in sorted(folder.rglob("*"), reverse=True):
+                with contextlib.suppress(OSError):
+                    child.rmdir() if child.is_dir() else child.unlink()
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+            raise
+
+    def read(self, run_id: str) -> RunRecord:
+        """The stored record; a corrupt one is moved aside and reported."""
+        path = self.record_path(run_id)
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            raise RunNotFound(
+                f"no run with id {run_id!r}",
+                hint="list runs with `backprop list` (or the list_experiments tool)",
+            ) from None
+        except OSError as exc:
+            raise _storage_error("read", path, exc) from None
+        return self._decode(run_id, path, raw)
+
+    def _decode(self, run_id: str, path: Path, raw: bytes) -> RunRecord:
+        try:
+            data = json.loads(raw)
+            ok = isinstance(data, dict) and data.get("run_id") == run_id
+        except (ValueError, RecursionError):
+            ok = False
+        if not ok:
+            aside = self.quarantine(path)
+            raise StoreCorrupt(f"the record of run {run_id!r} was corrupt; it was moved to {aside}")
+        version = data.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise StoreError(
+                f"run {run_id!r} has record schema {version!r}; this backprop reads schema {SCHEMA_VERSION}",
+                hint="upgrade backprop-mcp to read it",
+            )
+        return cast(RunRecord, data)
+
+    def quarantine(self, path: Path) -> Path:
+        """Move a corrupt file aside (kept for inspection) and warn."""
+        aside = path.with_name(f"{path.name}.corrupt-{int(time.time() * 1000)}")
+        with contextlib.suppress(OSError):
+            os.replace(path, aside)
+        log.warning("corrupt store file %s moved to %s", path, aside)
+        return aside
+
+    def write(self, record: RunRecord, *, index: bool = True) -> None:
+        """Replace the record atomically; append its index row when asked (listing fields changed)."""
+        record["updated_at"] = now_iso()
+        data = json.dumps(record, indent=1, allow_nan=False).encode("utf-8")
+        atomic_write(self.record_path(record["run_id"]), data)
+        if index:
+            self.index_append(row_of(record), new=False)
+
+    def append_event(self, run_id: str, event: dict[str, Any]) -> None:
+        """Add an entry to the run's history."""
+        event.setdefault("at", now_iso())
+        append_line(self.events_path(run_id), event)
+
+    def read_events(self, run_id: str, *, limit: int | None = None) -> list[dict[str, Any]]:
+        """The run's history (the last `limit` entries); corrupt lines are skipped."""
+        path = self.events_path(run_id)
+        lines = _tail_lines(path, limit) if limit else _all_lines(path)
+        events = []
+        for line in lines:
+            try:
+                item = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(item, dict):
+                events.append(item)
+        return events
+
+    @contextlib.contextmanager
+    def run_lock(self, run_id: str) -> Iterator[None]:
+        """Serialise read-modify-write of one run's record among non-supervisor processes."""
+        with file_lock(self.run_dir(run_id) / "lock"):
+            yield
+
+    def all_run_ids(self) -> list[str]:
+        try:
+            return sorted(p.name for p in self.runs.iterdir() if (p / "run.json").is_file())
+        except FileNotFoundError:
+            return []
+
+    # -- index ----------------------------------------------------------------------------------
+
+    def index_append(self, row: RunRow, *, new: bool) -> None:
+        entry: dict[str, Any] = dict(row)
+        if new:
+            entry["new"] = True
+        self.ensure()
+        # Appenders open the file under the lock so that compaction (which replaces the file)
+        # can never leave an append on a replaced inode.
+        with file_lock(self.index_lock):
+            append_line(self.index_path, entry)
+
+    def index_rows(self, *, newest_first: bool = True) -> Iterator[tuple[dict[str, Any], bool]]:
+        """Yield (latest row, is creation line reached) while scanning the index from its end.
+
+        Each run is yielded once, at its creation line, with its latest row: runs come out
+        newest first, and a caller that needs N runs stops after N, whatever the store's size.
+        """
+        if not self.index_path.exists():
+            if self.all_run_ids():
+                self.rebuild_index()
+            else:
+                return
+        latest: dict[str, dict[str, Any]] = {}
+        for line in _reverse_lines(self.index_path):
+            try:
+                row = json.loads(line)
+                run_id = row["run_id"]
+            except (ValueError, KeyError, TypeError):
+                log.warning("skipping a corrupt line in %s", self.index_path)
+                continue
+            latest.setdefault(run_id, row)
+            if row.get("new"):
+                yield latest[run_id], True
+
+    def rebuild_index(self) -> int:
+        """Rewrite the index from the run folders (after corruption, or to compact it)."""
+        rows: list[RunRow] = []
+        for run_id in self.all_run_ids():
+            try:
+                rows.append(row_of(self.read(run_id)))
+            except StoreError as exc:
+                log.warning("%s", exc)
+        rows.sort(key=lambda r: r["created_at"])
+        data = "".join(json.dumps({**r, "new": True}, allow_nan=False) + "\n" for r in rows)
+        with file_lock(self.index_lock):
+            atomic_write(self.index_path, data.encode("utf-8"))
+        return len(rows)
+
+    def maybe_compact(self) -> None:
+        """Compact the index when it has grown far beyond one line per run; skip if busy.
+
+        Cheap enough to call at the end of every run: one stat and one scandir.
+        """
+        try:
+            size = self.index_path.stat().st_size
+            runs = sum(1 for _ in os.scandir(self.runs))
+        except OSError:
+            return
+        if size / _TYPICAL_ROW_BYTES <= runs * COMPACT_RATIO + COMPACT_SLACK:
+            return
+        with file_lock(self.index_lock, blocking=False) as got:
+            if not got:
+                return
+            latest: dict[str, dict[str, Any]] = {}
+            order: list[str] = []
+            for line in _all_lines(self.index_path):
+                try:
+                    row = json.loads(line)
+                    run_id = row["run_id"]
+                except (ValueError, KeyError, TypeError):
+                    continue
+                if run_id not in latest:
+                    order.append(run_id)
+                latest[run_id] = row
+            data = "".join(
+                json.dumps({**latest[r], "new": True}, allow_nan=False) + "\n" for r in order
+            )
+            atomic_write(self.index_path, data.encode("utf-8"))
+
+
+def _all_lines(path: Path) -> list[bytes]:
+    try:
+        return [line for line in path.read_bytes().split(b"\n") if line.strip()]
+    except FileNotFoundError:
+        return []
+
+
+def _reverse_lines(path: Path) -> Iterator[bytes]:
+    """Lines of a file from the last to the first, reading blocks from the end."""
+    try:
+        handle = path.open("rb")
+    except FileNotFoundError:
+        return
+    with handle:
+        handle.seek(0, os.SEEK_END)
+        position = handle.tell()
+        rest = b""
+        while position > 0:
+            size = min(_REVERSE_BLOCK, position)
+            position -= size
+            handle.seek(position)
+            block = handle.read(size) + rest
+            lines = block.split(b"\n")
+            rest = lines[0]
+            for line in reversed(lines[1:]):
+                if line.strip():
+                    yield line
+        if rest.strip():
+            yield rest
+
+
+def _tail_lines(path: Path, limit: int) -> list[bytes]:
+    out: list[bytes] = []
+    for line in _reverse_lines(path):
+        out.append(line)
+        if len(out) >= limit:
+            break
+    out.reverse()
+    return out

@@ -1,0 +1,518 @@
+"""The per-run supervisor process (DESIGN §3): waits in the queue, starts the script, drains its
+output, enforces the time box, pauses and resumes it, and records the truthful outcome.
+
+Started detached by `launch.spawn_supervisor` as `python -m backprop_mcp.supervisor HOME RUN_ID`.
+It is the only writer of its run's record while it lives. Stdlib plus psutil only, for a fast start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from backprop_mcp import governor, proctree
+from backprop_mcp.admission import Admission
+from backprop_mcp.errors import BackpropError
+from backprop_mcp.events import LineSplitter, parse_line
+from backprop_mcp.launch import command, contract_env, gpu_memory_limit_mb, limits_of
+from backprop_mcp.models import AttemptSummary, Decision, RunRecord, SystemSnapshot
+from backprop_mcp.probes import SystemProbe, make_probe
+from backprop_mcp.config import Settings
+from backprop_mcp.progress import Progress
+from backprop_mcp.store import Store, now_iso
+
+log = logging.getLogger("backprop_mcp.supervisor")
+
+# The record is rewritten at most this often while a script prints: a flood of progress lines
+# costs a bounded number of writes per second, not one per line.
+RECORD_INTERVAL_SECONDS = 1.0
+# How often a queued run retries admission: short, so a freed slot is taken within ~0.1 s.
+QUEUE_POLL_SECONDS = 0.1
+# A queued run's snapshot of the machine is reused this long: probing a GPU costs a subprocess.
+QUEUE_SNAPSHOT_MAX_AGE = 1.0
+# After the stop signal's grace, SIGTERM gets this long before SIGKILL: the script already had the
+# whole grace to checkpoint; SIGTERM is a last courtesy for libraries that clean up on it.
+TERM_GRACE_SECONDS = 0.5
+# When the script has exited, processes it left behind get this long after SIGTERM.
+LEFTOVER_GRACE_SECONDS = 1.0
+# After the last process is gone, wait at most this long for its pipes to reach EOF.
+PIPE_DRAIN_SECONDS = 2.0
+READ_CHUNK = 64 * 1024
+# Per attempt, the log rotates to `attempt-N.log.1` past this size, keeping at most twice it.
+MAX_LOG_BYTES = 64 * 1024 * 1024
+# Bad event lines noted in the supervisor log and the history (the rest are only counted).
+MAX_BAD_LINES_LOGGED = 20
+
+
+class Supervisor:
+    """One attempt of one run, from queue to final record."""
+
+    def __init__(self, store: Store, run_id: str, probe: SystemProbe | None = None) -> None:
+        self.store = store
+        self.run_id = run_id
+        self.record: RunRecord = store.read(run_id)
+        self.options: dict[str, Any] = self.record["options"]
+        self.settings = Settings(**{k: v for k, v in self.options.items() if k in Settings.__dataclass_fields__})
+        self.limits = limits_of(self.settings)
+        self.probe = probe or make_probe(
+            self.settings.gpu_probe, cpu_cache=store.governor_dir / "cpu_sample.json"
+        )
+        self.admission = Admission(store.governor_dir)
+        self.progress = Progress(self.record)
+        self.selector = selectors.DefaultSelector()
+        self.wake_r, self.wake_w = os.pipe()
+        self.stop_reason: str | None = None  # stop_requested, deadline, wall_clock_cap, gpu_memory_limit
+        self.kill_now = False
+        self.dirty = False
+        self.last_write = 0.0
+        self.bad_lines = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_file: Any = None
+        self.log_bytes = 0
+        self.started_epoch = 0.0
+
+    # -- signals ----------------------------------------------------------------------------------
+
+    def install_signals(self) -> None:
+        os.set_blocking(self.wake_w, False)
+        os.set_blocking(self.wake_r, False)
+        signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
+        signal.signal(signal.SIGTERM, self._on_stop)
+        signal.signal(signal.SIGINT, self._on_stop)
+        signal.signal(signal.SIGUSR1, self._on_kill)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        # A handler (not SIG_DFL) so that SIGCHLD wakes the select loop through the wakeup fd.
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        self.selector.register(self.wake_r, selectors.EVENT_READ, "wake")
+
+    def _on_stop(self, signum: int, frame: object) -> None:
+        if self.stop_reason is None:
+            self.stop_reason = "stop_requested"
+
+    def _on_kill(self, signum: int, frame: object) -> None:
+        self.stop_reason = self.stop_reason or "stop_requested"
+        self.kill_now = True
+
+    def _wait(self, timeout: float) -> list[tuple[selectors.SelectorKey, int]]:
+        events = self.selector.select(max(timeout, 0.0))
+        for key, _ in events:
+            if key.data == "wake":
+                with contextlib.suppress(BlockingIOError):
+                    while os.read(self.wake_r, 512):
+                        pass
+        return events
+
+    # -- record ---------------------------------------------------------------------------------
+
+    def write(self, *, index: bool = False) -> None:
+        self.record["bad_event_lines"] = self.bad_lines
+        self.store.write(self.record, index=index)
+        self.dirty = False
+        self.last_write = time.monotonic()
+
+    def set_state(self, status: str, detail: str | None = None, **extra: Any) -> None:
+        self.record["status"] = status
+        self.record["status_detail"] = detail
+        self.write(index=True)
+        self.store.append_event(self.run_id, {"type": "state", "status": status, "detail": detail, **extra})
+
+    # -- queue ----------------------------------------------------------------------------------
+
+    def queue(self) -> Decision | None:
+        """Wait for admission; returns the decision, or None when the run must not start."""
+        me = psutil.Process()
+        self.admission.join(self.run_id, me.pid, me.create_time())
+        timeout = self.settings.queue_timeout_minutes * 60
+        began = time.monotonic()
+        snapshot: SystemSnapshot | None = None
+        taken = 0.0
+        shown: tuple[int | None, tuple[str, ...]] | None = None
+        promise = self.limits["gpu_min_free_vram_mb"]
+        while True:
+            if self.stop_reason:
+                self.admission.release(self.run_id)
+                self.finish_without_start("stopped", "stop_requested", "stopped while queued")
+                return None
+            if snapshot is None or time.monotonic() - taken > QUEUE_SNAPSHOT_MAX_AGE:
+                snapshot, taken = self.probe.snapshot(), time.monotonic()
+            current = snapshot
+
+            def decide(active: list[Any], snap: SystemSnapshot = current) -> Decision:
+                return governor.evaluate(snap, self.limits, active, now=time.time())
+
+            admitted, decision, position = self.admission.try_admit(
+                self.run_id, decide, vram_promise_mb=promise
+            )
+            if admitted and decision is not None:
+                return decision
+            reasons = tuple(decision["reasons"]) if decision else ()
+            if decision is not None and not self.settings.queue:
+                self.admission.release(self.run_id)
+                self.finish_without_start("rejected", "rejected", "; ".join(reasons))
+                return None
+            if (position, reasons) != shown:
+                shown = (position, reasons)
+                self.record["queue_position"] = position
+                ahead = f"position {position} in the queue" if position else "in the queue"
+                detail = f"{ahead}: {'; '.join(reasons)}" if reasons else ahead
+                self.record["status_detail"] = detail
+                self.write()
+            if time.monotonic() - began >= timeout:
+                self.admission.release(self.run_id)
+                why = "; ".join(reasons) or "other runs ahead"
+                self.finish_without_start(
+                    "rejected", "queue_timeout", f"waited {timeout / 60:g} min in the queue: {why}"
+                )
+                return None
+            self._wait(QUEUE_POLL_SECONDS)
+
+    def finish_without_start(self, status: str, reason: str, detail: str) -> None:
+        record = self.record
+        record["termination_reason"] = reason
+        record["ended_at"] = now_iso()
+        record["queue_position"] = None
+        self._close_attempt(status)
+        self.set_state(status, detail, reason=reason)
+
+    # -- running ----------------------------------------------------------------------------------
+
+    def start(self, decision: Decision) -> bool:
+        record = self.record
+        record["gpu"] = decision["gpu"] if self.limits["use_gpu"] else None
+        started = time.time()
+        deadline = started + record["max_run_minutes"] * 60
+        env = dict(os.environ)
+        env.update(contract_env(record, self.store.run_dir(self.run_id), deadline))
+        record["cuda_visible_devices"] = env.get("CUDA_VISIBLE_DEVICES") if record["gpu"] or not self.limits["use_gpu"] else None
+        log_path = self.store.log_path(self.run_id, record["attempt"])
+        self.log_file = open(log_path, "ab", buffering=0)  # noqa: SIM115 - held for the run's life
+        os.chmod(log_path, 0o600)
+        try:
+            self.proc = subprocess.Popen(
+                command(record),
+                cwd=record["cwd"],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                start_new_session=True,  # its own process group: signals reach the whole tree
+                close_fds=True,
+            )
+        except OSError as exc:
+            self.admission.release(self.run_id)
+            record["exit_code"] = None
+            self.finish_without_start(
+                "failed", "start_failed", f"could not start {record['python']}: {exc.strerror or exc}"
+            )
+            return False
+        record["script_pid"] = self.proc.pid
+        self.started_epoch = started
+        record["started_at"] = now_iso(started)
+        record["deadline"] = now_iso(deadline)
+        record["queue_position"] = None
+        record["attempts"][-1]["started_at"] = record["started_at"]
+        self.set_state("running", None, pid=self.proc.pid, gpu=record["cuda_visible_devices"])
+        return True
+
+    def supervise(self) -> None:
+        proc = self.proc
+        assert proc is not None and proc.stdout is not None and proc.stderr is not None
+        splitter = LineSplitter()
+        streams = {proc.stdout.fileno(): "out", proc.stderr.fileno(): "err"}
+        for fd, name in streams.items():
+            os.set_blocking(fd, False)
+            self.selector.register(fd, selectors.EVENT_READ, name)
+        box = self.record["max_run_minutes"] * 60
+        wall_cap = self.settings.wall_minutes * 60
+        began = time.monotonic()
+        paused_at: float | None = None
+        paused_total = 0.0
+        next_sample = began + governor.SAMPLE_INTERVAL_SECONDS
+        stop_sent: float | None = None
+        term_sent: float | None = None
+        exited_at: float | None = None
+        limit_mb = gpu_memory_limit_mb(self.options.get("gpu_memory_limit"), self.record["gpu"])
+        own = psutil.Process()
+        own.cpu_percent(None)
+        while streams:
+            now = time.monotonic()
+            running_for = now - began - paused_total - ((now - paused_at) if paused_at else 0.0)
+            if exited_at is None and proc.poll() is not None:
+                exited_at = now
+                self._end_leftovers()
+            if exited_at is not None:
+                if now - exited_at > PIPE_DRAIN_SECONDS:
+                    break  # a process we could not kill still holds the pipes
+            elif self.stop_reason is None:
+                if running_for >= box:
+                    self.stop_reason = "deadline"
+                elif now - began >= wall_cap:
+                    self.stop_reason = "wall_clock_cap"
+            if exited_at is None and self.stop_reason is not None:
+                if paused_at is not None:
+                    self._signal_tree(signal.SIGCONT)  # a stopped process cannot handle SIGINT
+                    paused_total += now - paused_at
+                    paused_at = None
+                if self.kill_now:
+                    self._signal_tree(signal.SIGKILL)
+                elif stop_sent is None:
+                    stop_sent = now
+                    proctree.signal_group(proc.pid, getattr(signal, self.settings.stop_signal))
+                    self.store.append_event(self.run_id, {"type": "stop_signal", "reason": self.stop_reason,
+                                                          "signal": self.settings.stop_signal})
+                elif term_sent is None and now - stop_sent >= self.settings.grace_seconds:
+                    term_sent = now
+                    self._signal_tree(signal.SIGTERM)
+                elif term_sent is not None and now - term_sent >= TERM_GRACE_SECONDS:
+                    self._signal_tree(signal.SIGKILL)
+            if exited_at is None and self.stop_reason is None and now >= next_sample:
+                next_sample = now + governor.SAMPLE_INTERVAL_SECONDS
+                paused_at, paused_total = self._sample(own, paused_at, paused_total, limit_mb, now)
+            if self.dirty and now - self.last_write >= RECORD_INTERVAL_SECONDS:
+                self.write()
+            timeout = self._next_timeout(now, running_for, box, next_sample, stop_sent, term_sent, exited_at)
+            for key, _ in self._wait(timeout):
+                if key.data in ("out", "err"):
+                    self._read(key.fd, key.data, splitter, streams)
+        for item in splitter.flush():
+            self._line(item)
+        for fd in list(streams):
+            self.selector.unregister(fd)
+        if paused_at is not None:
+            paused_total += time.monotonic() - paused_at
+        self.record["paused_seconds"] = round(paused_total, 3)
+        if proc.poll() is None:
+            self._signal_tree(signal.SIGKILL)
+        proc.wait()
+        self._end_leftovers()
+
+    def _next_timeout(self, now: float, running_for: float, box: float, next_sample: float,
+                      stop_sent: float | None, term_sent: float | None, exited_at: float | None) -> float:
+        candidates = [next_sample - now, box - running_for, 1.0]
+        if self.dirty:
+            candidates.append(self.last_write + RECORD_INTERVAL_SECONDS - now)
+        if stop_sent is not None and term_sent is None:
+            candidates.append(stop_sent + self.settings.grace_seconds - now)
+        if term_sent is not None:
+            candidates.append(term_sent + TERM_GRACE_SECONDS - now)
+        if exited_at is not None:
+            candidates.append(exited_at + PIPE_DRAIN_SECONDS - now)
+        return max(min(candidates), 0.0)
+
+    def _read(self, fd: int, name: str, splitter: LineSplitter, streams: dict[int, str]) -> None:
+        # Bounded reads per wake-up keep the loop responsive to signals during a flood.
+        for _ in range(16):
+            try:
+                data = os.read(fd, READ_CHUNK)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self.selector.unregister(fd)
+                del streams[fd]
+                return
+            self._log(data)
+            if name == "out":
+                for item in splitter.feed(data):
+                    self._line(item)
+
+    def _line(self, item: Any) -> None:
+        result = parse_line(item)
+        if result.error:
+            self.bad_lines += 1
+            self.dirty = True
+            if self.bad_lines <= MAX_BAD_LINES_LOGGED:
+                log.warning("run %s: skipped a bad event line: %s", self.run_id, result.error)
+                self.store.append_event(self.run_id, {"type": "bad_line", "error": result.error})
+            return
+        for event in result.events:
+            entry = self.progress.apply(event)
+            if entry is not None:
+                self.store.append_event(self.run_id, entry)
+            self.dirty = True
+
+    def _log(self, data: bytes) -> None:
+        if self.log_bytes + len(data) > MAX_LOG_BYTES:
+            path = self.store.log_path(self.run_id, self.record["attempt"])
+            self.log_file.close()
+            os.replace(path, path.with_name(path.name + ".1"))
+            self.log_file = open(path, "ab", buffering=0)  # noqa: SIM115 - held for the run's life
+            os.chmod(path, 0o600)
+            self.log_bytes = 0
+        try:
+            self.log_file.write(data)
+            self.log_bytes += len(data)
+        except OSError as exc:
+            log.warning("run %s: cannot write the log (%s); output is dropped", self.run_id, exc)
+
+    def _tree(self) -> list[psutil.Process]:
+        return proctree.descendants(os.getpid())
+
+    def _signal_tree(self, sig: int) -> None:
+        if self.proc is not None:
+            proctree.signal_group(self.proc.pid, sig)
+        proctree.signal_all(self._tree(), sig)
+
+    def _end_leftovers(self) -> None:
+        """After the script exits, end what it left behind: SIGTERM, a short grace, SIGKILL."""
+        left = [p for p in self._tree() if self.proc is None or p.pid != self.proc.pid]
+        if not left:
+            return
+        proctree.signal_all(left, signal.SIGCONT)
+        proctree.signal_all(left, signal.SIGTERM)
+        _, alive = psutil.wait_procs(left, timeout=LEFTOVER_GRACE_SECONDS)
+        proctree.signal_all(alive, signal.SIGKILL)
+        psutil.wait_procs(alive, timeout=proctree.KILL_WAIT_SECONDS)
+        self._reap()
+
+    def _reap(self) -> None:
+        # As a subreaper we inherit orphans; collect their exit status so none stays a zombie.
+        for child in proctree.descendants(os.getpid()):
+            if self.proc is not None and child.pid == self.proc.pid:
+                continue
+            with contextlib.suppress(ChildProcessError, OSError):
+                os.waitpid(child.pid, os.WNOHANG)
+
+    def _sample(self, own: psutil.Process, paused_at: float | None, paused_total: float,
+                limit_mb: float | None, now: float) -> tuple[float | None, float]:
+        snapshot = self.probe.snapshot()
+        tree = self._tree()
+        own_cpu = own.cpu_percent(None)
+        for proc in tree:
+            with contextlib.suppress(psutil.Error):
+                own_cpu += proc.cpu_percent(None)
+        share = own_cpu / max(snapshot["cpu_count"], 1)
+        gpu = self.record["gpu"]
+        pause, reason = governor.pause_verdict(
+            snapshot, self.limits, gpu_uuid=gpu["uuid"] if gpu else None,
+            paused=paused_at is not None, own_cpu_percent=share,
+        )
+        if pause and paused_at is None:
+            self._signal_tree(signal.SIGSTOP)
+            self.set_state("paused", reason, reason=reason)
+            return now, paused_total
+        if not pause and paused_at is not None:
+            self._signal_tree(signal.SIGCONT)
+            paused_total += now - paused_at
+            self.record["paused_seconds"] = round(paused_total, 3)
+            self._move_deadline(paused_total)
+            self.set_state("running", None, reason="resumed", paused_seconds=round(paused_total, 3))
+            return None, paused_total
+        if limit_mb and paused_at is None:
+            used = self.probe.gpu_process_memory([p.pid for p in tree])
+            if used is not None and used > limit_mb:
+                self.stop_reason = "gpu_memory_limit"
+                self.record["status_detail"] = f"GPU memory {used:.0f} MB > limit {limit_mb:.0f} MB"
+                self.store.append_event(self.run_id, {"type": "gpu_memory_limit", "used_mb": used,
+                                                      "limit_mb": limit_mb})
+        return paused_at, paused_total
+
+    def _move_deadline(self, paused_total: float) -> None:
+        record = self.record
+        record["deadline"] = now_iso(self.started_epoch + record["max_run_minutes"] * 60 + paused_total)
+
+    # -- outcome ----------------------------------------------------------------------------------
+
+    def finish(self) -> None:
+        proc = self.proc
+        assert proc is not None
+        record = self.record
+        code = proc.returncode
+        record["ended_at"] = now_iso()
+        record["eta_seconds"] = None
+        if code is not None and code < 0:
+            record["exit_code"], record["signal"] = None, signal.Signals(-code).name
+        else:
+            record["exit_code"], record["signal"] = code, None
+        if self.stop_reason in ("deadline", "wall_clock_cap"):
+            status, reason = "timed_out", self.stop_reason
+        elif self.stop_reason == "stop_requested":
+            status, reason = "stopped", "stop_requested"
+        elif self.stop_reason == "gpu_memory_limit":
+            status, reason = "failed", "gpu_memory_limit"
+        elif code == 0:
+            status, reason = "completed", "exit_zero"
+        elif code is not None and code < 0:
+            status, reason = "failed", "signal"
+        else:
+            status, reason = "failed", "exit_nonzero"
+        record["termination_reason"] = reason
+        self._close_attempt(status)
+        detail = _describe(status, reason, record["exit_code"], record["signal"], record["status_detail"])
+        self.set_state(status, detail, reason=reason, exit_code=record["exit_code"], signal=record["signal"])
+        self.admission.release(self.run_id)
+        self.store.maybe_compact()
+
+    def _close_attempt(self, status: str) -> None:
+        record = self.record
+        summary: AttemptSummary = record["attempts"][-1]
+        summary.update(
+            status=status, ended_at=record["ended_at"], termination_reason=record["termination_reason"],
+            exit_code=record["exit_code"], signal=record["signal"], step=record["step"], loss=record["loss"],
+        )
+        if record["step"] is not None or record["loss"] is not None or record["metrics"]:
+            self.store.append_event(self.run_id, {"type": "sample", "step": record["step"],
+                                                  "loss": record["loss"], "metrics": record["metrics"]})
+
+    def run(self) -> int:
+        self.install_signals()
+        me = psutil.Process()
+        self.record["supervisor_pid"] = me.pid
+        self.record["supervisor_started"] = me.create_time()
+        self.write(index=True)
+        decision = self.queue()
+        if decision is None or not self.start(decision):
+            return 0
+        try:
+            self.supervise()
+        finally:
+            if self.log_file is not None:
+                self.log_file.close()
+        self.finish()
+        return 0
+
+
+def _describe(status: str, reason: str, code: int | None, sig: str | None, detail: str | None) -> str:
+    if reason == "exit_zero":
+        return "the script exited with code 0"
+    if reason == "exit_nonzero":
+        return f"the script exited with code {code}"
+    if reason == "signal":
+        return f"the script was killed by {sig}"
+    if reason == "deadline":
+        return "the time box ended; the script was asked to stop"
+    if reason == "wall_clock_cap":
+        return "the wall-clock cap (paused time included) ended"
+    if reason == "gpu_memory_limit":
+        return detail or "the run exceeded its GPU memory limit"
+    return "stopped on request"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    if len(args) != 2:
+        print("usage: python -m backprop_mcp.supervisor HOME RUN_ID", file=sys.stderr)  # noqa: T201
+        return 2
+    home, run_id = Path(args[0]), args[1]
+    proctree.become_subreaper()
+    try:
+        return Supervisor(Store(home), run_id).run()
+    except BackpropError as exc:
+        log.error("run %s: %s", run_id, exc)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

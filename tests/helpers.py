@@ -1,0 +1,111 @@
+"""Shared test helpers: an isolated environment per test, the real CLI, and bounded waits."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import psutil
+
+from backprop_mcp.models import TERMINAL_STATES, RunRecord
+from backprop_mcp.service import Service
+
+FIXTURES = Path(__file__).parent / "fixtures"
+# Every wait in the tests is bounded by this; it is generous because CI machines are slow.
+WAIT_SECONDS = 60.0
+# Between two looks at a condition (a wait for an event, not a sleep standing in for one).
+POLL_SECONDS = 0.02
+
+T = TypeVar("T")
+
+
+def isolated_env(home: Path, **extra: str) -> dict[str, str]:
+    """An environment whose store, config and limits belong to the test alone.
+
+    The limits admit runs on a small, busy CI machine; governor tests set their own.
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BACKPROP_")}
+    env.update(
+        BACKPROP_HOME=str(home),
+        BACKPROP_CONFIG=str(home / "no-user-config.json"),
+        BACKPROP_MIN_FREE_RAM_GB="0",
+        BACKPROP_MAX_CPU_PERCENT="100",
+        BACKPROP_GPU_PROBE="none",
+        BACKPROP_MAX_PARALLEL="64",
+        BACKPROP_GRACE_SECONDS="5",
+    )
+    env.pop("VIRTUAL_ENV", None)
+    env.update(extra)
+    return env
+
+
+def wait_until(check: Callable[[], T | None], *, timeout: float = WAIT_SECONDS, what: str = "condition") -> T:
+    """Return check()'s first truthy value; fail if none comes within the timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(POLL_SECONDS)
+
+
+def wait_for_end(service: Service, run_id: str, timeout: float = WAIT_SECONDS) -> RunRecord:
+    def ended() -> RunRecord | None:
+        record = service.get(run_id)
+        return record if record["status"] in TERMINAL_STATES else None
+
+    return wait_until(ended, timeout=timeout, what=f"run {run_id} to end")
+
+
+def wait_for_log(service: Service, run_id: str, text: str, attempt: int = 1) -> None:
+    path = service.store.log_path(run_id, attempt)
+
+    def seen() -> bool:
+        return path.exists() and text.encode() in path.read_bytes()
+
+    wait_until(seen, what=f"{text!r} in the log of {run_id}")
+
+
+def cli(
+    env: Mapping[str, str], *args: str, cwd: Path | None = None, timeout: float = WAIT_SECONDS
+) -> subprocess.CompletedProcess[str]:
+    """Run the real `backprop` CLI."""
+    return subprocess.run(
+        [sys.executable, "-m", "backprop_mcp", *args],
+        env=dict(env),
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def cli_json(env: Mapping[str, str], *args: str, cwd: Path | None = None) -> Any:
+    done = cli(env, *args, "--json", cwd=cwd)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def processes_with_run_id(run_id: str) -> list[psutil.Process]:
+    """Living processes that carry the run's id in their environment (nothing may survive a run)."""
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.status() != psutil.STATUS_ZOMBIE and proc.environ().get("BACKPROP_RUN_ID") == run_id:
+                found.append(proc)
+        except (psutil.Error, OSError):
+            continue
+    return found
+
+
+def no_survivors(run_id: str) -> bool:
+    return not processes_with_run_id(run_id)

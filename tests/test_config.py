@@ -41,8 +41,12 @@ def test_layers_apply_in_order_user_project_env_options(tmp_path: Path) -> None:
 
 
 def test_the_seeds_config_file_is_valid(tmp_path: Path) -> None:
-    seed = {"maxRunMinutes": 30, "maxParallel": 2, "gpuMemoryLimit": "80%",
-            "gpu": {"probe": "auto", "minFreeVramMB": 2500, "maxTempC": 85}}
+    seed = {
+        "maxRunMinutes": 30,
+        "maxParallel": 2,
+        "gpuMemoryLimit": "80%",
+        "gpu": {"probe": "auto", "minFreeVramMB": 2500, "maxTempC": 85},
+    }
     values = read_file(write(tmp_path / "backprop.config.json", seed))
     assert values["gpu_memory_limit"] == "80%" and values["max_run_minutes"] == 30
 
@@ -74,8 +78,9 @@ def test_the_dot_backprop_json_name_is_accepted(tmp_path: Path) -> None:
         ({"graceSeconds": float("nan")}, "not valid JSON"),
     ],
 )
-def test_a_bad_config_file_names_the_file_the_key_and_what_is_allowed(tmp_path: Path, content: object,
-                                                                      message: str) -> None:
+def test_a_bad_config_file_names_the_file_the_key_and_what_is_allowed(
+    tmp_path: Path, content: object, message: str
+) -> None:
     path = tmp_path / "backprop.config.json"
     text = content if isinstance(content, str) else json.dumps(content).replace("NaN", "nan")
     write(path, text)

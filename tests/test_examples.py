@@ -202,7 +202,7 @@ sys.exit(0 if same else 1)
 # Importing torch here would warn (no NumPy) under filterwarnings=error; the children import it.
 @pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="PyTorch is not installed")
 def test_the_torch_example_resumed_after_sigint_matches_an_uninterrupted_run(tmp_path: Path) -> None:
-    args = ["--steps", "300", "--log-every", "25"]
+    args = ["--steps", "100", "--log-every", "25"]
     cpu = {"CUDA_VISIBLE_DEVICES": ""}  # bit-exact comparison needs deterministic kernels
     # Without backprop_mcp importable: the script's own stand-ins must keep the contract too.
     whole = run_to_completion(TORCH, args, contract_env(tmp_path, "whole", **cpu), isolated=True)
@@ -214,7 +214,7 @@ def test_the_torch_example_resumed_after_sigint_matches_an_uninterrupted_run(tmp
     assert code == 130, err
     stopped_at = last_checkpoint(lines)
     assert stopped_at.step is not None
-    assert stopped_at.step < 300
+    assert stopped_at.step < 100
 
     env = contract_env(tmp_path, "parts", **cpu, **{contract.ENV_RESUME_FROM: stopped_at.path})
     resumed = run_to_completion(TORCH, args, env)

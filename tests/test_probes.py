@@ -322,7 +322,7 @@ def test_an_invalid_static_snapshot_is_a_config_error_naming_the_key(data: objec
 def test_a_static_snapshot_file_that_is_not_json_is_a_config_error(tmp_path: Path) -> None:
     path = tmp_path / "snap.json"
     path.write_text("{oops", encoding="utf-8")
-    with pytest.raises(ConfigError, match="snap.json: not valid JSON"):
+    with pytest.raises(ConfigError, match=r"snap\.json: not valid JSON"):
         StaticProbe.from_file(path)
     with pytest.raises(ConfigError, match="cannot read the static probe snapshot"):
         StaticProbe.from_file(tmp_path / "absent.json")
@@ -441,10 +441,11 @@ def test_a_failing_nvidia_smi_yields_unknown_gpus_with_its_message(
         == "nvidia-smi exited with status 18: Failed to initialize NVML: Driver/library version mismatch"
     )
     assert probe.gpu_process_memory([1]) is None
-    decision = evaluate(snap, default_limits(), [], now=0.0)
-    assert decision["reasons"] == [
-        f"GPU state unknown: {snap['gpu_error']}; refusing GPU runs (use --no-gpu to run on CPU)"
-    ]
+    reasons = evaluate(snap, default_limits(), [], now=0.0)["reasons"]
+    # The real machine's CPU and RAM may add reasons of their own on a busy test host.
+    assert (
+        f"GPU state unknown: {snap['gpu_error']}; refusing GPU runs (use --no-gpu to run on CPU)" in reasons
+    )
 
 
 def test_a_hanging_nvidia_smi_is_bounded_by_the_timeout(

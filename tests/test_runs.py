@@ -50,7 +50,11 @@ def test_a_script_that_exits_zero_is_completed_with_its_progress_and_checkpoint(
 
 def test_a_script_that_exits_nonzero_is_failed_with_its_exit_code(service: Service) -> None:
     record = wait_for_end(service, start(service, "exits_nonzero.py"))
-    assert (record["status"], record["termination_reason"], record["exit_code"]) == ("failed", "exit_nonzero", 3)
+    assert (record["status"], record["termination_reason"], record["exit_code"]) == (
+        "failed",
+        "exit_nonzero",
+        3,
+    )
     assert "something went wrong" in service.logs(record["run_id"])["lines"]
 
 
@@ -59,10 +63,16 @@ def test_a_script_killed_by_a_signal_is_failed_with_the_signal(service: Service,
     script.write_text("import os, signal\nos.kill(os.getpid(), signal.SIGSEGV)\n", encoding="utf-8")
     run_id = service.start(RunRequest(script=str(script)))["run_id"]
     record = wait_for_end(service, run_id)
-    assert (record["status"], record["termination_reason"], record["signal"]) == ("failed", "signal", "SIGSEGV")
+    assert (record["status"], record["termination_reason"], record["signal"]) == (
+        "failed",
+        "signal",
+        "SIGSEGV",
+    )
 
 
-def test_the_deadline_sends_sigint_so_the_script_checkpoints_and_the_run_is_timed_out(service: Service) -> None:
+def test_the_deadline_sends_sigint_so_the_script_checkpoints_and_the_run_is_timed_out(
+    service: Service,
+) -> None:
     run_id = start(service, "checkpoints_on_sigint.py", max_run_minutes=0.02)
     record = wait_for_end(service, run_id)
     assert (record["status"], record["termination_reason"]) == ("timed_out", "deadline")
@@ -110,19 +120,34 @@ def test_killing_the_supervisor_makes_the_run_lost_and_leaves_nothing_alive(serv
     supervisor = service.get(run_id)["supervisor_pid"]
     assert supervisor is not None
     os.kill(supervisor, signal.SIGKILL)
-    wait_until(lambda: not psutil.pid_exists(supervisor) or psutil.Process(supervisor).status() == "zombie",
-               what="the supervisor to die")
+    wait_until(
+        lambda: not psutil.pid_exists(supervisor) or psutil.Process(supervisor).status() == "zombie",
+        what="the supervisor to die",
+    )
     record = service.get(run_id)
     assert (record["status"], record["termination_reason"]) == ("lost", "supervisor_lost")
     assert no_survivors(run_id)
 
 
-def test_killing_the_starting_cli_does_not_end_the_run(env: dict[str, str], tmp_path: Path,
-                                                         service: Service) -> None:
+def test_killing_the_starting_cli_does_not_end_the_run(
+    env: dict[str, str], tmp_path: Path, service: Service
+) -> None:
     starter = subprocess.Popen(
-        [sys.executable, "-m", "backprop_mcp", "run", str(FIXTURES / "checkpoints_on_sigint.py"),
-         "--run-id", "survivor", "-m", "0.03"],
-        env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "backprop_mcp",
+            "run",
+            str(FIXTURES / "checkpoints_on_sigint.py"),
+            "--run-id",
+            "survivor",
+            "-m",
+            "0.03",
+        ],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
     )
     wait_until(lambda: service.store.exists("survivor"), what="the run to be created")
     wait_for_log(service, "survivor", "ready")
@@ -163,7 +188,9 @@ def test_resume_without_a_checkpoint_says_so_and_offers_from_scratch(service: Se
     wait_for_end(service, run_id)
 
 
-def test_a_vanished_checkpoint_is_skipped_for_the_newest_that_exists(service: Service, tmp_path: Path) -> None:
+def test_a_vanished_checkpoint_is_skipped_for_the_newest_that_exists(
+    service: Service, tmp_path: Path
+) -> None:
     script = tmp_path / "two_ckpts.py"
     script.write_text(
         "import json\n"
@@ -188,11 +215,21 @@ def test_the_seeds_event_format_is_understood(service: Service) -> None:
     assert record["status"] == "completed"
 
 
-def test_extra_arguments_after_double_dash_pass_through_unchanged(env: dict[str, str], tmp_path: Path,
-                                                                  service: Service) -> None:
+def test_extra_arguments_after_double_dash_pass_through_unchanged(
+    env: dict[str, str], tmp_path: Path, service: Service
+) -> None:
     tricky = ["--lr", "0.1", "$(touch pwned)", "a b", ";rm -rf /", "-n", "x"]
-    result = cli(env, "run", str(FIXTURES / "counts_and_exits.py"), "--run-id", "args", "--", "2", *tricky,
-                 cwd=tmp_path)
+    result = cli(
+        env,
+        "run",
+        str(FIXTURES / "counts_and_exits.py"),
+        "--run-id",
+        "args",
+        "--",
+        "2",
+        *tricky,
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     assert f"args: {json.dumps(['2', *tricky])}" in service.logs("args")["lines"]
     assert not (tmp_path / "pwned").exists()
@@ -212,9 +249,22 @@ def test_eight_runs_started_at_once_by_separate_processes_all_end_with_complete_
 ) -> None:
     starters = [
         subprocess.Popen(
-            [sys.executable, "-m", "backprop_mcp", "run", str(FIXTURES / "counts_and_exits.py"),
-             "--run-id", f"many-{n}", "--detach", "--", "20"],
-            env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            [
+                sys.executable,
+                "-m",
+                "backprop_mcp",
+                "run",
+                str(FIXTURES / "counts_and_exits.py"),
+                "--run-id",
+                f"many-{n}",
+                "--detach",
+                "--",
+                "20",
+            ],
+            env=env,
+            cwd=tmp_path,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
         )
         for n in range(8)
     ]
@@ -232,7 +282,9 @@ def test_eight_runs_started_at_once_by_separate_processes_all_end_with_complete_
 
 
 def test_a_taken_run_id_and_a_bad_run_id_are_refused(service: Service) -> None:
-    start_id = service.start(RunRequest(script=str(FIXTURES / "counts_and_exits.py"), run_id="same"))["run_id"]
+    start_id = service.start(RunRequest(script=str(FIXTURES / "counts_and_exits.py"), run_id="same"))[
+        "run_id"
+    ]
     with pytest.raises(UsageError, match="already taken"):
         service.start(RunRequest(script=str(FIXTURES / "counts_and_exits.py"), run_id="same"))
     for bad in ("../x", "a/b", "", ".hidden", "x" * 200, "a b"):
@@ -249,8 +301,9 @@ def test_the_contract_environment_reaches_the_script(service: Service, tmp_path:
         " or k in ('PYTHONUNBUFFERED', 'CUDA_VISIBLE_DEVICES')}), flush=True)\n",
         encoding="utf-8",
     )
-    run_id = service.start(RunRequest(script=str(script), options={"checkpoint_every_minutes": "0.5",
-                                                                   "use_gpu": False}))["run_id"]
+    run_id = service.start(
+        RunRequest(script=str(script), options={"checkpoint_every_minutes": "0.5", "use_gpu": False})
+    )["run_id"]
     wait_for_end(service, run_id)
     line = next(x for x in service.logs(run_id)["lines"] if x.startswith("ENV "))
     seen = json.loads(line[4:])
@@ -267,8 +320,9 @@ def test_the_contract_environment_reaches_the_script(service: Service, tmp_path:
     assert seen["CUDA_VISIBLE_DEVICES"] == ""
 
 
-def test_the_cli_runs_in_the_foreground_and_exits_with_the_documented_codes(env: dict[str, str],
-                                                                           tmp_path: Path) -> None:
+def test_the_cli_runs_in_the_foreground_and_exits_with_the_documented_codes(
+    env: dict[str, str], tmp_path: Path
+) -> None:
     ok = cli(env, "run", str(FIXTURES / "counts_and_exits.py"), "-n", "fg", cwd=tmp_path)
     assert ok.returncode == 0, ok.stderr
     assert "completed" in ok.stdout
@@ -277,15 +331,31 @@ def test_the_cli_runs_in_the_foreground_and_exits_with_the_documented_codes(env:
     assert "something went wrong" in bad.stdout
     boxed = cli(env, "run", str(FIXTURES / "checkpoints_on_sigint.py"), "-m", "0.01", cwd=tmp_path)
     assert boxed.returncode == 4, boxed.stderr
-    rejected = cli(env, "run", str(FIXTURES / "counts_and_exits.py"), "--no-queue", "--min-free-ram", "100000",
-                   cwd=tmp_path)
+    rejected = cli(
+        env,
+        "run",
+        str(FIXTURES / "counts_and_exits.py"),
+        "--no-queue",
+        "--min-free-ram",
+        "100000",
+        cwd=tmp_path,
+    )
     assert rejected.returncode == 3
     assert "RAM" in rejected.stderr and "Traceback" not in rejected.stderr
 
 
 def test_status_list_logs_and_json_agree(env: dict[str, str], tmp_path: Path) -> None:
-    started = cli_json(env, "run", str(FIXTURES / "counts_and_exits.py"), "--run-id", "j1", "-n", "alpha",
-                       "--detach", cwd=tmp_path)
+    started = cli_json(
+        env,
+        "run",
+        str(FIXTURES / "counts_and_exits.py"),
+        "--run-id",
+        "j1",
+        "-n",
+        "alpha",
+        "--detach",
+        cwd=tmp_path,
+    )
     assert started["run_id"] == "j1"
     service = Service(Path(env["BACKPROP_HOME"]), env=env, cwd=tmp_path)
     wait_for_end(service, "j1")

@@ -22,13 +22,45 @@ from backprop_mcp.store import Store, now_iso
 def make_record(run_id: str, *, status: str = "completed", name: str | None = None) -> RunRecord:
     now = now_iso()
     return RunRecord(
-        schema_version=SCHEMA_VERSION, run_id=run_id, name=name, status=status, status_detail=None,
-        attempt=1, script="/x/train.py", args=[], python="python3", python_source="current", cwd="/x",
-        framework="none", created_at=now, started_at=now, ended_at=now, deadline=None, max_run_minutes=10.0,
-        max_wall_minutes=30.0, step=5, total=10, loss=0.5, metrics={}, eta_seconds=None, checkpoints=[],
-        latest_checkpoint=None, exit_code=0, signal=None, termination_reason="exit_zero", attempts=[],
-        resume_from=None, gpu=None, cuda_visible_devices=None, paused_seconds=0.0, queue_position=None,
-        options={}, bad_event_lines=0, supervisor_pid=None, supervisor_started=None, script_pid=None,
+        schema_version=SCHEMA_VERSION,
+        run_id=run_id,
+        name=name,
+        status=status,
+        status_detail=None,
+        attempt=1,
+        script="/x/train.py",
+        args=[],
+        python="python3",
+        python_source="current",
+        cwd="/x",
+        framework="none",
+        created_at=now,
+        started_at=now,
+        ended_at=now,
+        deadline=None,
+        max_run_minutes=10.0,
+        max_wall_minutes=30.0,
+        step=5,
+        total=10,
+        loss=0.5,
+        metrics={},
+        eta_seconds=None,
+        checkpoints=[],
+        latest_checkpoint=None,
+        exit_code=0,
+        signal=None,
+        termination_reason="exit_zero",
+        attempts=[],
+        resume_from=None,
+        gpu=None,
+        cuda_visible_devices=None,
+        paused_seconds=0.0,
+        queue_position=None,
+        options={},
+        bad_event_lines=0,
+        supervisor_pid=None,
+        supervisor_started=None,
+        script_pid=None,
         updated_at=now,
     )
 
@@ -81,8 +113,9 @@ def test_a_missing_index_is_rebuilt_from_the_run_folders(tmp_path: Path) -> None
     assert store.index_path.exists()
 
 
-def test_the_index_is_compacted_when_it_grows_far_past_one_line_per_run(tmp_path: Path,
-                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_index_is_compacted_when_it_grows_far_past_one_line_per_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(store_module, "COMPACT_SLACK", 0)
     store = Store(tmp_path / "home")
     record = add(store, "busy")
@@ -117,15 +150,16 @@ def test_listing_reads_only_as_far_back_as_it_needs(tmp_path: Path, monkeypatch:
     assert second["runs"][0]["run_id"] == "r294"
 
 
-def test_a_full_disk_during_a_write_keeps_the_previous_record(tmp_path: Path,
-                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_full_disk_during_a_write_keeps_the_previous_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     store = Store(tmp_path / "home")
     record = add(store, "r")
 
     def full(fd: int) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(store_module.os, "fsync", full)
+    monkeypatch.setattr(os, "fsync", full)
     record["step"] = 999
     with pytest.raises(StoreError, match="the disk is full; nothing already stored was changed"):
         store.write(record, index=False)
@@ -137,8 +171,13 @@ def test_a_full_disk_during_a_write_keeps_the_previous_record(tmp_path: Path,
 def test_a_really_full_file_system_keeps_the_previous_record(tmp_path: Path) -> None:
     mount = tmp_path / "small"
     mount.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96k", "tmpfs", str(mount)],
-                                           capture_output=True, check=False).returncode != 0:
+    if (
+        os.geteuid() != 0
+        or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=96k", "tmpfs", str(mount)], capture_output=True, check=False
+        ).returncode
+        != 0
+    ):
         pytest.skip("mounting a small tmpfs needs root")
     try:
         store = Store(mount / "home")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import sys
 import time
@@ -54,7 +53,9 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"backprop: error: {message}\n")
 
 
-def _add_options(parser: argparse.ArgumentParser, specs: list[tuple[tuple[str, ...], str, dict[str, Any]]]) -> None:
+def _add_options(
+    parser: argparse.ArgumentParser, specs: list[tuple[tuple[str, ...], str, dict[str, Any]]]
+) -> None:
     from backprop_mcp.config import FIELDS_BY_NAME
 
     for flags, name, extra in specs:
@@ -99,7 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_argument("run_id")
     logs.add_argument("--tail", type=int, default=50, help="last N lines (default 50)")
     logs.add_argument("--attempt", type=int, help="which attempt (default the latest)")
-    logs.add_argument("-f", "--follow", action="store_true", help="keep printing new output until the run ends")
+    logs.add_argument(
+        "-f", "--follow", action="store_true", help="keep printing new output until the run ends"
+    )
 
     stop = sub.add_parser("stop", help="stop a run gracefully (the script can checkpoint)")
     stop.add_argument("run_id")
@@ -130,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     script_args: list[str] = []
     if "--" in args:
         cut = args.index("--")
-        args, script_args = args[:cut], args[cut + 1:]
+        args, script_args = args[:cut], args[cut + 1 :]
     ns = build_parser().parse_args(args)
     if script_args and ns.command != "run":
         sys.stderr.write("backprop: error: arguments after -- are only for `backprop run`\n")
@@ -150,8 +153,16 @@ def _dispatch(ns: argparse.Namespace, script_args: list[str]) -> int:
     service = Service()
     out = ns.json
     if ns.command == "run":
-        request = RunRequest(script=ns.script, args=script_args, name=ns.name, run_id=ns.run_id,
-                             cwd=ns.cwd, python=ns.python, resume_from=ns.resume_from, options=_options(ns))
+        request = RunRequest(
+            script=ns.script,
+            args=script_args,
+            name=ns.name,
+            run_id=ns.run_id,
+            cwd=ns.cwd,
+            python=ns.python,
+            resume_from=ns.resume_from,
+            options=_options(ns),
+        )
         if ns.dry_run:
             report = service.dry_run(request)
             if out:
@@ -159,23 +170,24 @@ def _dispatch(ns: argparse.Namespace, script_args: list[str]) -> int:
             else:
                 from backprop_mcp.render import dry_run_text
 
-                print(dry_run_text(dict(report)))  # noqa: T201
+                print(dry_run_text(dict(report)))
             return 0
         record = service.start(request)
         return _after_start(service, record, detach=ns.detach, out=out)
     if ns.command == "resume":
-        record = service.resume(ns.run_id, options=_options(ns), from_scratch=ns.from_scratch,
-                                python=ns.python, cwd=ns.cwd)
+        record = service.resume(
+            ns.run_id, options=_options(ns), from_scratch=ns.from_scratch, python=ns.python, cwd=ns.cwd
+        )
         return _after_start(service, record, detach=ns.detach, out=out)
     if ns.command == "status":
         from backprop_mcp import render
 
         if ns.run_id:
             record = service.get(ns.run_id)
-            _print_json(record) if out else print(render.record_text(record))  # noqa: T201
+            _print_json(record) if out else print(render.record_text(record))
             return 0
         status = service.system_status(_options(ns))
-        _print_json(status) if out else print(render.status_text(status))  # noqa: T201
+        _print_json(status) if out else print(render.status_text(status))
         return 0
     if ns.command == "list":
         from backprop_mcp import render
@@ -184,9 +196,9 @@ def _dispatch(ns: argparse.Namespace, script_args: list[str]) -> int:
         if out:
             _print_json(page)
         else:
-            print(render.table(page["runs"]))  # noqa: T201
+            print(render.table(page["runs"]))
             if page["next_cursor"]:
-                print(f"more: backprop list --cursor {page['next_cursor']}")  # noqa: T201
+                print(f"more: backprop list --cursor {page['next_cursor']}")
         return 0
     if ns.command == "logs":
         if ns.follow:
@@ -199,7 +211,7 @@ def _dispatch(ns: argparse.Namespace, script_args: list[str]) -> int:
         if out:
             _print_json(record)
         else:
-            print(f"stop requested for {ns.run_id}; it is {record['status']}")  # noqa: T201
+            print(f"stop requested for {ns.run_id}; it is {record['status']}")
         return 0
     if ns.command == "compare":
         comparison = service.compare(ns.run_ids, metric=ns.metric)
@@ -210,17 +222,19 @@ def _dispatch(ns: argparse.Namespace, script_args: list[str]) -> int:
 
             for row in comparison["runs"]:
                 mark = "*" if row["run_id"] == comparison["best_run_id"] else " "
-                print(f"{mark} {row['run_id']:<40} {row['status']:<10} {comparison['metric']} "  # noqa: T201
-                      f"{number(row['metric'])} (best {number(row['best_metric'])})")
+                print(
+                    f"{mark} {row['run_id']:<40} {row['status']:<10} {comparison['metric']} "
+                    f"{number(row['metric'])} (best {number(row['best_metric'])})"
+                )
         return 0
     if ns.command == "import-legacy":
-        report = service.import_legacy(Path(ns.path) if ns.path else None)
+        imported = service.import_legacy(Path(ns.path) if ns.path else None)
         if out:
-            _print_json(report)
+            _print_json(imported)
         else:
-            print(f"imported {len(report['imported'])} run(s) from {report['source']}")  # noqa: T201
-            for line in report["skipped"]:
-                print(f"  skipped {line}")  # noqa: T201
+            print(f"imported {len(imported['imported'])} run(s) from {imported['source']}")
+            for line in imported["skipped"]:
+                print(f"  skipped {line}")
         return 0
     raise UsageError(f"unknown command {ns.command!r}")
 
@@ -235,7 +249,7 @@ def _after_start(service: Any, record: Any, *, detach: bool, out: bool) -> int:
         if out:
             _print_json(record)
         else:
-            print(record["run_id"])  # noqa: T201
+            print(record["run_id"])
         return 0
     return _follow(service, record["run_id"], out=out, show_progress=True)
 

@@ -87,7 +87,16 @@ def _percent(value: object, where: str) -> float:
 def _flag(value: object, where: str) -> bool:
     if isinstance(value, bool):
         return value
-    if isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+    if isinstance(value, str) and value.strip().lower() in (
+        "1",
+        "true",
+        "yes",
+        "on",
+        "0",
+        "false",
+        "no",
+        "off",
+    ):
         return value.strip().lower() in ("1", "true", "yes", "on")
     raise ConfigError(f"{where} must be true or false, got {_show(value)}")
 
@@ -130,7 +139,7 @@ def _gpu_memory_limit(value: object, where: str) -> str | None:
         except ValueError:
             pass
     raise ConfigError(
-        f"{where} must be a share like \"80%\" (0-100%) or a size in GB like \"8\"; got {_show(value)}"
+        f'{where} must be a share like "80%" (0-100%) or a size in GB like "8"; got {_show(value)}'
     )
 
 
@@ -155,7 +164,7 @@ def _gpu_list(value: object, where: str) -> list[str] | None:
             break
     if not result:
         raise ConfigError(
-            f"{where} must be GPU indices or UUIDs, comma-separated (e.g. \"0,1\" or \"GPU-8f3a...\"); "
+            f'{where} must be GPU indices or UUIDs, comma-separated (e.g. "0,1" or "GPU-8f3a..."); '
             f"got {_show(value)}"
         )
     return result
@@ -200,48 +209,174 @@ class Field:
 
 
 FIELDS: tuple[Field, ...] = (
-    Field("max_run_minutes", "maxRunMinutes", "BACKPROP_MAX_RUN_MINUTES", "--max-run-minutes",
-          _positive, "time box in minutes of running time (default 10)"),
-    Field("max_wall_minutes", "maxWallMinutes", "BACKPROP_MAX_WALL_MINUTES", "--max-wall-minutes",
-          _optional_positive, f"wall-clock cap including paused time (default {_fmt(WALL_CAP_MULTIPLE)}x the box)"),
-    Field("framework", "framework", "BACKPROP_FRAMEWORK_DEFAULT", "--framework",
-          _choice(FRAMEWORK_CHOICES), "pytorch, tensorflow, jax, none or auto (read from the script's imports)"),
-    Field("checkpoint_every_minutes", "checkpointEveryMinutes", "BACKPROP_CHECKPOINT_EVERY_MINUTES",
-          "--checkpoint-every-minutes", _positive, "checkpoint interval suggested to the script (default 2)"),
-    Field("gpu_memory_limit", "gpuMemoryLimit", "BACKPROP_GPU_MEMORY_LIMIT", "--gpu-memory-limit",
-          _gpu_memory_limit, "GPU memory limit: \"80%\" of the GPU or a size in GB"),
-    Field("max_parallel", "maxParallel", "BACKPROP_MAX_PARALLEL", "--max-parallel",
-          _count, "most runs live at once on this machine (default 2)"),
-    Field("min_free_ram_gb", "minFreeRamGB", "BACKPROP_MIN_FREE_RAM_GB", "--min-free-ram",
-          _non_negative, "free RAM needed to start, GB (default 4)"),
-    Field("max_cpu_percent", "maxCpuPercent", "BACKPROP_MAX_CPU_PERCENT", "--max-cpu-percent",
-          _percent, "highest machine CPU load to start or keep running, percent (default 90)"),
-    Field("gpu_probe", "gpu.probe", "BACKPROP_GPU_PROBE", "--gpu-probe",
-          _choice(PROBE_CHOICES), "GPU probe: auto, nvml, nvidia-smi, none or static"),
-    Field("gpu_min_free_vram_mb", "gpu.minFreeVramMB", "BACKPROP_GPU_MIN_VRAM_MB", "--gpu-min-vram",
-          _non_negative, "free VRAM a GPU needs, MB (default 2500)"),
-    Field("gpu_max_temp_c", "gpu.maxTempC", "BACKPROP_GPU_MAX_TEMP_C", "--gpu-max-temp",
-          _positive, "GPU temperature limit, C (default 85)"),
-    Field("gpu_resume_below_c", "gpu.resumeBelowC", "BACKPROP_GPU_RESUME_BELOW_C", "--gpu-resume-below",
-          _non_negative, "a paused run resumes this many degrees below the limit (default 5)"),
-    Field("gpus", "gpu.devices", "BACKPROP_GPUS", "--gpus",
-          _gpu_list, "GPUs the run may use: indices or UUIDs (default all)"),
-    Field("use_gpu", "gpu.enabled", "BACKPROP_USE_GPU", "--no-gpu",
-          _flag, "false runs on CPU only and skips GPU rules (default true)"),
-    Field("grace_seconds", "graceSeconds", "BACKPROP_GRACE_SECONDS", "--grace-seconds",
-          _non_negative, "seconds between the stop signal and SIGTERM (default 30)"),
-    Field("stop_signal", "stopSignal", "BACKPROP_STOP_SIGNAL_DEFAULT", "--stop-signal",
-          _stop_signal, f"first signal at the deadline: {', '.join(STOP_SIGNALS)} (default SIGINT)"),
-    Field("queue", "queue", "BACKPROP_QUEUE", "--no-queue",
-          _flag, "wait in the queue when the machine is busy (default true)"),
-    Field("queue_timeout_minutes", "queueTimeoutMinutes", "BACKPROP_QUEUE_TIMEOUT_MINUTES",
-          "--queue-timeout", _positive, "longest wait in the queue, minutes (default 60)"),
-    Field("argv_compat", "argvCompat", "BACKPROP_ARGV_COMPAT", "--argv-compat",
-          _flag, "also pass the seed's argv flags to the script (default false)"),
-    Field("python", "python", "BACKPROP_PYTHON", "--python",
-          _python, "interpreter for scripts (default: active virtualenv, else backprop's own)"),
-    Field("allowed_roots", "allowedRoots", "BACKPROP_ALLOWED_ROOTS", "--root",
-          _path_list, "directories scripts must lie in (MCP server; os.pathsep-separated in the variable)"),
+    Field(
+        "max_run_minutes",
+        "maxRunMinutes",
+        "BACKPROP_MAX_RUN_MINUTES",
+        "--max-run-minutes",
+        _positive,
+        "time box in minutes of running time (default 10)",
+    ),
+    Field(
+        "max_wall_minutes",
+        "maxWallMinutes",
+        "BACKPROP_MAX_WALL_MINUTES",
+        "--max-wall-minutes",
+        _optional_positive,
+        f"wall-clock cap including paused time (default {_fmt(WALL_CAP_MULTIPLE)}x the box)",
+    ),
+    Field(
+        "framework",
+        "framework",
+        "BACKPROP_FRAMEWORK_DEFAULT",
+        "--framework",
+        _choice(FRAMEWORK_CHOICES),
+        "pytorch, tensorflow, jax, none or auto (read from the script's imports)",
+    ),
+    Field(
+        "checkpoint_every_minutes",
+        "checkpointEveryMinutes",
+        "BACKPROP_CHECKPOINT_EVERY_MINUTES",
+        "--checkpoint-every-minutes",
+        _positive,
+        "checkpoint interval suggested to the script (default 2)",
+    ),
+    Field(
+        "gpu_memory_limit",
+        "gpuMemoryLimit",
+        "BACKPROP_GPU_MEMORY_LIMIT",
+        "--gpu-memory-limit",
+        _gpu_memory_limit,
+        'GPU memory limit: "80%" of the GPU or a size in GB',
+    ),
+    Field(
+        "max_parallel",
+        "maxParallel",
+        "BACKPROP_MAX_PARALLEL",
+        "--max-parallel",
+        _count,
+        "most runs live at once on this machine (default 2)",
+    ),
+    Field(
+        "min_free_ram_gb",
+        "minFreeRamGB",
+        "BACKPROP_MIN_FREE_RAM_GB",
+        "--min-free-ram",
+        _non_negative,
+        "free RAM needed to start, GB (default 4)",
+    ),
+    Field(
+        "max_cpu_percent",
+        "maxCpuPercent",
+        "BACKPROP_MAX_CPU_PERCENT",
+        "--max-cpu-percent",
+        _percent,
+        "highest machine CPU load to start or keep running, percent (default 90)",
+    ),
+    Field(
+        "gpu_probe",
+        "gpu.probe",
+        "BACKPROP_GPU_PROBE",
+        "--gpu-probe",
+        _choice(PROBE_CHOICES),
+        "GPU probe: auto, nvml, nvidia-smi, none or static",
+    ),
+    Field(
+        "gpu_min_free_vram_mb",
+        "gpu.minFreeVramMB",
+        "BACKPROP_GPU_MIN_VRAM_MB",
+        "--gpu-min-vram",
+        _non_negative,
+        "free VRAM a GPU needs, MB (default 2500)",
+    ),
+    Field(
+        "gpu_max_temp_c",
+        "gpu.maxTempC",
+        "BACKPROP_GPU_MAX_TEMP_C",
+        "--gpu-max-temp",
+        _positive,
+        "GPU temperature limit, C (default 85)",
+    ),
+    Field(
+        "gpu_resume_below_c",
+        "gpu.resumeBelowC",
+        "BACKPROP_GPU_RESUME_BELOW_C",
+        "--gpu-resume-below",
+        _non_negative,
+        "a paused run resumes this many degrees below the limit (default 5)",
+    ),
+    Field(
+        "gpus",
+        "gpu.devices",
+        "BACKPROP_GPUS",
+        "--gpus",
+        _gpu_list,
+        "GPUs the run may use: indices or UUIDs (default all)",
+    ),
+    Field(
+        "use_gpu",
+        "gpu.enabled",
+        "BACKPROP_USE_GPU",
+        "--no-gpu",
+        _flag,
+        "false runs on CPU only and skips GPU rules (default true)",
+    ),
+    Field(
+        "grace_seconds",
+        "graceSeconds",
+        "BACKPROP_GRACE_SECONDS",
+        "--grace-seconds",
+        _non_negative,
+        "seconds between the stop signal and SIGTERM (default 30)",
+    ),
+    Field(
+        "stop_signal",
+        "stopSignal",
+        "BACKPROP_STOP_SIGNAL_DEFAULT",
+        "--stop-signal",
+        _stop_signal,
+        f"first signal at the deadline: {', '.join(STOP_SIGNALS)} (default SIGINT)",
+    ),
+    Field(
+        "queue",
+        "queue",
+        "BACKPROP_QUEUE",
+        "--no-queue",
+        _flag,
+        "wait in the queue when the machine is busy (default true)",
+    ),
+    Field(
+        "queue_timeout_minutes",
+        "queueTimeoutMinutes",
+        "BACKPROP_QUEUE_TIMEOUT_MINUTES",
+        "--queue-timeout",
+        _positive,
+        "longest wait in the queue, minutes (default 60)",
+    ),
+    Field(
+        "argv_compat",
+        "argvCompat",
+        "BACKPROP_ARGV_COMPAT",
+        "--argv-compat",
+        _flag,
+        "also pass the seed's argv flags to the script (default false)",
+    ),
+    Field(
+        "python",
+        "python",
+        "BACKPROP_PYTHON",
+        "--python",
+        _python,
+        "interpreter for scripts (default: active virtualenv, else backprop's own)",
+    ),
+    Field(
+        "allowed_roots",
+        "allowedRoots",
+        "BACKPROP_ALLOWED_ROOTS",
+        "--root",
+        _path_list,
+        "directories scripts must lie in (MCP server; os.pathsep-separated in the variable)",
+    ),
 )
 FIELDS_BY_NAME = {f.name: f for f in FIELDS}
 FIELDS_BY_KEY = {f.key: f for f in FIELDS}
@@ -320,7 +455,7 @@ def read_file(path: Path) -> dict[str, Any]:
     except RecursionError:
         raise ConfigError(f"{path}: nested too deeply") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: must be a JSON object like {{\"maxRunMinutes\": 10}}")
+        raise ConfigError(f'{path}: must be a JSON object like {{"maxRunMinutes": 10}}')
     values: dict[str, Any] = {}
     _flatten(data, "", path, values)
     return values
@@ -331,14 +466,14 @@ def _flatten(data: dict[str, Any], prefix: str, path: Path, out: dict[str, Any])
         key = f"{prefix}{raw_key}"
         if key in FIELDS_BY_KEY:
             spec = FIELDS_BY_KEY[key]
-            out[spec.name] = spec.parse(value, f"{path}: key \"{key}\"")
+            out[spec.name] = spec.parse(value, f'{path}: key "{key}"')
         elif isinstance(value, dict) and any(k.startswith(f"{key}.") for k in FIELDS_BY_KEY):
             _flatten(value, f"{key}.", path, out)
         elif key.startswith("$") or key == "comment":
             continue  # "$schema" and comments are allowed and ignored
         else:
             allowed = ", ".join(k for k in FIELDS_BY_KEY if k.startswith(prefix))
-            raise ConfigError(f"{path}: unknown key \"{key}\"; allowed keys are {allowed}")
+            raise ConfigError(f'{path}: unknown key "{key}"; allowed keys are {allowed}')
 
 
 def from_env(env: Mapping[str, str]) -> dict[str, Any]:

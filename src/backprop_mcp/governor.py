@@ -55,7 +55,9 @@ def default_limits() -> Limits:
 
 
 def _fmt(x: float, digits: int = 1) -> str:
-    text = f"{x:.{digits}f}".rstrip("0").rstrip(".")
+    text = f"{x:.{digits}f}"
+    if "." in text:
+        text = text.rstrip("0").rstrip(".")
     return "0" if text in ("", "-0") else text
 
 

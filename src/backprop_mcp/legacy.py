@@ -15,8 +15,15 @@ if TYPE_CHECKING:
     from backprop_mcp.service import Service
 
 # The seed recorded these states; a run it left "running" has no supervisor any more.
-_STATUS = {"completed": "completed", "failed": "failed", "running": "lost", "queued": "lost",
-           "stopped": "stopped", "timed_out": "timed_out", "killed": "stopped"}
+_STATUS = {
+    "completed": "completed",
+    "failed": "failed",
+    "running": "lost",
+    "queued": "lost",
+    "stopped": "stopped",
+    "timed_out": "timed_out",
+    "killed": "stopped",
+}
 
 
 def _ms(value: Any) -> str | None:
@@ -30,7 +37,9 @@ def import_experiments(service: Service, source: Path) -> ImportReportT:
     try:
         data = json.loads(source.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise UsageError(f"no legacy store at {source}; pass the path of the seed's experiments.json") from None
+        raise UsageError(
+            f"no legacy store at {source}; pass the path of the seed's experiments.json"
+        ) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise UsageError(f"cannot read {source}: {exc}") from None
     except (ValueError, RecursionError) as exc:
@@ -39,13 +48,18 @@ def import_experiments(service: Service, source: Path) -> ImportReportT:
     if isinstance(entries, dict):
         entries = list(entries.values())
     if not isinstance(entries, list):
-        raise UsageError(f"{source}: expected a list of experiments (or {{\"experiments\": [...]}})")
+        raise UsageError(f'{source}: expected a list of experiments (or {{"experiments": [...]}})')
     imported: list[str] = []
     skipped: list[str] = []
     for position, entry in enumerate(entries):
         run_id = entry.get("id") if isinstance(entry, dict) else None
         label = f"entry {position}" + (f" ({run_id})" if isinstance(run_id, str) else "")
-        if not isinstance(entry, dict) or not isinstance(run_id, str) or not RUN_ID_RE.match(run_id) or ".." in run_id:
+        if (
+            not isinstance(entry, dict)
+            or not isinstance(run_id, str)
+            or not RUN_ID_RE.match(run_id)
+            or ".." in run_id
+        ):
             skipped.append(f"{label}: no valid id (letters, digits, '-', '_', '.')")
             continue
         if service.store.exists(run_id):
@@ -66,7 +80,8 @@ def import_experiments(service: Service, source: Path) -> ImportReportT:
 
 
 def _record(entry: dict[str, Any], run_id: str) -> RunRecord:
-    script = entry.get("scriptPath") if isinstance(entry.get("scriptPath"), str) else ""
+    raw_script = entry.get("scriptPath")
+    script = raw_script if isinstance(raw_script, str) else ""
     status = _STATUS.get(str(entry.get("status")), "failed")
     step = entry.get("lastStep") if isinstance(entry.get("lastStep"), int) else None
     loss_raw = entry.get("lastLoss")
@@ -75,20 +90,59 @@ def _record(entry: dict[str, Any], run_id: str) -> RunRecord:
     created = started or now_iso()
     paths = [p for p in entry.get("checkpoints") or [] if isinstance(p, str) and p]
     checkpoints = [Checkpoint(path=os.path.abspath(p), step=None, attempt=1, saved_at=created) for p in paths]
-    attempt = AttemptSummary(attempt=1, status=status, started_at=started, ended_at=ended,
-                             termination_reason="supervisor_lost" if status == "lost" else None,
-                             exit_code=None, signal=None, step=step, loss=loss, resume_from=None)
+    attempt = AttemptSummary(
+        attempt=1,
+        status=status,
+        started_at=started,
+        ended_at=ended,
+        termination_reason="supervisor_lost" if status == "lost" else None,
+        exit_code=None,
+        signal=None,
+        step=step,
+        loss=loss,
+        resume_from=None,
+    )
     name = entry.get("name") if isinstance(entry.get("name"), str) else None
     return RunRecord(
-        schema_version=SCHEMA_VERSION, run_id=run_id, name=name, status=status,
-        status_detail="imported from the seed's experiments.json", attempt=1, script=script, args=[],
-        python="python3", python_source="imported", cwd=os.path.dirname(script) or os.getcwd(),
-        framework="none", created_at=created, started_at=started, ended_at=ended, deadline=None,
-        max_run_minutes=10.0, max_wall_minutes=30.0, step=step, total=None, loss=loss, metrics={},
-        eta_seconds=None, checkpoints=checkpoints, latest_checkpoint=checkpoints[-1]["path"] if checkpoints else None,
-        exit_code=None, signal=None, termination_reason=attempt["termination_reason"], attempts=[attempt],
-        resume_from=None, gpu=None, cuda_visible_devices=None, paused_seconds=0.0, queue_position=None,
-        options={}, bad_event_lines=0, supervisor_pid=None, supervisor_started=None, script_pid=None,
+        schema_version=SCHEMA_VERSION,
+        run_id=run_id,
+        name=name,
+        status=status,
+        status_detail="imported from the seed's experiments.json",
+        attempt=1,
+        script=script,
+        args=[],
+        python="python3",
+        python_source="imported",
+        cwd=os.path.dirname(script) or os.getcwd(),
+        framework="none",
+        created_at=created,
+        started_at=started,
+        ended_at=ended,
+        deadline=None,
+        max_run_minutes=10.0,
+        max_wall_minutes=30.0,
+        step=step,
+        total=None,
+        loss=loss,
+        metrics={},
+        eta_seconds=None,
+        checkpoints=checkpoints,
+        latest_checkpoint=checkpoints[-1]["path"] if checkpoints else None,
+        exit_code=None,
+        signal=None,
+        termination_reason=attempt["termination_reason"],
+        attempts=[attempt],
+        resume_from=None,
+        gpu=None,
+        cuda_visible_devices=None,
+        paused_seconds=0.0,
+        queue_position=None,
+        options={},
+        bad_event_lines=0,
+        supervisor_pid=None,
+        supervisor_started=None,
+        script_pid=None,
         updated_at=now_iso(),
     )
 

@@ -25,7 +25,15 @@ TERMINAL_STATES: frozenset[str] = frozenset(
     {"completed", "failed", "timed_out", "stopped", "lost", "rejected"}
 )
 ALL_STATES: tuple[str, ...] = (
-    "queued", "running", "paused", "completed", "failed", "timed_out", "stopped", "lost", "rejected"
+    "queued",
+    "running",
+    "paused",
+    "completed",
+    "failed",
+    "timed_out",
+    "stopped",
+    "lost",
+    "rejected",
 )
 
 TerminationReason = Literal[

@@ -37,7 +37,11 @@ def bar(step: int | None, total: int | None, width: int = 24) -> str:
 
 
 def progress_line(record: RunRecord, time_left: float | None, *, with_bar: bool) -> str:
-    parts = [bar(record["step"], record["total"]) if with_bar else f"step {step_text(record['step'], record['total'])}"]
+    parts = [
+        bar(record["step"], record["total"])
+        if with_bar
+        else f"step {step_text(record['step'], record['total'])}"
+    ]
     if with_bar:
         parts.append(step_text(record["step"], record["total"]))
     parts.append(f"loss {number(record['loss'])}")
@@ -53,7 +57,8 @@ def progress_line(record: RunRecord, time_left: float | None, *, with_bar: bool)
 def record_text(record: RunRecord, now: float | None = None) -> str:
     lines = [
         f"run        {record['run_id']}" + (f"  ({record['name']})" if record["name"] else ""),
-        f"status     {record['status']}" + (f"  {record['status_detail']}" if record["status_detail"] else ""),
+        f"status     {record['status']}"
+        + (f"  {record['status_detail']}" if record["status_detail"] else ""),
         f"attempt    {record['attempt']}",
         f"script     {record['script']} {' '.join(record['args'])}".rstrip(),
         f"python     {record['python']} ({record['python_source']})",
@@ -63,8 +68,10 @@ def record_text(record: RunRecord, now: float | None = None) -> str:
     ]
     if record["metrics"]:
         lines.append("metrics    " + "  ".join(f"{k} {number(v)}" for k, v in record["metrics"].items()))
-    lines.append(f"time box   {record['max_run_minutes']:g} min" + (
-        f", deadline {record['deadline']}" if record["deadline"] else ""))
+    lines.append(
+        f"time box   {record['max_run_minutes']:g} min"
+        + (f", deadline {record['deadline']}" if record["deadline"] else "")
+    )
     if record["paused_seconds"]:
         lines.append(f"paused     {duration(record['paused_seconds'])} (not charged to the box)")
     if record["cuda_visible_devices"] is not None:
@@ -78,9 +85,14 @@ def record_text(record: RunRecord, now: float | None = None) -> str:
     if record["bad_event_lines"]:
         lines.append(f"warnings   {record['bad_event_lines']} bad event line(s) skipped (see the log)")
     if len(record["attempts"]) > 1:
-        lines.append("attempts   " + ", ".join(
-            f"#{a['attempt']} {a['status']}" + (f" ({a['termination_reason']})" if a["termination_reason"] else "")
-            for a in record["attempts"]))
+        lines.append(
+            "attempts   "
+            + ", ".join(
+                f"#{a['attempt']} {a['status']}"
+                + (f" ({a['termination_reason']})" if a["termination_reason"] else "")
+                for a in record["attempts"]
+            )
+        )
     return "\n".join(lines)
 
 
@@ -89,13 +101,22 @@ def table(rows: list[RunRow]) -> str:
         return "no runs"
     head = ("RUN ID", "NAME", "STATUS", "ATT", "STEP", "LOSS", "CREATED", "REASON")
     body = [
-        (r["run_id"], r["name"] or "", r["status"], str(r["attempt"]), step_text(r["step"], r["total"]),
-         number(r["loss"]), r["created_at"][:19].replace("T", " "), r["termination_reason"] or "")
+        (
+            r["run_id"],
+            r["name"] or "",
+            r["status"],
+            str(r["attempt"]),
+            step_text(r["step"], r["total"]),
+            number(r["loss"]),
+            r["created_at"][:19].replace("T", " "),
+            r["termination_reason"] or "",
+        )
         for r in rows
     ]
     widths = [max(len(str(row[i])) for row in (head, *body)) for i in range(len(head))]
-    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
-                     for row in (head, *body))
+    return "\n".join(
+        "  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in (head, *body)
+    )
 
 
 def decision_text(decision: Decision) -> str:
@@ -103,17 +124,24 @@ def decision_text(decision: Decision) -> str:
     lines = [f"verdict    {verdict}"]
     lines += [f"  - {reason}" for reason in decision["reasons"]]
     if decision["gpu"]:
-        lines.append(f"  GPU chosen: {decision['gpu']['index']} {decision['gpu']['name']} ({decision['gpu']['uuid']})")
+        lines.append(
+            f"  GPU chosen: {decision['gpu']['index']} {decision['gpu']['name']} ({decision['gpu']['uuid']})"
+        )
     return "\n".join(lines)
 
 
 def status_text(status: SystemStatus) -> str:
     snap = status["snapshot"]
     cpu = "unknown" if snap["cpu_percent"] is None else f"{snap['cpu_percent']:.0f}%"
-    ram = ("unknown" if snap["ram_available_gb"] is None
-           else f"{snap['ram_available_gb']:.1f} GB free of {snap['ram_total_gb'] or 0:.1f} GB")
-    lines = [f"cpu        {cpu} of {snap['cpu_count']} cores (limit {status['limits']['max_cpu_percent']:g}%)",
-             f"ram        {ram} (need {status['limits']['min_free_ram_gb']:g} GB)"]
+    ram = (
+        "unknown"
+        if snap["ram_available_gb"] is None
+        else f"{snap['ram_available_gb']:.1f} GB free of {snap['ram_total_gb'] or 0:.1f} GB"
+    )
+    lines = [
+        f"cpu        {cpu} of {snap['cpu_count']} cores (limit {status['limits']['max_cpu_percent']:g}%)",
+        f"ram        {ram} (need {status['limits']['min_free_ram_gb']:g} GB)",
+    ]
     if snap["gpus"] is None:
         lines.append(f"gpus       unknown ({snap['gpu_error']})")
     elif not snap["gpus"]:
@@ -125,7 +153,10 @@ def status_text(status: SystemStatus) -> str:
             f"{number(gpu['utilization_pct'], 3)}% busy"
         )
     lines.append(f"live runs  {len(status['live_runs'])} (max parallel {status['limits']['max_parallel']})")
-    lines += [f"  - {r['run_id']} {r['status']} step {step_text(r['step'], r['total'])}" for r in status["live_runs"]]
+    lines += [
+        f"  - {r['run_id']} {r['status']} step {step_text(r['step'], r['total'])}"
+        for r in status["live_runs"]
+    ]
     lines.append(f"queued     {len(status['queued_runs'])}")
     lines += [f"  {i}. {r['run_id']}" for i, r in enumerate(status["queued_runs"], 1)]
     lines.append(decision_text(status["verdict"]))

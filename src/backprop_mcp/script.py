@@ -120,7 +120,11 @@ def resume_from() -> str | None:
 
 
 def deadline() -> float | None:
-    """When the time box ends (Unix time), or None when there is no deadline."""
+    """When the time box ends (Unix time), or None when there is no deadline.
+
+    Fixed when the attempt starts: if backprop pauses the run, the real deadline moves later, so
+    this is the earliest the time box can end.
+    """
     return _env_float(ENV_DEADLINE)
 
 

@@ -101,11 +101,19 @@ class Service:
 
     # -- starting ---------------------------------------------------------------------------------
 
-    def settings(self, options: Mapping[str, object] | None = None, source: str = "option",
-                 *, base: Mapping[str, object] | None = None, cwd: Path | None = None) -> Settings:
+    def settings(
+        self,
+        options: Mapping[str, object] | None = None,
+        source: str = "option",
+        *,
+        base: Mapping[str, object] | None = None,
+        cwd: Path | None = None,
+    ) -> Settings:
         return load_settings(cwd or self.cwd, self.env, options, source=source, base=base)
 
-    def _prepare(self, request: RunRequest, allowed_roots: Sequence[Path] | None) -> tuple[RunRecord, Settings]:
+    def _prepare(
+        self, request: RunRequest, allowed_roots: Sequence[Path] | None
+    ) -> tuple[RunRecord, Settings]:
         cwd = Path(request.cwd).expanduser() if request.cwd else self.cwd
         if not cwd.is_absolute():
             cwd = self.cwd / cwd
@@ -113,8 +121,10 @@ class Service:
             raise UsageError(f"working directory {str(cwd)!r} does not exist or is not a folder")
         settings = self.settings(request.options, request.source, cwd=cwd)
         script = _resolve_script(request.script, cwd)
-        roots = list(allowed_roots) if allowed_roots is not None else (
-            [Path(r) for r in settings.allowed_roots] if settings.allowed_roots else None
+        roots = (
+            list(allowed_roots)
+            if allowed_roots is not None
+            else ([Path(r) for r in settings.allowed_roots] if settings.allowed_roots else None)
         )
         if roots is not None:
             check_allowed(script, roots)
@@ -133,17 +143,46 @@ class Service:
         python, python_source = choose_python(request.python, settings, self.env)
         created = now_iso()
         record = RunRecord(
-            schema_version=SCHEMA_VERSION, run_id=run_id, name=request.name, status="queued",
-            status_detail="waiting for its supervisor to start", attempt=1, script=str(script),
-            args=list(request.args), python=python, python_source=python_source, cwd=str(cwd),
-            framework=detect_framework(script, settings.framework), created_at=created,
-            started_at=None, ended_at=None, deadline=None, max_run_minutes=settings.max_run_minutes,
-            max_wall_minutes=settings.wall_minutes, step=None, total=None, loss=None, metrics={},
-            eta_seconds=None, checkpoints=[], latest_checkpoint=None, exit_code=None, signal=None,
-            termination_reason=None, attempts=[_attempt(1, resume_from)], resume_from=resume_from,
-            gpu=None, cuda_visible_devices=None, paused_seconds=0.0, queue_position=None,
-            options=settings.as_options(), bad_event_lines=0, supervisor_pid=None,
-            supervisor_started=None, script_pid=None, updated_at=created,
+            schema_version=SCHEMA_VERSION,
+            run_id=run_id,
+            name=request.name,
+            status="queued",
+            status_detail="waiting for its supervisor to start",
+            attempt=1,
+            script=str(script),
+            args=list(request.args),
+            python=python,
+            python_source=python_source,
+            cwd=str(cwd),
+            framework=detect_framework(script, settings.framework),
+            created_at=created,
+            started_at=None,
+            ended_at=None,
+            deadline=None,
+            max_run_minutes=settings.max_run_minutes,
+            max_wall_minutes=settings.wall_minutes,
+            step=None,
+            total=None,
+            loss=None,
+            metrics={},
+            eta_seconds=None,
+            checkpoints=[],
+            latest_checkpoint=None,
+            exit_code=None,
+            signal=None,
+            termination_reason=None,
+            attempts=[_attempt(1, resume_from)],
+            resume_from=resume_from,
+            gpu=None,
+            cuda_visible_devices=None,
+            paused_seconds=0.0,
+            queue_position=None,
+            options=settings.as_options(),
+            bad_event_lines=0,
+            supervisor_pid=None,
+            supervisor_started=None,
+            script_pid=None,
+            updated_at=created,
         )
         return record, settings
 
@@ -157,8 +196,9 @@ class Service:
                 record["status"], record["termination_reason"] = "rejected", "rejected"
                 record["status_detail"] = "; ".join(decision["reasons"])
                 record["ended_at"] = now_iso()
-                record["attempts"][-1].update(status="rejected", termination_reason="rejected",
-                                              ended_at=record["ended_at"])
+                record["attempts"][-1].update(
+                    {"status": "rejected", "termination_reason": "rejected", "ended_at": record["ended_at"]}
+                )
                 self._create(record)
                 return record
         self._create(record)
@@ -168,8 +208,10 @@ class Service:
     def _create(self, record: RunRecord) -> None:
         self.store.create(record)
         self.store.index_append(row_of(record), new=True)
-        self.store.append_event(record["run_id"], {"type": "created", "status": record["status"],
-                                                   "detail": record["status_detail"]})
+        self.store.append_event(
+            record["run_id"],
+            {"type": "created", "status": record["status"], "detail": record["status_detail"]},
+        )
 
     def _launch(self, run_id: str) -> None:
         pid_file = self.store.run_dir(run_id) / "supervisor.pid"
@@ -195,10 +237,15 @@ class Service:
         deadline = time.time() + settings.max_run_minutes * 60
         run_dir = self.store.runs / record["run_id"]
         return DryRun(
-            command=command(record), cwd=record["cwd"], python=record["python"],
+            command=command(record),
+            cwd=record["cwd"],
+            python=record["python"],
             python_source=record["python_source"],
-            environment=contract_env(record, run_dir, deadline), decision=decision,
-            limits=limits_of(settings), options=settings.as_options(), config_files=settings.sources,
+            environment=contract_env(record, run_dir, deadline),
+            decision=decision,
+            limits=limits_of(settings),
+            options=settings.as_options(),
+            config_files=settings.sources,
         )
 
     def resume(
@@ -224,12 +271,15 @@ class Service:
             checkpoint = None if from_scratch else newest_existing_checkpoint(record)
             if checkpoint is None and not from_scratch:
                 known = len(record["checkpoints"])
-                why = (f"none of its {known} reported checkpoints exists any more" if known
-                       else "the script never reported a checkpoint")
+                why = (
+                    f"none of its {known} reported checkpoints exists any more"
+                    if known
+                    else "the script never reported a checkpoint"
+                )
                 raise NoCheckpoint(
                     f"run {run_id} has no checkpoint to resume from: {why}",
                     hint="start the next attempt from the beginning with --from-scratch "
-                         "(from_scratch=true in the MCP tool)",
+                    "(from_scratch=true in the MCP tool)",
                 )
             new_cwd = Path(cwd) if cwd else Path(record["cwd"])
             settings = self.settings(options, source, base=record["options"], cwd=new_cwd)
@@ -239,18 +289,37 @@ class Service:
                 record["args"] = list(args)
             attempt = record["attempt"] + 1
             record.update(
-                attempt=attempt, status="queued", status_detail="waiting for its supervisor to start",
-                cwd=str(new_cwd), started_at=None, ended_at=None, deadline=None,
-                max_run_minutes=settings.max_run_minutes, max_wall_minutes=settings.wall_minutes,
-                eta_seconds=None, exit_code=None, signal=None, termination_reason=None,
-                resume_from=checkpoint, gpu=None, cuda_visible_devices=None, paused_seconds=0.0,
-                queue_position=None, options=settings.as_options(), supervisor_pid=None,
-                supervisor_started=None, script_pid=None,
+                {
+                    "attempt": attempt,
+                    "status": "queued",
+                    "status_detail": "waiting for its supervisor to start",
+                    "cwd": str(new_cwd),
+                    "started_at": None,
+                    "ended_at": None,
+                    "deadline": None,
+                    "max_run_minutes": settings.max_run_minutes,
+                    "max_wall_minutes": settings.wall_minutes,
+                    "eta_seconds": None,
+                    "exit_code": None,
+                    "signal": None,
+                    "termination_reason": None,
+                    "resume_from": checkpoint,
+                    "gpu": None,
+                    "cuda_visible_devices": None,
+                    "paused_seconds": 0.0,
+                    "queue_position": None,
+                    "options": settings.as_options(),
+                    "supervisor_pid": None,
+                    "supervisor_started": None,
+                    "script_pid": None,
+                }
             )
             record["attempts"].append(_attempt(attempt, checkpoint))
             (self.store.run_dir(run_id) / "supervisor.pid").unlink(missing_ok=True)
             self.store.write(record)
-            self.store.append_event(run_id, {"type": "resumed", "attempt": attempt, "resume_from": checkpoint})
+            self.store.append_event(
+                run_id, {"type": "resumed", "attempt": attempt, "resume_from": checkpoint}
+            )
             self._launch(run_id)
         return self.store.read(run_id)
 
@@ -271,7 +340,9 @@ class Service:
         pid, started = record["supervisor_pid"], record["supervisor_started"]
         if pid is None:
             try:
-                info = json.loads((self.store.run_dir(record["run_id"]) / "supervisor.pid").read_text("utf-8"))
+                info = json.loads(
+                    (self.store.run_dir(record["run_id"]) / "supervisor.pid").read_text("utf-8")
+                )
                 pid, started = int(info["pid"]), info.get("started")
             except (OSError, ValueError, KeyError, TypeError):
                 return _age(record["updated_at"]) < LAUNCH_GRACE_SECONDS
@@ -282,15 +353,26 @@ class Service:
         Admission(self.store.governor_dir).release(record["run_id"])
         record["status"], record["termination_reason"] = "lost", "supervisor_lost"
         record["status_detail"] = "its supervisor process died" + (
-            f"; {killed} process(es) it left were killed" if killed else "")
+            f"; {killed} process(es) it left were killed" if killed else ""
+        )
         record["ended_at"] = now_iso()
-        record["attempts"][-1].update(status="lost", termination_reason="supervisor_lost",
-                                      ended_at=record["ended_at"], step=record["step"], loss=record["loss"])
+        record["attempts"][-1].update(
+            {
+                "status": "lost",
+                "termination_reason": "supervisor_lost",
+                "ended_at": record["ended_at"],
+                "step": record["step"],
+                "loss": record["loss"],
+            }
+        )
         self.store.write(record)
-        self.store.append_event(record["run_id"], {"type": "state", "status": "lost",
-                                                   "detail": record["status_detail"]})
+        self.store.append_event(
+            record["run_id"], {"type": "state", "status": "lost", "detail": record["status_detail"]}
+        )
 
-    def system_status(self, options: Mapping[str, object] | None = None, source: str = "option") -> SystemStatus:
+    def system_status(
+        self, options: Mapping[str, object] | None = None, source: str = "option"
+    ) -> SystemStatus:
         """The machine, live and queued runs, and the verdict for a new run."""
         settings = self.settings(options, source)
         self.store.ensure()
@@ -301,8 +383,9 @@ class Service:
         live = self._rows(a["run_id"] for a in active)
         queued = self._rows(admission.queued())
         verdict = governor.evaluate(snapshot, limits_of(settings), active, now=time.time())
-        return SystemStatus(snapshot=snapshot, limits=limits_of(settings), live_runs=live,
-                            queued_runs=queued, verdict=verdict)
+        return SystemStatus(
+            snapshot=snapshot, limits=limits_of(settings), live_runs=live, queued_runs=queued, verdict=verdict
+        )
 
     def _rows(self, run_ids: Iterator[str] | list[str]) -> list[RunRow]:
         rows = []
@@ -336,9 +419,8 @@ class Service:
         runs: list[RunRow] = []
         matched = 0
         more = False
-        for row, _ in self.store.index_rows():
-            if row.get("status") in ACTIVE_STATES:
-                row = self._fresh_row(row)
+        for indexed, _ in self.store.index_rows():
+            row = self._fresh_row(indexed) if indexed.get("status") in ACTIVE_STATES else indexed
             if status is not None and row.get("status") != status:
                 continue
             if name is not None and not fnmatch.fnmatchcase(row.get("name") or "", name):
@@ -406,13 +488,22 @@ class Service:
             values = [_metric_of(e, metric) for e in history] + [_metric_of(dict(record), metric)]
             present = [v for v in values if v is not None]
             best = (min(present) if lower else max(present)) if present else None
-            runs.append(ComparedRun(
-                run_id=run_id, name=record["name"], status=record["status"], step=record["step"],
-                loss=record["loss"], metric=_metric_of(dict(record), metric), best_metric=best,
-                metrics=record["metrics"], duration_seconds=_duration(record),
-            ))
-        ranked = sorted(runs, key=lambda r: (r["best_metric"] is None,
-                                             (r["best_metric"] or 0.0) * (1 if lower else -1)))
+            runs.append(
+                ComparedRun(
+                    run_id=run_id,
+                    name=record["name"],
+                    status=record["status"],
+                    step=record["step"],
+                    loss=record["loss"],
+                    metric=_metric_of(dict(record), metric),
+                    best_metric=best,
+                    metrics=record["metrics"],
+                    duration_seconds=_duration(record),
+                )
+            )
+        ranked = sorted(
+            runs, key=lambda r: (r["best_metric"] is None, (r["best_metric"] or 0.0) * (1 if lower else -1))
+        )
         best_id = ranked[0]["run_id"] if ranked and ranked[0]["best_metric"] is not None else None
         return Comparison(metric=metric, lower_is_better=lower, runs=ranked, best_run_id=best_id)
 
@@ -433,7 +524,7 @@ def check_allowed(script: Path, roots: Sequence[Path]) -> None:
         raise PathNotAllowed(
             f"script {str(script)!r} resolves to {str(real)!r}, outside the allowed roots: {shown}",
             hint="add its folder to the allowed roots: the client's roots, `backprop-mcp --root DIR`, "
-                 "BACKPROP_ALLOWED_ROOTS or \"allowedRoots\" in backprop.config.json",
+            'BACKPROP_ALLOWED_ROOTS or "allowedRoots" in backprop.config.json',
         )
 
 
@@ -456,9 +547,18 @@ def _new_run_id(name: str | None) -> str:
 
 
 def _attempt(number: int, resume_from: str | None) -> AttemptSummary:
-    return AttemptSummary(attempt=number, status="queued", started_at=None, ended_at=None,
-                          termination_reason=None, exit_code=None, signal=None, step=None, loss=None,
-                          resume_from=resume_from)
+    return AttemptSummary(
+        attempt=number,
+        status="queued",
+        started_at=None,
+        ended_at=None,
+        termination_reason=None,
+        exit_code=None,
+        signal=None,
+        step=None,
+        loss=None,
+        resume_from=resume_from,
+    )
 
 
 def _parse_iso(value: str | None) -> float | None:

@@ -347,9 +347,7 @@ class Store:
                 if run_id not in latest:
                     order.append(run_id)
                 latest[run_id] = row
-            data = "".join(
-                json.dumps({**latest[r], "new": True}, allow_nan=False) + "\n" for r in order
-            )
+            data = "".join(json.dumps({**latest[r], "new": True}, allow_nan=False) + "\n" for r in order)
             atomic_write(self.index_path, data.encode("utf-8"))
 
 

@@ -22,12 +22,12 @@ import psutil
 
 from backprop_mcp import governor, proctree
 from backprop_mcp.admission import Admission
+from backprop_mcp.config import Settings
 from backprop_mcp.errors import BackpropError
 from backprop_mcp.events import LineSplitter, parse_line
 from backprop_mcp.launch import command, contract_env, gpu_memory_limit_mb, limits_of
 from backprop_mcp.models import AttemptSummary, Decision, RunRecord, SystemSnapshot
 from backprop_mcp.probes import SystemProbe, make_probe
-from backprop_mcp.config import Settings
 from backprop_mcp.progress import Progress
 from backprop_mcp.store import Store, now_iso
 
@@ -62,11 +62,13 @@ class Supervisor:
         self.run_id = run_id
         self.record: RunRecord = store.read(run_id)
         self.options: dict[str, Any] = self.record["options"]
-        self.settings = Settings(**{k: v for k, v in self.options.items() if k in Settings.__dataclass_fields__})
-        self.limits = limits_of(self.settings)
-        self.probe = probe or make_probe(
-            self.settings.gpu_probe, cpu_cache=store.governor_dir / "cpu_sample.json"
+        self.settings = Settings(
+            **{k: v for k, v in self.options.items() if k in Settings.__dataclass_fields__}
         )
+        self.limits = limits_of(self.settings)
+        # cpu_cache=None: a long-lived process samples CPU live rather than through the cache file.
+        self.probe = probe or make_probe(self.settings.gpu_probe, cpu_cache=None)
+        self.sample_interval = _sample_interval()
         self.admission = Admission(store.governor_dir)
         self.progress = Progress(self.record)
         self.selector = selectors.DefaultSelector()
@@ -80,6 +82,7 @@ class Supervisor:
         self.log_file: Any = None
         self.log_bytes = 0
         self.started_epoch = 0.0
+        self.cpu_watch: dict[int, psutil.Process] = {}
 
     # -- signals ----------------------------------------------------------------------------------
 
@@ -193,7 +196,9 @@ class Supervisor:
         deadline = started + record["max_run_minutes"] * 60
         env = dict(os.environ)
         env.update(contract_env(record, self.store.run_dir(self.run_id), deadline))
-        record["cuda_visible_devices"] = env.get("CUDA_VISIBLE_DEVICES") if record["gpu"] or not self.limits["use_gpu"] else None
+        record["cuda_visible_devices"] = (
+            env.get("CUDA_VISIBLE_DEVICES") if record["gpu"] or not self.limits["use_gpu"] else None
+        )
         log_path = self.store.log_path(self.run_id, record["attempt"])
         self.log_file = open(log_path, "ab", buffering=0)  # noqa: SIM115 - held for the run's life
         os.chmod(log_path, 0o600)
@@ -224,9 +229,9 @@ class Supervisor:
         self.set_state("running", None, pid=self.proc.pid, gpu=record["cuda_visible_devices"])
         return True
 
-    def supervise(self) -> None:
-        proc = self.proc
-        assert proc is not None and proc.stdout is not None and proc.stderr is not None
+    def supervise(self, proc: subprocess.Popen[bytes]) -> None:
+        if proc.stdout is None or proc.stderr is None:
+            raise RuntimeError("the script was started without pipes")  # Popen(PIPE) always has them
         splitter = LineSplitter()
         streams = {proc.stdout.fileno(): "out", proc.stderr.fileno(): "err"}
         for fd, name in streams.items():
@@ -237,7 +242,7 @@ class Supervisor:
         began = time.monotonic()
         paused_at: float | None = None
         paused_total = 0.0
-        next_sample = began + governor.SAMPLE_INTERVAL_SECONDS
+        next_sample = began + self.sample_interval
         stop_sent: float | None = None
         term_sent: float | None = None
         exited_at: float | None = None
@@ -268,15 +273,21 @@ class Supervisor:
                 elif stop_sent is None:
                     stop_sent = now
                     proctree.signal_group(proc.pid, getattr(signal, self.settings.stop_signal))
-                    self.store.append_event(self.run_id, {"type": "stop_signal", "reason": self.stop_reason,
-                                                          "signal": self.settings.stop_signal})
+                    self.store.append_event(
+                        self.run_id,
+                        {
+                            "type": "stop_signal",
+                            "reason": self.stop_reason,
+                            "signal": self.settings.stop_signal,
+                        },
+                    )
                 elif term_sent is None and now - stop_sent >= self.settings.grace_seconds:
                     term_sent = now
                     self._signal_tree(signal.SIGTERM)
                 elif term_sent is not None and now - term_sent >= TERM_GRACE_SECONDS:
                     self._signal_tree(signal.SIGKILL)
             if exited_at is None and self.stop_reason is None and now >= next_sample:
-                next_sample = now + governor.SAMPLE_INTERVAL_SECONDS
+                next_sample = now + self.sample_interval
                 paused_at, paused_total = self._sample(own, paused_at, paused_total, limit_mb, now)
             if self.dirty and now - self.last_write >= RECORD_INTERVAL_SECONDS:
                 self.write()
@@ -296,8 +307,16 @@ class Supervisor:
         proc.wait()
         self._end_leftovers()
 
-    def _next_timeout(self, now: float, running_for: float, box: float, next_sample: float,
-                      stop_sent: float | None, term_sent: float | None, exited_at: float | None) -> float:
+    def _next_timeout(
+        self,
+        now: float,
+        running_for: float,
+        box: float,
+        next_sample: float,
+        stop_sent: float | None,
+        term_sent: float | None,
+        exited_at: float | None,
+    ) -> float:
         candidates = [next_sample - now, box - running_for, 1.0]
         if self.dirty:
             candidates.append(self.last_write + RECORD_INTERVAL_SECONDS - now)
@@ -384,19 +403,32 @@ class Supervisor:
             with contextlib.suppress(ChildProcessError, OSError):
                 os.waitpid(child.pid, os.WNOHANG)
 
-    def _sample(self, own: psutil.Process, paused_at: float | None, paused_total: float,
-                limit_mb: float | None, now: float) -> tuple[float | None, float]:
+    def _sample(
+        self,
+        own: psutil.Process,
+        paused_at: float | None,
+        paused_total: float,
+        limit_mb: float | None,
+        now: float,
+    ) -> tuple[float | None, float]:
         snapshot = self.probe.snapshot()
         tree = self._tree()
         own_cpu = own.cpu_percent(None)
-        for proc in tree:
+        # Process objects are kept between samples: cpu_percent(None) measures since the previous
+        # call on the same object, and a fresh object's first call always says 0.
+        known = {proc.pid: self.cpu_watch.get(proc.pid, proc) for proc in tree}
+        self.cpu_watch = known
+        for proc in known.values():
             with contextlib.suppress(psutil.Error):
                 own_cpu += proc.cpu_percent(None)
         share = own_cpu / max(snapshot["cpu_count"], 1)
         gpu = self.record["gpu"]
         pause, reason = governor.pause_verdict(
-            snapshot, self.limits, gpu_uuid=gpu["uuid"] if gpu else None,
-            paused=paused_at is not None, own_cpu_percent=share,
+            snapshot,
+            self.limits,
+            gpu_uuid=gpu["uuid"] if gpu else None,
+            paused=paused_at is not None,
+            own_cpu_percent=share,
         )
         if pause and paused_at is None:
             self._signal_tree(signal.SIGSTOP)
@@ -414,8 +446,9 @@ class Supervisor:
             if used is not None and used > limit_mb:
                 self.stop_reason = "gpu_memory_limit"
                 self.record["status_detail"] = f"GPU memory {used:.0f} MB > limit {limit_mb:.0f} MB"
-                self.store.append_event(self.run_id, {"type": "gpu_memory_limit", "used_mb": used,
-                                                      "limit_mb": limit_mb})
+                self.store.append_event(
+                    self.run_id, {"type": "gpu_memory_limit", "used_mb": used, "limit_mb": limit_mb}
+                )
         return paused_at, paused_total
 
     def _move_deadline(self, paused_total: float) -> None:
@@ -424,9 +457,7 @@ class Supervisor:
 
     # -- outcome ----------------------------------------------------------------------------------
 
-    def finish(self) -> None:
-        proc = self.proc
-        assert proc is not None
+    def finish(self, proc: subprocess.Popen[bytes]) -> None:
         record = self.record
         code = proc.returncode
         record["ended_at"] = now_iso()
@@ -458,12 +489,26 @@ class Supervisor:
         record = self.record
         summary: AttemptSummary = record["attempts"][-1]
         summary.update(
-            status=status, ended_at=record["ended_at"], termination_reason=record["termination_reason"],
-            exit_code=record["exit_code"], signal=record["signal"], step=record["step"], loss=record["loss"],
+            {
+                "status": status,
+                "ended_at": record["ended_at"],
+                "termination_reason": record["termination_reason"],
+                "exit_code": record["exit_code"],
+                "signal": record["signal"],
+                "step": record["step"],
+                "loss": record["loss"],
+            }
         )
         if record["step"] is not None or record["loss"] is not None or record["metrics"]:
-            self.store.append_event(self.run_id, {"type": "sample", "step": record["step"],
-                                                  "loss": record["loss"], "metrics": record["metrics"]})
+            self.store.append_event(
+                self.run_id,
+                {
+                    "type": "sample",
+                    "step": record["step"],
+                    "loss": record["loss"],
+                    "metrics": record["metrics"],
+                },
+            )
 
     def run(self) -> int:
         self.install_signals()
@@ -472,15 +517,25 @@ class Supervisor:
         self.record["supervisor_started"] = me.create_time()
         self.write(index=True)
         decision = self.queue()
-        if decision is None or not self.start(decision):
+        if decision is None or not self.start(decision) or self.proc is None:
             return 0
         try:
-            self.supervise()
+            self.supervise(self.proc)
         finally:
             if self.log_file is not None:
                 self.log_file.close()
-        self.finish()
+        self.finish(self.proc)
         return 0
+
+
+def _sample_interval() -> float:
+    """The sampling interval; BACKPROP_SAMPLE_INTERVAL_SECONDS shrinks it (tests, fast reactions)."""
+    raw = os.environ.get("BACKPROP_SAMPLE_INTERVAL_SECONDS", "")
+    try:
+        value = float(raw)
+    except ValueError:
+        return governor.SAMPLE_INTERVAL_SECONDS
+    return value if 0.05 <= value <= 3600 else governor.SAMPLE_INTERVAL_SECONDS
 
 
 def _describe(status: str, reason: str, code: int | None, sig: str | None, detail: str | None) -> str:
@@ -503,7 +558,7 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if len(args) != 2:
-        print("usage: python -m backprop_mcp.supervisor HOME RUN_ID", file=sys.stderr)  # noqa: T201
+        print("usage: python -m backprop_mcp.supervisor HOME RUN_ID", file=sys.stderr)
         return 2
     home, run_id = Path(args[0]), args[1]
     proctree.become_subreaper()

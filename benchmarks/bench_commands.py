@@ -34,8 +34,8 @@ def measure_commands(ws: Workspace, plan: Plan, template: RunRecord) -> Commands
     sizes = (SEED_LIST_SIZE, *plan.list_sizes)
     fill_stores(ws, template, sizes)
     reps = max(plan.runs, 5)
-    psutil_floor = median([wall([PYTHON, "-c", "import psutil"], os.environ, ws.work) for _ in range(reps)])
-    version = median([wall([backprop, "--version"], os.environ, ws.work) for _ in range(reps)])
+    psutil_floor = median([wall([PYTHON, "-c", "import psutil"], ws.base_env(), ws.work) for _ in range(reps)])
+    version = median([wall([backprop, "--version"], ws.base_env(), ws.work) for _ in range(reps)])
     env = ws.env(f"list-{plan.list_sizes[0]}")
     # The first call after a minute has no cached CPU sample and samples for 0.1 s; later ones reuse it.
     cold = wall([backprop, "status"], env, ws.work)

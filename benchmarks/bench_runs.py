@@ -81,7 +81,7 @@ class Launch:
 
 
 def measure_launch(ws: Workspace, plan: Plan) -> Launch:
-    floor = median([wall([PYTHON, "-c", "pass"], os.environ, ws.work) for _ in range(max(plan.runs, 5))])
+    floor = median([wall([PYTHON, "-c", "pass"], ws.base_env(), ws.work) for _ in range(max(plan.runs, 5))])
     service = ws.service("launch")
     in_process, calls = [], []
     template: RunRecord | None = None
@@ -155,7 +155,7 @@ def flood(ws: Workspace, home: str, lines: int, tag: str) -> Flood:
 
 def flood_floor(ws: Workspace, lines: int) -> float:
     out = ws.root / "flood-floor.txt"
-    env = dict(os.environ, PYTHONUNBUFFERED="1")  # as under the supervisor: only the sink differs
+    env = dict(ws.base_env(), PYTHONUNBUFFERED="1")  # as under the supervisor: only the sink differs
     subprocess.run([PYTHON, ws.script("floods_progress_lines.py"), str(lines), str(out)], env=env,
                    stdout=subprocess.DEVNULL, check=True, cwd=ws.work)
     start, end, _ = read_words(out)

@@ -10,8 +10,9 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
@@ -31,6 +32,8 @@ SLOW = ["--step-delay", "0.01"]
 class Run:
     """An example script started with the contract environment; stdout lines arrive on a queue."""
 
+    started: ClassVar[list[Run]] = []
+
     def __init__(self, script: Path, args: list[str], env: dict[str, str], *, isolated: bool = False) -> None:
         full_env = {k: v for k, v in os.environ.items() if k not in contract.CONTRACT_ENV}
         full_env |= {"PYTHONPATH": str(ROOT / "src"), "PYTHONUNBUFFERED": "1", **env}
@@ -42,6 +45,7 @@ class Run:
             env=full_env,
             start_new_session=True,
         )
+        Run.started.append(self)
         self.lines: queue.Queue[bytes | None] = queue.Queue()
         self.seen: list[bytes] = []
         threading.Thread(target=self._pump, daemon=True).start()
@@ -63,18 +67,27 @@ class Run:
 
     def finish(self) -> tuple[int, list[bytes], str]:
         """Exit status, every stdout line, and stderr."""
-        try:
-            code = self.proc.wait(timeout=CHILD_TIMEOUT)
-            while (line := self.lines.get(timeout=CHILD_TIMEOUT)) is not None:
-                self.seen.append(line)
-            assert self.proc.stderr is not None
-            return code, self.seen, self.proc.stderr.read().decode("utf-8", "replace")
-        finally:
-            if self.proc.poll() is None:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            for stream in (self.proc.stdout, self.proc.stderr):
-                if stream is not None:
-                    stream.close()
+        code = self.proc.wait(timeout=CHILD_TIMEOUT)
+        while (line := self.lines.get(timeout=CHILD_TIMEOUT)) is not None:
+            self.seen.append(line)
+        assert self.proc.stderr is not None
+        return code, self.seen, self.proc.stderr.read().decode("utf-8", "replace")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=CHILD_TIMEOUT)
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                stream.close()
+
+
+@pytest.fixture(autouse=True)
+def reap_runs() -> Iterator[None]:
+    """Every script a test started is killed and reaped, however the test ends."""
+    yield
+    while Run.started:
+        Run.started.pop().close()
 
 
 def contract_env(tmp_path: Path, name: str, **extra: str) -> dict[str, str]:

@@ -435,7 +435,7 @@ def test_the_chosen_gpu_is_a_copy_of_the_snapshot_entry() -> None:
         (None, 50.0, 0.0, True, False, None),
     ],
 )
-def test_pause_verdict_table(  # noqa: PLR0917 - one parameter per column of the table
+def test_pause_verdict_table(
     temp: float | None, load: float | None, own: float, paused: bool, pause: bool, reason: str | None
 ) -> None:
     snapshot = snap(cpu=load, gpus=[gpu(0, temp=temp)])

@@ -12,6 +12,7 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -331,8 +332,9 @@ STOP_CHILD = textwrap.dedent("""
     print("ready", flush=True)
     while not script.should_stop():
         time.sleep(0.01)
-    print("stopping", script.stop_exit_code(), flush=True)
     try:
+        # Printed inside `try`: the test sends the second signal as soon as it reads this line.
+        print("stopping", script.stop_exit_code(), flush=True)
         while True:  # checkpointing, in real life; a second signal must cut this short
             time.sleep(0.01)
     finally:
@@ -364,21 +366,36 @@ class _Child:
         return self.lines.get(timeout=CHILD_TIMEOUT)
 
     def finish(self) -> int:
-        try:
-            return self.proc.wait(timeout=CHILD_TIMEOUT)
-        finally:
+        return self.proc.wait(timeout=CHILD_TIMEOUT)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
             self.proc.kill()
-            if self.proc.stderr is not None:
-                self.proc.stderr.close()
-            if self.proc.stdout is not None:
-                self.proc.stdout.close()
+            self.proc.wait(timeout=CHILD_TIMEOUT)
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                stream.close()
+
+
+@pytest.fixture
+def spawn() -> Iterator[Callable[..., _Child]]:
+    """Starts children that are killed and reaped however the test ends."""
+    children: list[_Child] = []
+
+    def start(code: str, env: dict[str, str] | None = None) -> _Child:
+        children.append(_Child(code, env))
+        return children[-1]
+
+    yield start
+    for child in children:
+        child.close()
 
 
 @pytest.mark.parametrize(("signum", "second_exit"), [(signal.SIGINT, -signal.SIGINT), (signal.SIGTERM, 143)])
 def test_a_stop_signal_sets_should_stop_and_a_second_one_ends_the_script_through_finally(
-    signum: int, second_exit: int
+    spawn: Callable[..., _Child], signum: int, second_exit: int
 ) -> None:
-    child = _Child(STOP_CHILD)
+    child = spawn(STOP_CHILD)
     assert child.next_line() == "ready"
     child.proc.send_signal(signum)
     assert child.next_line() == f"stopping {128 + signum}"
@@ -388,28 +405,26 @@ def test_a_stop_signal_sets_should_stop_and_a_second_one_ends_the_script_through
     assert child.finish() == second_exit
 
 
-def test_the_configured_stop_signal_is_handled_too() -> None:
-    child = _Child(STOP_CHILD, env={contract.ENV_STOP_SIGNAL: "SIGUSR1"})
+def test_the_configured_stop_signal_is_handled_too(spawn: Callable[..., _Child]) -> None:
+    child = spawn(STOP_CHILD, env={contract.ENV_STOP_SIGNAL: "SIGUSR1"})
     assert child.next_line() == "ready"
     child.proc.send_signal(signal.SIGUSR1)
     assert child.next_line() == f"stopping {128 + signal.SIGUSR1}"
-    child.proc.kill()
-    child.finish()
 
 
-def test_restore_default_sigint_brings_back_keyboard_interrupt() -> None:
+def test_restore_default_sigint_brings_back_keyboard_interrupt(spawn: Callable[..., _Child]) -> None:
     code = textwrap.dedent("""
         import time
         from backprop_mcp import script
         script.install_stop_handler()
         script.restore_default_sigint()
-        print("ready", flush=True)
         try:
+            print("ready", flush=True)
             time.sleep(60)
         except KeyboardInterrupt:
             print("interrupted", script.should_stop(), flush=True)
     """)
-    child = _Child(code)
+    child = spawn(code)
     assert child.next_line() == "ready"
     child.proc.send_signal(signal.SIGINT)
     assert child.next_line() == "interrupted False"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
@@ -17,6 +18,7 @@ from mcp.server.mcpserver import Context, ListRoots, MCPServer, Resolve
 from mcp.server.mcpserver.exceptions import ResourceError, ResourceNotFoundError, ToolError
 from mcp.server.mcpserver.tools import Tool
 from mcp_types import CallToolResult, InputRequiredResult, ListRootsResult, TextContent, ToolAnnotations
+from mcp_types import Tool as MCPTool
 from pydantic import Field, TypeAdapter, ValidationError
 
 from backprop_mcp import __version__
@@ -111,13 +113,55 @@ READ_ONLY = ToolAnnotations(read_only_hint=True, idempotent_hint=True, open_worl
 class BackpropServer(MCPServer[Any]):
     """MCPServer whose failed tool calls say what was wrong and what to do, never just
     "Error executing tool": a `BackpropError` becomes its message and hint, and arguments that fail
-    the input schema become one line per bad argument."""
+    the input schema become one line per bad argument.
+
+    Its tools are built on a thread while `initialize` is answered: deriving their schemas from
+    the TypedDicts takes pydantic most of a second, and a client should not wait for that to
+    learn the server is alive. `tools/list` and `tools/call` wait for the build.
+    """
+
+    def __init__(self, build_tools: Callable[[], list[Tool]], **settings: Any) -> None:
+        super().__init__(**settings)
+        self._tools: dict[str, Tool] = {}
+        self._built = threading.Event()
+        self._build_error: BaseException | None = None
+        # Not a daemon: a daemon thread still inside pydantic's C code when the interpreter shuts
+        # down (a client that closes stdin right after initialize) aborts the process.
+        threading.Thread(target=self._build, args=(build_tools,), name="build-tools").start()
+
+    def _build(self, build_tools: Callable[[], list[Tool]]) -> None:
+        try:
+            self._tools = {tool.name: tool for tool in build_tools()}
+        except BaseException as exc:  # reported on the first tools/list or tools/call
+            self._build_error = exc
+        finally:
+            self._built.set()
+
+    async def tools(self) -> dict[str, Tool]:
+        if not self._built.is_set():
+            await anyio.to_thread.run_sync(self._built.wait)
+        if self._build_error is not None:
+            raise RuntimeError("the tools could not be built") from self._build_error
+        return self._tools
+
+    async def list_tools(self) -> list[MCPTool]:
+        return [
+            MCPTool(name=tool.name, title=tool.title, description=tool.description, input_schema=tool.parameters,
+                    output_schema=tool.output_schema, annotations=tool.annotations, icons=tool.icons,
+                    _meta=tool.meta)
+            for tool in (await self.tools()).values()
+        ]
 
     async def call_tool(
         self, name: str, arguments: dict[str, Any], context: Context[Any, Any] | None = None
     ) -> CallToolResult | InputRequiredResult:
+        tool = (await self.tools()).get(name)
+        if tool is None:
+            return _error(f"Unknown tool: {name}. The tools are: {', '.join(self._tools)}.")
+        if context is None:
+            context = Context(mcp_server=self)
         try:
-            return await super().call_tool(name, arguments, context)
+            result: CallToolResult | InputRequiredResult = await tool.run(arguments, context, convert_result=True)
         except ToolError as exc:
             cause = exc.__cause__
             if isinstance(cause, BackpropError):
@@ -126,6 +170,7 @@ class BackpropServer(MCPServer[Any]):
             if isinstance(cause, ValidationError):
                 return _error(render_invalid_arguments(name, cause.errors()))
             raise
+        return result
 
 
 def _error(text: str) -> CallToolResult:
@@ -209,11 +254,10 @@ def _tool(fn: Callable[..., Any], title: str, annotations: ToolAnnotations,
           outputs: tuple[type, ...] = ()) -> Tool:
     """A tool from a function; `outputs` publishes a union of shapes as the structured output
     itself, where the SDK would wrap a union in {"result": ...}."""
-    tool = Tool.from_function(fn, title=title, annotations=annotations)
+    tool = Tool.from_function(fn, title=title, annotations=annotations, structured_output=False if outputs else None)
     if outputs:
         union: Any = Union[outputs]  # noqa: UP007 - a runtime tuple of types has no `|` spelling
         tool.fn_metadata.output_model = union
-        tool.fn_metadata.wrap_output = False
         tool.fn_metadata.output_schema = {"type": "object", **TypeAdapter(union).json_schema()}
     return tool
 
@@ -469,7 +513,7 @@ def build_server(
         return Service(home, env=env, cwd=workdir)
 
     app = App(make_service, roots, workdir, poll_seconds)
-    server = BackpropServer("backprop-mcp", title="backprop", version=__version__, instructions=INSTRUCTIONS,
-                            tools=build_tools(app), log_level=log_level)
+    server = BackpropServer(functools.partial(build_tools, app), name="backprop-mcp", title="backprop",
+                            version=__version__, instructions=INSTRUCTIONS, log_level=log_level)
     add_resources(server, app)
     return server

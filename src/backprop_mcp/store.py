@@ -367,17 +367,26 @@ def _reverse_lines(path: Path) -> Iterator[bytes]:
     with handle:
         handle.seek(0, os.SEEK_END)
         position = handle.tell()
-        rest = b""
+        # Pieces of the line being read backwards, last piece first. Kept as a list and joined once
+        # the line's start is found: prepending to one bytes object made a 50 MB line cost O(n²).
+        pending: list[bytes] = []
         while position > 0:
             size = min(_REVERSE_BLOCK, position)
             position -= size
             handle.seek(position)
-            block = handle.read(size) + rest
-            lines = block.split(b"\n")
-            rest = lines[0]
-            for line in reversed(lines[1:]):
+            lines = handle.read(size).split(b"\n")
+            if len(lines) == 1:
+                pending.append(lines[0])
+                continue
+            pending.append(lines[-1])
+            line = b"".join(reversed(pending))
+            if line.strip():
+                yield line
+            for line in reversed(lines[1:-1]):
                 if line.strip():
                     yield line
+            pending = [lines[0]]
+        rest = b"".join(reversed(pending))
         if rest.strip():
             yield rest
 

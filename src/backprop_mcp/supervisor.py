@@ -156,8 +156,12 @@ class Supervisor:
             admitted, decision, position = self.admission.try_admit(
                 self.run_id, decide, vram_promise_mb=promise
             )
-            if admitted and decision is not None:
-                return decision
+            if admitted:
+                # None: this run already held a slot (a retry after admission); decide again for the GPU.
+                return decision or governor.evaluate(current, self.limits, [], now=time.time())
+            if decision is None and position is None:
+                self.admission.join(self.run_id, me.pid, me.create_time())  # our ticket was lost: rejoin
+                continue
             reasons = tuple(decision["reasons"]) if decision else ()
             if decision is not None and not self.settings.queue:
                 self.admission.release(self.run_id)

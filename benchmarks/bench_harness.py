@@ -197,9 +197,14 @@ def pids_of_run(run_id: str) -> list[int]:
 
 
 def proc_io(pid: int) -> dict[str, int]:
-    """/proc/PID/io of a process: wchar (bytes handed to write calls), write_bytes, syscw."""
+    """The I/O counters of a process's main thread: wchar (bytes handed to write calls),
+    write_bytes, syscw.
+
+    Read per thread on purpose: /proc/PID/io also counts the I/O of every child the process has
+    reaped, so a supervisor's figure would include its script's own output once it ends.
+    """
     fields: dict[str, int] = {}
-    for line in Path(f"/proc/{pid}/io").read_text(encoding="utf-8").splitlines():
+    for line in Path(f"/proc/{pid}/task/{pid}/io").read_text(encoding="utf-8").splitlines():
         key, _, value = line.partition(":")
         fields[key] = int(value)
     return fields
@@ -207,13 +212,15 @@ def proc_io(pid: int) -> dict[str, int]:
 
 @dataclass
 class Sampler:
-    """Samples one process (a supervisor) until it ends: peak RSS, its last /proc io counters,
-    and the times its run's record file was replaced (a new inode per atomic write)."""
+    """Samples one process (a supervisor) until it ends: peak RSS, its own CPU time and I/O
+    counters (children excluded), and the times its run's record file was replaced (a new inode
+    per atomic write)."""
 
     pid: int
     record_path: Path | None = None
     interval: float = 0.02
     peak_rss: int = 0
+    cpu_seconds: float = 0.0
     io: dict[str, int] = field(default_factory=dict)
     replaced_at: list[float] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -238,6 +245,8 @@ class Sampler:
         while not self._stop.is_set():
             try:
                 self.peak_rss = max(self.peak_rss, proc.memory_info().rss)
+                times = proc.cpu_times()
+                self.cpu_seconds = times.user + times.system
                 self.io = proc_io(self.pid)
             except (psutil.Error, OSError, ValueError):
                 return

@@ -125,6 +125,7 @@ class Flood:
     peak_rss: int
     store_bytes: int
     written: int
+    cpu_seconds: float
     lines: int
     writes_per_second: float
 
@@ -148,6 +149,7 @@ def flood(ws: Workspace, home: str, lines: int, tag: str) -> Flood:
         peak_rss=sampler.peak_rss,
         store_bytes=sampler.io.get("wchar", 0) - int(printed),
         written=sampler.io.get("wchar", 0),
+        cpu_seconds=sampler.cpu_seconds,
         lines=lines,
         writes_per_second=len(writes) / seconds if seconds >= 1 else float(len(writes)),
     )
@@ -178,11 +180,13 @@ def measure_ingestion(ws: Workspace, plan: Plan, template: RunRecord) -> tuple[l
     ratio, flat = seconds / floor, seconds_full / seconds
     writes = max(f.writes_per_second for f in empty + full)
     per_line = max(f.store_bytes for f in empty + full) / lines
+    cpu_per_line = median([f.cpu_seconds for f in empty]) / lines * 1e6
     label = f"{lines:,}"
     rows = [
         Row(f"event ingestion: {label} progress lines, wall", f"same script to /dev/null {ms(floor)}",
             ms(seconds), f"ratio <= {INGEST_RATIO_TARGET}", f"{ratio:.2f}x", check(ratio <= INGEST_RATIO_TARGET),
-            f"{lines / seconds:,.0f} lines/s; start call to final record {ms(median([f.end_to_end for f in empty]))}"),
+            f"{lines / seconds:,.0f} lines/s; supervisor CPU {cpu_per_line:.1f} us/line; "
+            f"start call to final record {ms(median([f.end_to_end for f in empty]))}"),
         Row("event ingestion: supervisor peak RSS", "-", mb(rss), f"<= {mb(INGEST_RSS_TARGET)}",
             f"{rss / INGEST_RSS_TARGET:.2f} of target", check(rss <= INGEST_RSS_TARGET)),
         Row("event ingestion: flat in store size (5,000 past runs)", f"empty store {ms(seconds)}",

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
+import subprocess
 import sys
 import tracemalloc
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -323,3 +326,20 @@ def test_an_oversized_line_is_reported_once_when_it_ends_and_the_next_line_is_in
     splitter = LineSplitter(8)
     out = splitter.feed(b"{" + b"x" * 100) + splitter.feed(b"y" * 100 + b"\nok\n")
     assert out == [Oversized(length=201, head=b"{xxxxxxx"), b"ok"]
+
+
+def test_the_parser_imports_only_the_standard_library() -> None:
+    code = (
+        "import sys; before = set(sys.modules); import backprop_mcp.events; "
+        "print('\\n'.join(sorted(set(sys.modules) - before)))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent / "src")},
+        timeout=30,
+        check=True,
+    )
+    loaded = {name.split(".")[0] for name in proc.stdout.split()}
+    assert loaded - set(sys.stdlib_module_names) == {"backprop_mcp"}

@@ -4,6 +4,7 @@ cause, the resources, and schemas that any client can read."""
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -14,9 +15,11 @@ import pytest
 from mcp import Client
 from mcp.client import ClientRequestContext
 from mcp_types import CallToolResult, ErrorData, ListRootsResult, Root, TextContent
+from pydantic import FileUrl
 
-from backprop_mcp.mcp_server import Roots
-from backprop_mcp.mcp_tools import BackpropServer, build_server
+from backprop_mcp.mcp_app import BackpropServer
+from backprop_mcp.mcp_server import Roots, client_roots, configured_roots, locate_script
+from backprop_mcp.mcp_tools import build_server
 from backprop_mcp.service import Service
 from tests.helpers import isolated_env
 
@@ -149,7 +152,9 @@ async def connect(server: BackpropServer, era: str, **options: Any) -> AsyncIter
 
 def announcing(*folders: Path) -> Any:
     async def list_roots(context: ClientRequestContext) -> ListRootsResult | ErrorData:
-        return ListRootsResult(roots=[Root(uri=folder.as_uri(), name=folder.name) for folder in folders])
+        return ListRootsResult(
+            roots=[Root(uri=FileUrl(folder.as_uri()), name=folder.name) for folder in folders]
+        )
 
     return list_roots
 
@@ -161,40 +166,48 @@ def announcing(*folders: Path) -> Any:
 async def test_run_training_returns_the_record_at_once_and_wait_for_run_reports_progress_until_it_ends(
     server: BackpropServer, era: str, project: Path
 ) -> None:
-    progress: list[tuple[float, float | None, str | None]] = []
+    notes: list[tuple[float, float | None, str | None]] = []
 
-    async def on_progress(value: float, total: float | None, message: str | None) -> None:
-        progress.append((value, total, message))
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        notes.append((progress, total, message))
 
     async with connect(server, era) as client:
-        record = await call(client, "run_training", script="train.py", args=["30", "0.02"], name="first",
-                            **GENEROUS)
+        record = await call(
+            client, "run_training", script="train.py", args=["30", "0.02"], name="first", **GENEROUS
+        )
         assert record["status"] in ("queued", "running")
         assert record["script"] == str(project / "train.py")
         assert record["cwd"] == str(project)
         assert record["run_id"].startswith("first-")
         while True:
-            result = await client.call_tool("wait_for_run", {"run_id": record["run_id"], "until": "end"},
-                                            progress_callback=on_progress)
+            result = await client.call_tool(
+                "wait_for_run", {"run_id": record["run_id"], "until": "end"}, progress_callback=on_progress
+            )
             waited = result.structured_content
             assert waited is not None
             if waited["ended"]:
                 break
     run = waited["run"]
-    assert (run["status"], run["termination_reason"], run["step"], run["total"]) == ("completed", "exit_zero",
-                                                                                    30, 30)
+    assert (run["status"], run["termination_reason"], run["step"], run["total"]) == (
+        "completed",
+        "exit_zero",
+        30,
+        30,
+    )
     assert run["latest_checkpoint"] == str(project / "ck.json")
     assert waited["changed"] is True
     assert "training done" in waited["log_tail"]
     assert "compare_runs" in waited["next_step"]
-    assert progress, "wait_for_run sent no progress notification"
-    assert all(total == 60 for _, total, _ in progress)
-    assert [value for value, _, _ in progress] == sorted(value for value, _, _ in progress)
-    assert any(record["run_id"] in (message or "") for _, _, message in progress)
+    assert notes, "wait_for_run sent no progress notification"
+    assert all(total == 60 for _, total, _ in notes)
+    assert [value for value, _, _ in notes] == sorted(value for value, _, _ in notes)
+    assert any(record["run_id"] in (message or "") for _, _, message in notes)
 
 
 @pytest.mark.anyio
-async def test_wait_for_run_returns_at_once_for_a_run_that_has_ended(server: BackpropServer, era: str) -> None:
+async def test_wait_for_run_returns_at_once_for_a_run_that_has_ended(
+    server: BackpropServer, era: str
+) -> None:
     async with connect(server, era) as client:
         run = await run_to_end(client, script="train.py", args=["2"])
         waited = await call(client, "wait_for_run", run_id=run["run_id"], timeout_seconds=300)
@@ -223,8 +236,15 @@ async def test_a_dry_run_shows_the_command_and_the_governors_verdict_and_starts_
     server: BackpropServer, era: str, project: Path
 ) -> None:
     async with connect(server, era) as client:
-        dry = await call(client, "run_training", script=str(project / "train.py"), args=["7"], dry_run=True,
-                         max_run_minutes=2, **GENEROUS)
+        dry = await call(
+            client,
+            "run_training",
+            script=str(project / "train.py"),
+            args=["7"],
+            dry_run=True,
+            max_run_minutes=2,
+            **GENEROUS,
+        )
         page = await call(client, "list_experiments")
     assert dry["command"][1:] == [str(project / "train.py"), "7"]
     assert dry["cwd"] == str(project)
@@ -243,8 +263,9 @@ async def test_a_timed_out_run_resumes_from_its_checkpoint_under_the_same_id(
         assert (first["status"], first["termination_reason"]) == ("timed_out", "deadline")
         assert first["latest_checkpoint"] == str(project / "ck.json")
         saved = json.loads((project / "ck.json").read_text(encoding="utf-8"))["step"]
-        resumed = await call(client, "resume_run", run_id=first["run_id"], args=[str(saved + 4)],
-                             max_run_minutes=1)
+        resumed = await call(
+            client, "resume_run", run_id=first["run_id"], args=[str(saved + 4)], max_run_minutes=1
+        )
         assert (resumed["attempt"], resumed["resume_from"]) == (2, str(project / "ck.json"))
         second = await wait_end(client, first["run_id"])
         logs = await call(client, "get_logs", run_id=first["run_id"])
@@ -263,7 +284,9 @@ async def test_a_completed_run_can_be_run_again_from_scratch(server: BackpropSer
 
 
 @pytest.mark.anyio
-async def test_get_status_of_a_run_gives_its_log_tail_and_the_next_step(server: BackpropServer, era: str) -> None:
+async def test_get_status_of_a_run_gives_its_log_tail_and_the_next_step(
+    server: BackpropServer, era: str
+) -> None:
     async with connect(server, era) as client:
         run = await run_to_end(client, script="train.py", args=["4"], max_run_minutes=5)
         status = await call(client, "get_status", run_id=run["run_id"])
@@ -292,8 +315,10 @@ async def test_list_experiments_pages_newest_first_and_filters_by_state_and_name
     server: BackpropServer, era: str
 ) -> None:
     async with connect(server, era) as client:
-        ids = [(await run_to_end(client, script="train.py", args=["1"], name=f"lr-{i}"))["run_id"]
-               for i in range(3)]
+        ids = [
+            (await run_to_end(client, script="train.py", args=["1"], name=f"lr-{i}"))["run_id"]
+            for i in range(3)
+        ]
         first = await call(client, "list_experiments", limit=2)
         second = await call(client, "list_experiments", limit=2, cursor=first["next_cursor"])
         named = await call(client, "list_experiments", name="lr-1")
@@ -309,8 +334,9 @@ async def test_stop_run_stops_a_live_run_gracefully_and_a_second_stop_says_it_ha
     server: BackpropServer, era: str, project: Path
 ) -> None:
     async with connect(server, era) as client:
-        record = await call(client, "run_training", script="train.py", args=["5", "0", str(project / "never")],
-                            **GENEROUS)
+        record = await call(
+            client, "run_training", script="train.py", args=["5", "0", str(project / "never")], **GENEROUS
+        )
         if record["status"] == "queued":
             await call(client, "wait_for_run", run_id=record["run_id"])
         await call(client, "stop_run", run_id=record["run_id"])
@@ -440,7 +466,9 @@ async def test_arguments_outside_their_bounds_are_named_one_per_line_with_what_w
     server: BackpropServer, era: str
 ) -> None:
     async with connect(server, era) as client:
-        text = await fails(client, "run_training", script="train.py", max_run_minutes=-1, stop_signal="SIGKILL")
+        text = await fails(
+            client, "run_training", script="train.py", max_run_minutes=-1, stop_signal="SIGKILL"
+        )
         missing = await fails(client, "run_training")
         limit = await fails(client, "list_experiments", limit=1000)
         timeout = await fails(client, "wait_for_run", run_id="x", timeout_seconds=301)
@@ -464,7 +492,9 @@ async def test_a_bad_option_value_the_schema_cannot_express_is_explained_by_the_
 
 
 @pytest.mark.anyio
-async def test_resuming_a_run_without_a_checkpoint_suggests_from_scratch(server: BackpropServer, era: str) -> None:
+async def test_resuming_a_run_without_a_checkpoint_suggests_from_scratch(
+    server: BackpropServer, era: str
+) -> None:
     async with connect(server, era) as client:
         run = await run_to_end(client, script="train.py", args=["2"])
         text = await fails(client, "resume_run", run_id=run["run_id"])
@@ -475,7 +505,9 @@ async def test_resuming_a_run_without_a_checkpoint_suggests_from_scratch(server:
 
 
 @pytest.mark.anyio
-async def test_the_resources_give_a_runs_record_its_log_and_the_machine(server: BackpropServer, era: str) -> None:
+async def test_the_resources_give_a_runs_record_its_log_and_the_machine(
+    server: BackpropServer, era: str
+) -> None:
     async with connect(server, era) as client:
         run = await run_to_end(client, script="train.py", args=["3"])
         templates = await client.list_resource_templates()
@@ -484,7 +516,9 @@ async def test_the_resources_give_a_runs_record_its_log_and_the_machine(server: 
         log = await client.read_resource(f"backprop://runs/{run['run_id']}/log")
         system = await client.read_resource("backprop://system")
     assert {t.uri_template for t in templates.resource_templates} == {
-        "backprop://runs/{run_id}", "backprop://runs/{run_id}/log"}
+        "backprop://runs/{run_id}",
+        "backprop://runs/{run_id}/log",
+    }
     assert [str(r.uri) for r in listed.resources] == ["backprop://system"]
     assert json.loads(text_contents(record))["status"] == "completed"
     assert record.contents[0].mime_type == "application/json"
@@ -493,7 +527,9 @@ async def test_the_resources_give_a_runs_record_its_log_and_the_machine(server: 
 
 
 @pytest.mark.anyio
-async def test_reading_the_resource_of_an_unknown_run_is_an_error_naming_it(server: BackpropServer, era: str) -> None:
+async def test_reading_the_resource_of_an_unknown_run_is_an_error_naming_it(
+    server: BackpropServer, era: str
+) -> None:
     from mcp.shared.exceptions import MCPError
 
     async with connect(server, era) as client:
@@ -516,8 +552,16 @@ async def test_every_tool_has_a_title_a_description_annotations_and_portable_sch
 ) -> None:
     async with connect(server, era) as client:
         tools = {tool.name: tool for tool in (await client.list_tools()).tools}
-    assert set(tools) == {"run_training", "resume_run", "get_status", "list_experiments", "stop_run", "get_logs",
-                          "wait_for_run", "compare_runs"}
+    assert set(tools) == {
+        "run_training",
+        "resume_run",
+        "get_status",
+        "list_experiments",
+        "stop_run",
+        "get_logs",
+        "wait_for_run",
+        "compare_runs",
+    }
     for tool in tools.values():
         assert tool.title and tool.description and len(tool.description) > 80, tool.name
         assert "$ref" not in json.dumps(tool.input_schema), tool.name
@@ -555,7 +599,9 @@ def has_ref_cycle(schema: dict[str, Any]) -> bool:
 
 
 @pytest.mark.anyio
-async def test_the_server_introduces_itself_with_instructions_teaching_the_pattern(server: BackpropServer) -> None:
+async def test_the_server_introduces_itself_with_instructions_teaching_the_pattern(
+    server: BackpropServer,
+) -> None:
     async with connect(server, "legacy") as client:
         instructions = client.instructions or ""
         info = client.server_info
@@ -572,3 +618,74 @@ async def test_structured_results_also_come_as_json_text_for_clients_without_str
         result: CallToolResult = await client.call_tool("list_experiments", {})
     assert isinstance(result.content[0], TextContent)
     assert json.loads(result.content[0].text) == result.structured_content
+
+
+def test_the_tools_offer_exactly_the_frameworks_and_stop_signals_the_config_accepts() -> None:
+    from typing import get_args
+
+    from backprop_mcp.config import FRAMEWORK_CHOICES, STOP_SIGNALS
+    from backprop_mcp.mcp_tools import FrameworkName, SignalName
+
+    assert get_args(FrameworkName) == FRAMEWORK_CHOICES
+    assert get_args(SignalName) == STOP_SIGNALS
+
+
+# -- the allowed-roots rule -------------------------------------------------------------------------
+
+
+def test_root_options_win_over_the_variable_and_the_config_file(tmp_path: Path) -> None:
+    (tmp_path / "backprop.config.json").write_text('{"allowedRoots": ["/from/config"]}', encoding="utf-8")
+    env = {"BACKPROP_ALLOWED_ROOTS": "/from/env", "HOME": "/nowhere"}
+    roots = configured_roots(["a", str(tmp_path / "b")], env, tmp_path)
+    assert roots == Roots((tmp_path.resolve() / "a", tmp_path.resolve() / "b"), "option")
+
+
+def test_the_variable_lists_roots_separated_by_the_path_separator_and_wins_over_the_config(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "backprop.config.json").write_text('{"allowedRoots": ["/from/config"]}', encoding="utf-8")
+    env = {"BACKPROP_ALLOWED_ROOTS": os.pathsep.join(["/data/one", "/data/two"]), "HOME": "/nowhere"}
+    assert configured_roots([], env, tmp_path) == Roots((Path("/data/one"), Path("/data/two")), "environment")
+
+
+def test_the_config_files_allowed_roots_apply_when_nothing_else_is_given(tmp_path: Path) -> None:
+    (tmp_path / "backprop.config.json").write_text('{"allowedRoots": ["/from/config"]}', encoding="utf-8")
+    env = {"HOME": "/nowhere", "BACKPROP_CONFIG": str(tmp_path / "no-user-config.json")}
+    assert configured_roots([], env, tmp_path) == Roots((Path("/from/config"),), "config")
+
+
+def test_the_working_directory_is_the_default_root_unless_it_is_the_home_folder_or_slash(
+    tmp_path: Path,
+) -> None:
+    env = {"BACKPROP_CONFIG": str(tmp_path / "no-user-config.json")}
+    project = tmp_path / "project"
+    project.mkdir()
+    assert configured_roots([], {**env, "HOME": str(tmp_path)}, project) == Roots(
+        (project.resolve(),), "default"
+    )
+    home = configured_roots([], {**env, "HOME": str(tmp_path)}, tmp_path)
+    assert (home.paths, home.source) == ((), "none")
+    assert "the server started in" in home.hint() and "--root" in home.hint()
+    slash = configured_roots([], {**env, "HOME": str(tmp_path)}, Path("/"))
+    assert (slash.paths, slash.source) == ((), "none")
+
+
+def test_only_local_file_uris_among_the_clients_roots_count() -> None:
+    uris = [
+        "file:///home/me/my%20project",
+        "file://localhost/srv/data",
+        "https://example.com/x",
+        "file://host/x",
+    ]
+    assert client_roots(uris) == (Path("/home/me/my project"), Path("/srv/data"))
+
+
+def test_a_relative_script_comes_from_cwd_else_the_first_root_and_runs_in_its_folder(tmp_path: Path) -> None:
+    roots = Roots((tmp_path / "root",), "option")
+    assert locate_script("sub/train.py", None, roots, Path("/srv")) == (
+        str(tmp_path / "root" / "sub" / "train.py"),
+        str(tmp_path / "root" / "sub"),
+    )
+    assert locate_script("train.py", "/work", roots, Path("/srv")) == ("/work/train.py", "/work")
+    assert locate_script("/abs/train.py", None, Roots((), "none"), Path("/srv")) == ("/abs/train.py", "/abs")
+    assert locate_script("train.py", None, Roots((), "none"), Path("/srv")) == ("/srv/train.py", "/srv")

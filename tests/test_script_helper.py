@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import queue
@@ -18,9 +20,11 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from backprop_mcp import contract, script
-from backprop_mcp.events import parse_line
+from backprop_mcp.events import ParseResult, ProgressEvent, parse_line
 
 SRC = Path(script.__file__).parent
 # Bounds every wait on a child; generous because CI machines stall, never slept through.
@@ -104,6 +108,28 @@ def test_every_line_the_helper_prints_is_accepted_by_the_parser(capsys: pytest.C
         assert len(result.events) == 1
 
 
+METRIC_NAMES = st.text(st.characters(min_codepoint=0x20, exclude_categories=["Cs"]), min_size=1, max_size=20)
+FINITE = st.floats(allow_nan=False, allow_infinity=False)
+
+
+@settings(max_examples=200)
+@given(
+    st.integers(0, 2**63 - 1),
+    st.none() | st.integers(1, 2**63 - 1),
+    st.none() | FINITE,
+    st.dictionaries(METRIC_NAMES.filter(lambda n: "\x7f" not in n), FINITE, max_size=5),
+)
+def test_whatever_the_helper_prints_the_parser_reads_back_unchanged(
+    step: int, total: int | None, loss: float | None, metrics: dict[str, float]
+) -> None:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        script.progress(step, total, loss, **metrics)
+    assert parse_line(out.getvalue().rstrip("\n").encode("utf-8")) == ParseResult(
+        (ProgressEvent(step=step, total=total, loss=loss, metrics=metrics),), None
+    )
+
+
 def test_non_finite_values_are_dropped_with_one_note_on_stderr(capsys: pytest.CaptureFixture[str]) -> None:
     script.progress(5, loss=float("nan"), acc=0.5, bad_metric=float("inf"))
     script.progress(6, loss=float("nan"))
@@ -137,9 +163,11 @@ def test_wrong_types_raise_type_error(call: Any, capsys: pytest.CaptureFixture[s
     assert capsys.readouterr().out == ""
 
 
-def test_a_negative_step_or_a_bad_checkpoint_path_raises_value_error() -> None:
+def test_a_negative_step_a_zero_total_or_a_bad_checkpoint_path_raises_value_error() -> None:
     with pytest.raises(ValueError):
         script.progress(-1)
+    with pytest.raises(ValueError):
+        script.progress(1, total=0)
     with pytest.raises(ValueError):
         script.checkpoint_saved("")
     with pytest.raises(ValueError):

@@ -113,15 +113,15 @@ def parse_line(line: bytes | Oversized) -> ParseResult:
     dropped (with a `warning`) rather than rejecting the whole line, so one stray string does not
     lose the step and loss beside it.
     """
-    if isinstance(line, Oversized):
-        if not line.head.lstrip(_WHITESPACE).startswith(b"{"):
+    if isinstance(line, Oversized) or len(line) > MAX_EVENT_BYTES:
+        # Look only at the head: stripping a 50 MB log line would copy all of it.
+        head, length = (line.head, line.length) if isinstance(line, Oversized) else (line, len(line))
+        if not head[:MAX_EVENT_BYTES].lstrip(_WHITESPACE).startswith(b"{"):
             return _LOG_LINE
-        return ParseResult((), _too_long(line.length))
+        return ParseResult((), _too_long(length))
     stripped = line.strip(_WHITESPACE)
     if not stripped.startswith(b"{"):
         return _LOG_LINE
-    if len(line) > MAX_EVENT_BYTES:
-        return ParseResult((), _too_long(len(line)))
     try:
         text = stripped.decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -8,6 +8,7 @@ the SDK (the slow import, about a second) is loaded only when the server is abou
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -121,11 +122,18 @@ def _parser() -> argparse.ArgumentParser:
         "announces, else BACKPROP_ALLOWED_ROOTS, else allowedRoots in the config, else the working "
         "directory unless it is / or your home folder",
     )
-    parser.add_argument("--home", metavar="DIR", help="the experiment store (default: BACKPROP_HOME or the "
-                        "platform's user data folder)")
-    parser.add_argument("--log-level", default="WARNING", type=str.upper,
-                        choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
-                        help="log level of the server's own messages, written to stderr (default WARNING)")
+    parser.add_argument(
+        "--home",
+        metavar="DIR",
+        help="the experiment store (default: BACKPROP_HOME or the platform's user data folder)",
+    )
+    parser.add_argument(
+        "--log-level",
+        default="WARNING",
+        type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+        help="log level of the server's own messages, written to stderr (default WARNING)",
+    )
     parser.add_argument("--version", action="version", version=f"backprop-mcp {__version__}")
     return parser
 
@@ -134,7 +142,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the stdio server until the client closes stdin; runs started here carry on."""
     args = _parser().parse_args(argv)
     # Before the SDK configures logging: stderr only, since stdout carries the protocol.
-    logging.basicConfig(level=args.log_level, stream=sys.stderr, format="backprop-mcp %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=args.log_level, stream=sys.stderr, format="backprop-mcp %(levelname)s %(message)s"
+    )
     env = dict(os.environ)
     home = Path(args.home).expanduser().resolve() if args.home else None
     cwd = Path.cwd()
@@ -150,10 +160,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from backprop_mcp.mcp_tools import build_server
 
     server = build_server(home=home, env=env, cwd=cwd, roots=roots, log_level=args.log_level)
-    try:
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C in a terminal: a quiet exit
         server.run("stdio")
-    except KeyboardInterrupt:
-        pass
     return 0
 
 

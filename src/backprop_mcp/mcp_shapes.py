@@ -18,6 +18,27 @@ STATUS_LOG_LINES = 10
 # Pydantic errors listed in one reply; the rest are counted.
 MAX_LISTED_ERRORS = 10
 
+INSTRUCTIONS = """\
+backprop runs Python training scripts on this machine safely: each run is admitted by a resource \
+governor (RAM, CPU, GPU memory and temperature), time-boxed (10 minutes by default), stopped \
+gracefully so the script can checkpoint, and resumable from its last checkpoint.
+
+The pattern:
+1. run_training(script=...) starts a run and returns its record at once (status queued or running). \
+Use dry_run=true first to see the exact command and whether the governor would admit it now.
+2. Follow it with wait_for_run(run_id) (returns when its state changes or it ends, up to \
+timeout_seconds) or poll get_status(run_id) (record, log tail, time left, and the next step).
+3. A run that timed_out (or was stopped or lost) continues from its latest checkpoint with \
+resume_run(run_id); use from_scratch=true when it saved none.
+4. list_experiments browses runs newest first; compare_runs ranks runs by a metric; get_logs shows \
+output; stop_run ends a run early.
+
+Keep runs short (a few minutes, max_run_minutes) and resume them, rather than starting long ones: \
+sweeps of many short runs are the intended use. Scripts must lie inside the allowed roots. Training \
+scripts report progress by printing JSON lines such as {"step": 3, "total": 10, "loss": 0.5} and \
+{"event": "checkpoint_saved", "path": "ck.pt", "step": 3}; they read BACKPROP_RESUME_FROM to resume.
+"""
+
 NEXT_STEP = {
     "queued": "It waits for the governor to admit it (status_detail says why, queue_position where). "
     "Call wait_for_run(run_id) to wait until it starts, or get_status() to see the machine.",
@@ -71,8 +92,10 @@ class RunWait(TypedDict):
     """How long the call waited."""
 
 
-for _shape in (RunStatus, RunWait):
-    _shape.__pydantic_config__ = {"use_attribute_docstrings": True}  # type: ignore[attr-defined]
+# As in `models`: field docstrings become the descriptions of the output schema.
+_DOCUMENTED: tuple[Any, ...] = (RunStatus, RunWait)
+for _shape in _DOCUMENTED:
+    _shape.__pydantic_config__ = {"use_attribute_docstrings": True}
 
 
 def time_left(record: RunRecord, now: float | None = None) -> float | None:
@@ -88,13 +111,21 @@ def time_left(record: RunRecord, now: float | None = None) -> float | None:
 
 
 def run_status(record: RunRecord, log_tail: list[str]) -> RunStatus:
-    return RunStatus(run=record, log_tail=log_tail, time_left_seconds=time_left(record),
-                     next_step=NEXT_STEP.get(record["status"], "Call get_status(run_id)."))
+    return RunStatus(
+        run=record,
+        log_tail=log_tail,
+        time_left_seconds=time_left(record),
+        next_step=NEXT_STEP.get(record["status"], "Call get_status(run_id)."),
+    )
 
 
 def run_wait(status: RunStatus, *, changed: bool, waited: float) -> RunWait:
-    return RunWait(**status, changed=changed, ended=status["run"]["status"] not in ACTIVE_STATES,
-                   waited_seconds=round(waited, 2))
+    return RunWait(
+        **status,
+        changed=changed,
+        ended=status["run"]["status"] not in ACTIVE_STATES,
+        waited_seconds=round(waited, 2),
+    )
 
 
 def progress_message(record: RunRecord) -> str:
@@ -125,8 +156,10 @@ def render_invalid_arguments(tool: str, errors: list[Any]) -> str:
         lines.append(f"- {where}: {error.get('msg', 'invalid')}{given}")
     if len(errors) > MAX_LISTED_ERRORS:
         lines.append(f"- ... and {len(errors) - MAX_LISTED_ERRORS} more")
-    lines.append(f"What to do: fix these and call {tool} again; its input schema lists every argument "
-                 "with its type and bounds.")
+    lines.append(
+        f"What to do: fix these and call {tool} again; its input schema lists every argument "
+        "with its type and bounds."
+    )
     return "\n".join(lines)
 
 

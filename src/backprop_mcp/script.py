@@ -158,13 +158,15 @@ def gpu_memory_fraction() -> float | None:
 
 
 def progress(step: int, total: int | None = None, loss: float | None = None, **metrics: float) -> None:
-    """Print a progress event; extra keyword arguments are metrics.
+    """Print a progress event; extra keyword arguments are metrics (other than step, total, loss).
 
     `{"event": "progress", "step": 120, "total": 1000, "loss": 0.41, "metrics": {"acc": 0.88}}`
     """
     event: dict[str, Any] = {"event": EVENT_PROGRESS, "step": _step("step", step)}
     if total is not None:
         event["total"] = _step("total", total)
+        if event["total"] == 0:
+            raise ValueError("total must be at least 1 (leave it out when unknown)")
     if loss is not None:
         value = _finite("loss", loss)
         if value is not None:

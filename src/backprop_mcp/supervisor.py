@@ -23,7 +23,7 @@ import psutil
 from backprop_mcp import governor, proctree
 from backprop_mcp.admission import Admission
 from backprop_mcp.config import Settings
-from backprop_mcp.errors import BackpropError
+from backprop_mcp.errors import BackpropError, StoreError
 from backprop_mcp.events import LineSplitter, parse_line
 from backprop_mcp.launch import command, contract_env, gpu_memory_limit_mb, limits_of
 from backprop_mcp.models import AttemptSummary, Decision, RunRecord, SystemSnapshot
@@ -50,6 +50,10 @@ PIPE_DRAIN_SECONDS = 2.0
 READ_CHUNK = 64 * 1024
 # Per attempt, the log rotates to `attempt-N.log.1` past this size, keeping at most twice it.
 MAX_LOG_BYTES = 64 * 1024 * 1024
+# When the outcome cannot be recorded (a full disk), retry every few seconds for this long before
+# giving up: the record then stays "running" and the next reader marks it lost, which is truthful.
+FINAL_WRITE_SECONDS = 300.0
+FINAL_WRITE_RETRY_SECONDS = 2.0
 # Bad event lines noted in the supervisor log and the history (the rest are only counted).
 MAX_BAD_LINES_LOGGED = 20
 
@@ -76,6 +80,7 @@ class Supervisor:
         self.stop_reason: str | None = None  # stop_requested, deadline, wall_clock_cap, gpu_memory_limit
         self.kill_now = False
         self.dirty = False
+        self.store_failing = False
         self.last_write = 0.0
         self.bad_lines = 0
         self.proc: subprocess.Popen[bytes] | None = None
@@ -117,17 +122,48 @@ class Supervisor:
 
     # -- record ---------------------------------------------------------------------------------
 
-    def write(self, *, index: bool = False) -> None:
+    def write(self, *, index: bool = False) -> bool:
+        """Replace the stored record; False when the store cannot be written (full, read-only)."""
         self.record["bad_event_lines"] = self.bad_lines
-        self.store.write(self.record, index=index)
-        self.dirty = False
         self.last_write = time.monotonic()
+        try:
+            self.store.write(self.record, index=index)
+        except StoreError as exc:
+            # A full or read-only disk must not end the supervision (that would orphan the script):
+            # the last good record stays on disk and the write is retried while the record is dirty.
+            self._store_failed(exc)
+            self.dirty = True
+            return False
+        if self.store_failing:
+            self.store_failing = False
+            log.warning("run %s: the store is writable again", self.run_id)
+        self.dirty = False
+        return True
+
+    def event(self, entry: dict[str, Any]) -> None:
+        """Append to the run's history; a store that cannot be written loses the entry, not the run."""
+        try:
+            self.store.append_event(self.run_id, entry)
+        except StoreError as exc:
+            self._store_failed(exc)
+
+    def _store_failed(self, exc: StoreError) -> None:
+        if not self.store_failing:  # once per outage, not once per line of a chatty script
+            self.store_failing = True
+            log.warning("run %s: %s; the run goes on and the record is retried", self.run_id, exc.message)
 
     def set_state(self, status: str, detail: str | None = None, **extra: Any) -> None:
         self.record["status"] = status
         self.record["status_detail"] = detail
         self.write(index=True)
-        self.store.append_event(self.run_id, {"type": "state", "status": status, "detail": detail, **extra})
+        self.event({"type": "state", "status": status, "detail": detail, **extra})
+
+    def write_final(self) -> None:
+        """Record the outcome, retrying for a bounded time while the store cannot be written."""
+        deadline = time.monotonic() + FINAL_WRITE_SECONDS
+        while self.dirty and time.monotonic() < deadline:
+            self._wait(FINAL_WRITE_RETRY_SECONDS)
+            self.write(index=True)
 
     # -- queue ----------------------------------------------------------------------------------
 
@@ -277,8 +313,7 @@ class Supervisor:
                 elif stop_sent is None:
                     stop_sent = now
                     proctree.signal_group(proc.pid, getattr(signal, self.settings.stop_signal))
-                    self.store.append_event(
-                        self.run_id,
+                    self.event(
                         {
                             "type": "stop_signal",
                             "reason": self.stop_reason,
@@ -357,12 +392,12 @@ class Supervisor:
             self.dirty = True
             if self.bad_lines <= MAX_BAD_LINES_LOGGED:
                 log.warning("run %s: skipped a bad event line: %s", self.run_id, result.error)
-                self.store.append_event(self.run_id, {"type": "bad_line", "error": result.error})
+                self.event({"type": "bad_line", "error": result.error})
             return
         for event in result.events:
             entry = self.progress.apply(event)
             if entry is not None:
-                self.store.append_event(self.run_id, entry)
+                self.event(entry)
             self.dirty = True
 
     def _log(self, data: bytes) -> None:
@@ -450,9 +485,7 @@ class Supervisor:
             if used is not None and used > limit_mb:
                 self.stop_reason = "gpu_memory_limit"
                 self.record["status_detail"] = f"GPU memory {used:.0f} MB > limit {limit_mb:.0f} MB"
-                self.store.append_event(
-                    self.run_id, {"type": "gpu_memory_limit", "used_mb": used, "limit_mb": limit_mb}
-                )
+                self.event({"type": "gpu_memory_limit", "used_mb": used, "limit_mb": limit_mb})
         return paused_at, paused_total
 
     def _move_deadline(self, paused_total: float) -> None:
@@ -504,8 +537,7 @@ class Supervisor:
             }
         )
         if record["step"] is not None or record["loss"] is not None or record["metrics"]:
-            self.store.append_event(
-                self.run_id,
+            self.event(
                 {
                     "type": "sample",
                     "step": record["step"],
@@ -529,6 +561,7 @@ class Supervisor:
             if self.log_file is not None:
                 self.log_file.close()
         self.finish(self.proc)
+        self.write_final()
         return 0
 
 

@@ -1,0 +1,268 @@
+"""The MCP server object of backprop-mcp and what its tools share: turning failures into results a
+model can act on, the service (created on first use), the allowed roots of a call, waiting for a
+run, and the resources."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, ParamSpec, TypeVar, Union
+
+import anyio
+import anyio.to_thread
+from mcp.server.mcpserver import Context, ListRoots, MCPServer, Resolve
+from mcp.server.mcpserver.exceptions import ResourceError, ResourceNotFoundError, ToolError
+from mcp.server.mcpserver.tools import Tool
+from mcp_types import CallToolResult, InputRequiredResult, ListRootsResult, TextContent, ToolAnnotations
+from mcp_types import Tool as MCPTool
+from pydantic import TypeAdapter, ValidationError
+
+from backprop_mcp.errors import BackpropError, PathNotAllowed, RunNotFound
+from backprop_mcp.mcp_server import Roots, client_roots
+from backprop_mcp.mcp_shapes import (
+    STATUS_LOG_LINES,
+    RunStatus,
+    RunWait,
+    progress_message,
+    render_error,
+    render_invalid_arguments,
+    run_status,
+    run_wait,
+)
+from backprop_mcp.models import ACTIVE_STATES
+
+if TYPE_CHECKING:
+    from backprop_mcp.service import Service
+
+log = logging.getLogger("backprop_mcp.mcp")
+P = ParamSpec("P")
+T = TypeVar("T")
+
+# wait_for_run looks at the run this often: a store read is ~1 ms, and agents wait seconds.
+WAIT_POLL_SECONDS = 0.5
+# ...and sends a progress notification at least this often, so clients see the call is alive.
+PROGRESS_EVERY_SECONDS = 5.0
+# The log resource shows this many lines (get_logs can ask for up to 500).
+RESOURCE_LOG_LINES = 200
+
+
+class BackpropServer(MCPServer[Any]):
+    """MCPServer whose failed tool calls say what was wrong and what to do, never just
+    "Error executing tool": a `BackpropError` becomes its message and hint, and arguments that fail
+    the input schema become one line per bad argument.
+
+    Its tools are built on a thread while `initialize` is answered: deriving their schemas from
+    the TypedDicts takes pydantic most of a second, and a client should not wait for that to
+    learn the server is alive. `tools/list` and `tools/call` wait for the build.
+    """
+
+    def __init__(self, build_tools: Callable[[], list[Tool]], **settings: Any) -> None:
+        super().__init__(**settings)
+        self._tools: dict[str, Tool] = {}
+        self._built = threading.Event()
+        self._build_error: BaseException | None = None
+        # Not a daemon: a daemon thread still inside pydantic's C code when the interpreter shuts
+        # down (a client that closes stdin right after initialize) aborts the process.
+        threading.Thread(target=self._build, args=(build_tools,), name="build-tools").start()
+
+    def _build(self, build_tools: Callable[[], list[Tool]]) -> None:
+        try:
+            self._tools = {tool.name: tool for tool in build_tools()}
+        except BaseException as exc:  # reported on the first tools/list or tools/call
+            self._build_error = exc
+        finally:
+            self._built.set()
+
+    async def tools(self) -> dict[str, Tool]:
+        if not self._built.is_set():
+            await anyio.to_thread.run_sync(self._built.wait)
+        if self._build_error is not None:
+            raise RuntimeError("the tools could not be built") from self._build_error
+        return self._tools
+
+    async def list_tools(self) -> list[MCPTool]:
+        return [
+            MCPTool(
+                name=tool.name,
+                title=tool.title,
+                description=tool.description,
+                input_schema=tool.parameters,
+                output_schema=tool.output_schema,
+                annotations=tool.annotations,
+                icons=tool.icons,
+                _meta=tool.meta,
+            )
+            for tool in (await self.tools()).values()
+        ]
+
+    async def call_tool(
+        self, name: str, arguments: dict[str, Any], context: Context[Any, Any] | None = None
+    ) -> CallToolResult | InputRequiredResult:
+        tool = (await self.tools()).get(name)
+        if tool is None:
+            return _error(f"Unknown tool: {name}. The tools are: {', '.join(self._tools)}.")
+        if context is None:
+            context = Context(mcp_server=self)
+        try:
+            result: CallToolResult | InputRequiredResult = await tool.run(
+                arguments, context, convert_result=True
+            )
+        except ToolError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, BackpropError):
+                log.info("tool %s refused: %r", name, cause.message)
+                return _error(render_error(cause))
+            if isinstance(cause, ValidationError):
+                return _error(render_invalid_arguments(name, cause.errors()))
+            raise
+        return result
+
+
+def _error(text: str) -> CallToolResult:
+    return CallToolResult(content=[TextContent(type="text", text=text)], is_error=True)
+
+
+async def _ask_client_roots(ctx: Context[Any, Any]) -> ListRoots | None:
+    """Ask for the client's roots when it declared it has some (roots/list, or input_required)."""
+    capabilities = ctx.client_capabilities
+    return ListRoots() if capabilities is not None and capabilities.roots is not None else None
+
+
+ClientRoots = Annotated[ListRootsResult | None, Resolve(_ask_client_roots)]
+
+
+class App:
+    """What the tools share: the service (created on first use), the roots, the wait cadence."""
+
+    def __init__(
+        self,
+        make_service: Callable[[], Service],
+        roots: Roots,
+        cwd: Path,
+        poll_seconds: float = WAIT_POLL_SECONDS,
+    ) -> None:
+        self._make_service = make_service
+        self._service: Service | None = None
+        self.roots = roots
+        self.cwd = cwd
+        self.poll_seconds = poll_seconds
+
+    @property
+    def service(self) -> Service:
+        if self._service is None:
+            self._service = self._make_service()
+        return self._service
+
+    async def call(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """A blocking service call, off the event loop."""
+        return await anyio.to_thread.run_sync(functools.partial(fn, *args, **kwargs))
+
+    def roots_for(self, announced: ListRootsResult | None) -> Roots:
+        """The client's roots when it announced any local folder, else the server's own."""
+        paths = client_roots(str(root.uri) for root in announced.roots) if announced else ()
+        return Roots(paths, "client") if paths else self.roots
+
+    async def guarded(self, roots: Roots, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """A call that checks the roots: its refusal says where these roots came from."""
+        try:
+            return await self.call(fn, *args, **kwargs)
+        except PathNotAllowed as exc:
+            raise PathNotAllowed(exc.message, hint=roots.hint()) from None
+
+    async def status(self, run_id: str) -> RunStatus:
+        record = await self.call(self.service.get, run_id)
+        tail = await self.call(self.service.logs, run_id, tail=STATUS_LOG_LINES)
+        return run_status(record, tail["lines"])
+
+    async def wait(
+        self,
+        run_id: str,
+        timeout: float,
+        until: str,
+        report: Callable[[float, float | None, str | None], Awaitable[None]],
+    ) -> RunWait:
+        """Poll the run until its state changes (or it ends), or the timeout passes."""
+        started = time.monotonic()
+        first = await self.call(self.service.get, run_id)
+        record, reported, last_step = first, -PROGRESS_EVERY_SECONDS, None
+        with anyio.move_on_after(timeout):
+            while record["status"] in ACTIVE_STATES:
+                elapsed = time.monotonic() - started
+                if record["step"] != last_step or elapsed - reported >= PROGRESS_EVERY_SECONDS:
+                    await report(round(elapsed, 2), float(timeout), progress_message(record))
+                    reported, last_step = elapsed, record["step"]
+                await anyio.sleep(self.poll_seconds)
+                record = await self.call(self.service.get, run_id)
+                moved = (record["status"], record["attempt"]) != (first["status"], first["attempt"])
+                if moved and (until == "change" or record["status"] not in ACTIVE_STATES):
+                    break
+        status = await self.status(run_id)
+        changed = (status["run"]["status"], status["run"]["attempt"]) != (first["status"], first["attempt"])
+        return run_wait(status, changed=changed, waited=time.monotonic() - started)
+
+
+def given_options(**values: object) -> dict[str, object]:
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def tool(
+    fn: Callable[..., Any], title: str, annotations: ToolAnnotations, outputs: tuple[type, ...] = ()
+) -> Tool:
+    """A tool from a function; `outputs` publishes a union of shapes as the structured output
+    itself, where the SDK would wrap a union in {"result": ...}."""
+    tool = Tool.from_function(
+        fn, title=title, annotations=annotations, structured_output=False if outputs else None
+    )
+    if outputs:
+        union: Any = Union[outputs]  # noqa: UP007 - a runtime tuple of types has no `|` spelling
+        tool.fn_metadata.output_model = union
+        tool.fn_metadata.output_schema = {"type": "object", **TypeAdapter(union).json_schema()}
+    return tool
+
+
+def add_resources(server: MCPServer[Any], app: App) -> None:
+    """The run record, its log tail and the machine's status as readable resources."""
+
+    async def read(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return await app.call(fn, *args, **kwargs)
+        except RunNotFound as exc:
+            raise ResourceNotFoundError(render_error(exc)) from None
+        except BackpropError as exc:
+            raise ResourceError(render_error(exc)) from None
+
+    @server.resource(
+        "backprop://runs/{run_id}",
+        name="run",
+        title="A run's record",
+        description="The full record of one run, as JSON.",
+        mime_type="application/json",
+    )
+    async def run_record(run_id: str) -> str:
+        return json.dumps(await read(app.service.get, run_id), indent=1)
+
+    @server.resource(
+        "backprop://runs/{run_id}/log",
+        name="run-log",
+        title="A run's log",
+        description=f"The last {RESOURCE_LOG_LINES} lines of a run's current log.",
+        mime_type="text/plain",
+    )
+    async def run_log(run_id: str) -> str:
+        tail = await read(app.service.logs, run_id, tail=RESOURCE_LOG_LINES)
+        return "\n".join(tail["lines"]) + ("\n" if tail["lines"] else "")
+
+    @server.resource(
+        "backprop://system",
+        name="system",
+        title="The machine",
+        description="CPU, RAM, GPUs, live and queued runs, and the verdict for a new run, as JSON.",
+        mime_type="application/json",
+    )
+    async def system() -> str:
+        return json.dumps(await read(app.service.system_status), indent=1)

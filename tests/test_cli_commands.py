@@ -1,0 +1,114 @@
+"""The rest of the CLI: import-legacy, compare, logs -f, dry-run, and `python -m backprop_mcp`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from backprop_mcp.service import RunRequest, Service
+from tests.helpers import FIXTURES, cli, cli_json, wait_for_end
+
+
+def test_import_legacy_brings_in_the_seeds_experiments(env: dict[str, str], tmp_path: Path) -> None:
+    ckpt = tmp_path / "ckpt.pt"
+    ckpt.write_bytes(b"x")
+    legacy = tmp_path / "experiments.json"
+    legacy.write_text(json.dumps({"experiments": [
+        {"id": "exp-1", "name": "first", "scriptPath": "/p/train.py", "status": "completed",
+         "checkpoints": [str(ckpt)], "lastStep": 120, "lastLoss": 0.41,
+         "startTime": 1_700_000_000_000, "endTime": 1_700_000_600_000},
+        {"id": "exp-2", "name": "left running", "scriptPath": "/p/train.py", "status": "running",
+         "checkpoints": [], "startTime": 1_700_000_700_000},
+        {"id": "../evil", "status": "completed"},
+        "not an object",
+    ]}), encoding="utf-8")
+    report = cli_json(env, "import-legacy", str(legacy))
+    assert report["imported"] == ["exp-1", "exp-2"]
+    assert len(report["skipped"]) == 2
+    first = cli_json(env, "status", "exp-1")
+    assert (first["status"], first["step"], first["loss"], first["name"]) == ("completed", 120, 0.41, "first")
+    assert first["started_at"] == "2023-11-14T22:13:20.000Z"
+    assert first["ended_at"] == "2023-11-14T22:23:20.000Z"
+    assert first["latest_checkpoint"] == str(ckpt)
+    assert cli_json(env, "status", "exp-2")["status"] == "lost"
+    again = cli_json(env, "import-legacy", str(legacy))
+    assert again["imported"] == [] and any("already exists" in s for s in again["skipped"])
+
+
+def test_import_legacy_of_a_corrupt_file_is_a_clear_error(env: dict[str, str], tmp_path: Path) -> None:
+    bad = tmp_path / "experiments.json"
+    bad.write_text("{nope", encoding="utf-8")
+    result = cli(env, "import-legacy", str(bad))
+    assert result.returncode == 2 and "not valid JSON" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_compare_ranks_runs_on_a_metric(service: Service, env: dict[str, str]) -> None:
+    for run_id, steps in (("short", "2"), ("long", "8")):
+        service.start(RunRequest(script=str(FIXTURES / "counts_and_exits.py"), args=[steps], run_id=run_id))
+    wait_for_end(service, "short")
+    wait_for_end(service, "long")
+    by_loss = cli_json(env, "compare", "short", "long")
+    assert by_loss["best_run_id"] == "long" and by_loss["lower_is_better"] is True
+    by_acc = cli_json(env, "compare", "short", "long", "--metric", "acc")
+    assert by_acc["lower_is_better"] is False
+    assert [r["best_metric"] for r in by_acc["runs"]] == [1.0, 1.0]
+    assert [r["best_metric"] for r in by_loss["runs"]] == [1 / 8, 1 / 2]
+
+
+def test_logs_follow_prints_the_output_until_the_run_ends(service: Service, env: dict[str, str]) -> None:
+    service.start(RunRequest(script=str(FIXTURES / "counts_and_exits.py"), args=["3"], run_id="followed"))
+    result = cli(env, "logs", "followed", "-f")
+    assert result.returncode == 0, result.stderr
+    assert 'args: ["3"]' in result.stdout
+    assert "completed" in result.stdout
+
+
+def test_dry_run_prints_the_decision_command_and_environment_without_starting(
+    env: dict[str, str], tmp_path: Path, service: Service
+) -> None:
+    result = cli(env, "run", str(FIXTURES / "counts_and_exits.py"), "--run-id", "dry", "--dry-run", "--", "--x",
+                 cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "counts_and_exits.py --x" in result.stdout
+    assert "BACKPROP_RUN_ID=dry" in result.stdout
+    assert "a new run can start now" in result.stdout
+    assert "nothing was started" in result.stdout
+    assert not service.store.exists("dry")
+
+
+def test_the_module_entry_point_and_version_work(env: dict[str, str]) -> None:
+    from backprop_mcp import __version__
+
+    result = cli(env, "--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"backprop {__version__}"
+
+
+def test_the_interpreter_choice_is_recorded(service: Service, tmp_path: Path) -> None:
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    import sys
+
+    (venv / "bin" / "python").symlink_to(sys.executable)
+    in_venv = Service(service.store.home, env={**service.env, "VIRTUAL_ENV": str(venv)}, cwd=tmp_path)
+    record = in_venv.start(RunRequest(script=str(FIXTURES / "counts_and_exits.py")))
+    assert (record["python"], record["python_source"]) == (str(venv / "bin" / "python"), "virtualenv")
+    explicit = service.start(RunRequest(script=str(FIXTURES / "counts_and_exits.py"), python=sys.executable))
+    assert explicit["python_source"] == "option"
+    default = service.start(RunRequest(script=str(FIXTURES / "counts_and_exits.py")))
+    assert (default["python"], default["python_source"]) == (sys.executable, "current")
+    for run in (record, explicit, default):
+        assert wait_for_end(service, run["run_id"])["status"] == "completed"
+
+
+def test_a_missing_interpreter_fails_the_run_with_start_failed(service: Service) -> None:
+    record = service.start(RunRequest(script=str(FIXTURES / "counts_and_exits.py"), python="/no/such/python"))
+    final = wait_for_end(service, record["run_id"])
+    assert (final["status"], final["termination_reason"]) == ("failed", "start_failed")
+    assert "/no/such/python" in (final["status_detail"] or "")
+
+
+def test_the_framework_is_detected_from_imports(service: Service, tmp_path: Path) -> None:
+    script = tmp_path / "t.py"
+    script.write_text("import os\nimport torch.nn as nn\n", encoding="utf-8")
+    report = service.dry_run(RunRequest(script=str(script)))
+    assert report["environment"]["BACKPROP_FRAMEWORK"] == "pytorch"

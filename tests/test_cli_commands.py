@@ -13,15 +13,36 @@ def test_import_legacy_brings_in_the_seeds_experiments(env: dict[str, str], tmp_
     ckpt = tmp_path / "ckpt.pt"
     ckpt.write_bytes(b"x")
     legacy = tmp_path / "experiments.json"
-    legacy.write_text(json.dumps({"experiments": [
-        {"id": "exp-1", "name": "first", "scriptPath": "/p/train.py", "status": "completed",
-         "checkpoints": [str(ckpt)], "lastStep": 120, "lastLoss": 0.41,
-         "startTime": 1_700_000_000_000, "endTime": 1_700_000_600_000},
-        {"id": "exp-2", "name": "left running", "scriptPath": "/p/train.py", "status": "running",
-         "checkpoints": [], "startTime": 1_700_000_700_000},
-        {"id": "../evil", "status": "completed"},
-        "not an object",
-    ]}), encoding="utf-8")
+    legacy.write_text(
+        json.dumps(
+            {
+                "experiments": [
+                    {
+                        "id": "exp-1",
+                        "name": "first",
+                        "scriptPath": "/p/train.py",
+                        "status": "completed",
+                        "checkpoints": [str(ckpt)],
+                        "lastStep": 120,
+                        "lastLoss": 0.41,
+                        "startTime": 1_700_000_000_000,
+                        "endTime": 1_700_000_600_000,
+                    },
+                    {
+                        "id": "exp-2",
+                        "name": "left running",
+                        "scriptPath": "/p/train.py",
+                        "status": "running",
+                        "checkpoints": [],
+                        "startTime": 1_700_000_700_000,
+                    },
+                    {"id": "../evil", "status": "completed"},
+                    "not an object",
+                ]
+            }
+        ),
+        encoding="utf-8",
+    )
     report = cli_json(env, "import-legacy", str(legacy))
     assert report["imported"] == ["exp-1", "exp-2"]
     assert len(report["skipped"]) == 2
@@ -66,8 +87,17 @@ def test_logs_follow_prints_the_output_until_the_run_ends(service: Service, env:
 def test_dry_run_prints_the_decision_command_and_environment_without_starting(
     env: dict[str, str], tmp_path: Path, service: Service
 ) -> None:
-    result = cli(env, "run", str(FIXTURES / "counts_and_exits.py"), "--run-id", "dry", "--dry-run", "--", "--x",
-                 cwd=tmp_path)
+    result = cli(
+        env,
+        "run",
+        str(FIXTURES / "counts_and_exits.py"),
+        "--run-id",
+        "dry",
+        "--dry-run",
+        "--",
+        "--x",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     assert "counts_and_exits.py --x" in result.stdout
     assert "BACKPROP_RUN_ID=dry" in result.stdout
@@ -112,3 +142,71 @@ def test_the_framework_is_detected_from_imports(service: Service, tmp_path: Path
     script.write_text("import os\nimport torch.nn as nn\n", encoding="utf-8")
     report = service.dry_run(RunRequest(script=str(script)))
     assert report["environment"]["BACKPROP_FRAMEWORK"] == "pytorch"
+
+
+def _foreground(env: dict[str, str], tmp_path: Path, fixture: str, run_id: str) -> subprocess.Popen[str]:
+    import subprocess
+    import sys
+
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "backprop_mcp",
+            "run",
+            str(FIXTURES / fixture),
+            "--run-id",
+            run_id,
+            "--grace-seconds",
+            "30",
+        ],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_ctrl_c_once_in_the_foreground_stops_gracefully(
+    env: dict[str, str], tmp_path: Path, service: Service
+) -> None:
+    import signal
+
+    from tests.helpers import wait_for_log
+
+    proc = _foreground(env, tmp_path, "checkpoints_on_sigint.py", "fg-once")
+    from tests.helpers import wait_until
+
+    wait_until(lambda: service.store.exists("fg-once"), what="the run")
+    wait_for_log(service, "fg-once", "ready")
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 5
+    assert "stopping gracefully" in out
+    record = service.get("fg-once")
+    assert (record["status"], record["exit_code"]) == ("stopped", 130)
+    assert record["latest_checkpoint"] is not None
+
+
+def test_ctrl_c_twice_in_the_foreground_kills_without_the_grace(
+    env: dict[str, str], tmp_path: Path, service: Service
+) -> None:
+    import signal
+
+    from tests.helpers import wait_for_log, wait_until
+
+    proc = _foreground(env, tmp_path, "ignores_sigint_and_sigterm.py", "fg-twice")
+    wait_until(lambda: service.store.exists("fg-twice"), what="the run")
+    wait_for_log(service, "fg-twice", "ready")
+    proc.send_signal(signal.SIGINT)
+    wait_until(
+        lambda: any(e.get("type") == "stop_signal" for e in service.store.read_events("fg-twice")),
+        what="the graceful stop signal",
+    )
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 5
+    assert "killing" in out
+    record = service.get("fg-twice")
+    assert (record["status"], record["signal"]) == ("stopped", "SIGKILL")

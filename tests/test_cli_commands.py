@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 from backprop_mcp.service import RunRequest, Service
@@ -116,8 +119,6 @@ def test_the_module_entry_point_and_version_work(env: dict[str, str]) -> None:
 def test_the_interpreter_choice_is_recorded(service: Service, tmp_path: Path) -> None:
     venv = tmp_path / "venv"
     (venv / "bin").mkdir(parents=True)
-    import sys
-
     (venv / "bin" / "python").symlink_to(sys.executable)
     in_venv = Service(service.store.home, env={**service.env, "VIRTUAL_ENV": str(venv)}, cwd=tmp_path)
     record = in_venv.start(RunRequest(script=str(FIXTURES / "counts_and_exits.py")))
@@ -171,8 +172,6 @@ def _foreground(env: dict[str, str], tmp_path: Path, fixture: str, run_id: str) 
 def test_ctrl_c_once_in_the_foreground_stops_gracefully(
     env: dict[str, str], tmp_path: Path, service: Service
 ) -> None:
-    import signal
-
     from tests.helpers import wait_for_log
 
     proc = _foreground(env, tmp_path, "checkpoints_on_sigint.py", "fg-once")
@@ -192,8 +191,6 @@ def test_ctrl_c_once_in_the_foreground_stops_gracefully(
 def test_ctrl_c_twice_in_the_foreground_kills_without_the_grace(
     env: dict[str, str], tmp_path: Path, service: Service
 ) -> None:
-    import signal
-
     from tests.helpers import wait_for_log, wait_until
 
     proc = _foreground(env, tmp_path, "ignores_sigint_and_sigterm.py", "fg-twice")

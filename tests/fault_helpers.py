@@ -20,7 +20,9 @@ VANISH_SECONDS = 10.0
 def start(service: Service, fixture: str, *args: str, cwd: Path | None = None, **options: object) -> str:
     """Start a fixture script through the service; returns the run id."""
     request = RunRequest(
-        script=str(FIXTURES / fixture), args=list(args), options=dict(options),
+        script=str(FIXTURES / fixture),
+        args=list(args),
+        options=dict(options),
         cwd=str(cwd) if cwd else None,
     )
     return service.start(request)["run_id"]
@@ -108,4 +110,3 @@ def environ_has(proc: psutil.Process, key: str) -> bool:
         return key in proc.environ()
     except (psutil.Error, OSError):
         return False
-

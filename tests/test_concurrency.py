@@ -58,21 +58,34 @@ def _max_overlap(spans: Path) -> tuple[int, int]:
     return most, len(starts)
 
 
-def _worker(env: dict[str, str], cwd: Path, spans: Path, seed: int, until: float, cap: int,
-            traffic: Traffic) -> None:
+def _worker(
+    env: dict[str, str], cwd: Path, spans: Path, seed: int, until: float, cap: int, traffic: Traffic
+) -> None:
     rng = random.Random(seed)
     while time.monotonic() < until:
         with traffic.lock:
             known = list(traffic.runs)
             can_start = len(traffic.runs) < cap
-        op = rng.choice(["run", "run", "stop", "resume", "list", "status"] if can_start
-                        else ["stop", "resume", "list", "list", "status"])
-        if op != "run" and op != "list" and not known:
+        op = rng.choice(
+            ["run", "run", "stop", "resume", "list", "status"]
+            if can_start
+            else ["stop", "resume", "list", "list", "status"]
+        )
+        if op not in {"run", "list"} and not known:
             op = "list"
         if op == "run":
             seconds = f"{rng.uniform(0.1, 0.8):.2f}"
-            args = ["run", str(FIXTURES / "writes_its_span.py"), "--detach", "-m", "0.05", "--json",
-                    "--", str(spans), seconds]
+            args = [
+                "run",
+                str(FIXTURES / "writes_its_span.py"),
+                "--detach",
+                "-m",
+                "0.05",
+                "--json",
+                "--",
+                str(spans),
+                seconds,
+            ]
         elif op == "stop":
             args = ["stop", rng.choice(known)]
         elif op == "resume":
@@ -115,8 +128,9 @@ def _hammer(env: dict[str, str], tmp_path: Path, workers: int, seconds: float, c
     assert not traffic.failures, "\n".join(traffic.failures)
     assert traffic.runs, traffic.ops
     service = Service(Path(env["BACKPROP_HOME"]), env=env, cwd=tmp_path)
-    records = {run_id: wait_for_end(service, run_id, timeout=60 + 10 * len(traffic.runs))
-               for run_id in traffic.runs}
+    records = {
+        run_id: wait_for_end(service, run_id, timeout=60 + 10 * len(traffic.runs)) for run_id in traffic.runs
+    }
     most, counted = _max_overlap(spans)
     assert most <= MAX_PARALLEL, f"{most} scripts ran at once with maxParallel {MAX_PARALLEL}"
     listed = {row["run_id"]: row for row in cli_json(env, "list", "--limit", "1000")["runs"]}
@@ -160,8 +174,9 @@ def test_locks_held_by_a_killed_process_never_block_the_next_command(
 ) -> None:
     first = cli_json(env, "run", str(FIXTURES / "counts_and_exits.py"), "--run-id", "first", cwd=tmp_path)
     assert first["status"] == "completed"
-    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, env["BACKPROP_HOME"], "first"],
-                              stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, env["BACKPROP_HOME"], "first"], stdout=subprocess.PIPE, text=True
+    )
     assert holder.stdout is not None
     assert holder.stdout.readline().strip() == "held"  # every lock of the store is taken
     holder.kill()

@@ -4,14 +4,17 @@ command tells the truth about every run and nothing keeps running."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import psutil
+import pytest
 
 from backprop_mcp.models import ACTIVE_STATES, TERMINAL_STATES
 from backprop_mcp.service import Service
@@ -19,10 +22,15 @@ from tests.fault_helpers import alive, assert_nothing_survives, start, superviso
 from tests.helpers import FIXTURES, cli_json, wait_for_end, wait_for_log, wait_until
 
 
-def _foreground(env: dict[str, str], cwd: Path, run_id: str, fixture: str, *options: str) -> subprocess.Popen[bytes]:
+def _foreground(
+    env: dict[str, str], cwd: Path, run_id: str, fixture: str, *options: str
+) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-m", "backprop_mcp", "run", str(FIXTURES / fixture), "--run-id", run_id, *options],
-        env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env=env,
+        cwd=cwd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
 
 
@@ -35,7 +43,7 @@ def test_runs_started_by_foreground_clis_killed_with_sigkill_finish_and_are_reco
         _foreground(env, tmp_path, "completes", "waits_forever.py"),
     ]
     for run_id in ("times-out", "forced", "completes"):
-        wait_until(lambda r=run_id: service.store.exists(r), what=f"{run_id} to be created")
+        wait_until(partial(service.store.exists, run_id), what=f"{run_id} to be created")
         wait_for_log(service, run_id, "ready")
     for starter in starters:
         starter.kill()
@@ -45,14 +53,23 @@ def test_runs_started_by_foreground_clis_killed_with_sigkill_finish_and_are_reco
     service.stop("completes")
     timed_out = wait_for_end(service, "times-out")
     assert (timed_out["status"], timed_out["termination_reason"], timed_out["exit_code"]) == (
-        "timed_out", "deadline", 130)
+        "timed_out",
+        "deadline",
+        130,
+    )
     assert timed_out["latest_checkpoint"] is not None and Path(timed_out["latest_checkpoint"]).exists()
     killed = wait_for_end(service, "forced")
     assert (killed["status"], killed["termination_reason"], killed["signal"]) == (
-        "stopped", "stop_requested", "SIGKILL")
+        "stopped",
+        "stop_requested",
+        "SIGKILL",
+    )
     stopped = wait_for_end(service, "completes")
     assert (stopped["status"], stopped["termination_reason"], stopped["exit_code"]) == (
-        "stopped", "stop_requested", 0)
+        "stopped",
+        "stop_requested",
+        0,
+    )
     assert_nothing_survives("times-out", "forced", "completes")
 
 
@@ -114,25 +131,37 @@ def test_killing_every_backprop_process_at_once_leaves_truthful_records_and_noth
     home = env["BACKPROP_HOME"]
     run_ids = [f"r{n}" for n in range(5)]
     for run_id in run_ids[:4]:
-        cli_json(env, "run", str(FIXTURES / "spawns_grandchildren.py"), "--run-id", run_id, "--detach",
-                 cwd=tmp_path)
+        cli_json(
+            env,
+            "run",
+            str(FIXTURES / "spawns_grandchildren.py"),
+            "--run-id",
+            run_id,
+            "--detach",
+            cwd=tmp_path,
+        )
     follower = _foreground(env, tmp_path, run_ids[4], "waits_forever.py")
     service = Service(Path(home), env=env, cwd=tmp_path)
     wait_until(lambda: service.store.exists(run_ids[4]), what="the foreground run to be created")
     for run_id in run_ids:
         supervisor_pid(service, run_id)  # every run has its supervisor before the cut
-    wait_until(lambda: sum(service.store.read(r)["status"] == "running" for r in run_ids) == 2,
-               what="two runs to be running")
-    wait_until(lambda: all(service.store.read(r)["status"] == "queued" and service.store.read(r)["supervisor_pid"]
-                           for r in run_ids if service.store.read(r)["status"] != "running"),
-               what="the others to be queued by their supervisors")
+    wait_until(
+        lambda: sum(service.store.read(r)["status"] == "running" for r in run_ids) == 2,
+        what="two runs to be running",
+    )
+    wait_until(
+        lambda: all(
+            service.store.read(r)["status"] == "queued" and service.store.read(r)["supervisor_pid"]
+            for r in run_ids
+            if service.store.read(r)["status"] != "running"
+        ),
+        what="the others to be queued by their supervisors",
+    )
     victims = _backprop_processes(home)
     assert len(victims) >= 1 + 5 + 2 * 7  # the follower, five supervisors, two running trees of seven
     for proc in victims:  # as close to at once as a user-space loop gets: a power cut
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             proc.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            pass
     follower.wait()
     wait_until(lambda: not [p for p in victims if alive(p.pid)], what="every victim to die")
     page = cli_json(env, "list")
@@ -154,3 +183,87 @@ def test_killing_every_backprop_process_at_once_leaves_truthful_records_and_noth
     assert all(r["status"] in TERMINAL_STATES for r in cli_json(env, "list")["runs"])
     index = Path(home, "index.jsonl").read_bytes().splitlines()
     assert all(json.loads(line) for line in index)
+
+
+def _rpc(
+    server: subprocess.Popen[str], request_id: int, method: str, params: dict[str, object]
+) -> dict[str, object]:
+    """One JSON-RPC request over the server's stdio, and its response (notifications skipped)."""
+    assert server.stdin is not None and server.stdout is not None
+    server.stdin.write(
+        json.dumps({"jsonrpc": "2.0", "id": request_id, "method": method, "params": params}) + "\n"
+    )
+    server.stdin.flush()
+    while True:
+        line = server.stdout.readline()
+        assert line, "the MCP server closed its stdout"
+        message = json.loads(line)
+        if message.get("id") == request_id:
+            return dict(message)
+
+
+def test_runs_started_over_mcp_finish_and_are_recorded_after_the_server_is_sigkilled(
+    env: dict[str, str], service: Service, tmp_path: Path
+) -> None:
+    pytest.importorskip("backprop_mcp.mcp_tools", reason="the MCP server is not built yet")
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "backprop-mcp"), "--root", str(FIXTURES)],
+        env=env,
+        cwd=tmp_path,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        hello = _rpc(
+            server,
+            1,
+            "initialize",
+            {
+                "protocolVersion": "2025-11-25",
+                "capabilities": {},
+                "clientInfo": {"name": "crash-test", "version": "0"},
+            },
+        )
+        assert "result" in hello, hello
+        assert server.stdin is not None
+        server.stdin.write(json.dumps({"jsonrpc": "2.0", "method": "notifications/initialized"}) + "\n")
+        server.stdin.flush()
+        for n, (run_id, script, minutes) in enumerate(
+            (("mcp-box", "checkpoints_on_sigint.py", 0.03), ("mcp-stop", "waits_forever.py", 10))
+        ):
+            reply = _rpc(
+                server,
+                2 + n,
+                "tools/call",
+                {
+                    "name": "run_training",
+                    "arguments": {
+                        "script": str(FIXTURES / script),
+                        "run_id": run_id,
+                        "max_run_minutes": minutes,
+                        "use_gpu": False,
+                    },
+                },
+            )
+            assert not reply["result"]["isError"], reply  # type: ignore[index]
+        for run_id in ("mcp-box", "mcp-stop"):
+            wait_for_log(service, run_id, "ready")
+        server.kill()
+        server.wait()
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+        for stream in (server.stdin, server.stdout):
+            if stream is not None:
+                stream.close()
+    assert service.get("mcp-stop")["status"] == "running"  # the server's death stopped nothing
+    service.stop("mcp-stop")
+    boxed = wait_for_end(service, "mcp-box")
+    assert (boxed["status"], boxed["termination_reason"]) == ("timed_out", "deadline")
+    assert boxed["latest_checkpoint"] is not None
+    stopped = wait_for_end(service, "mcp-stop")
+    assert (stopped["status"], stopped["termination_reason"]) == ("stopped", "stop_requested")
+    assert_nothing_survives("mcp-box", "mcp-stop")

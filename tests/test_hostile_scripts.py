@@ -3,6 +3,7 @@ the supervisor survives what it prints, and no process of the run is left alive.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -25,11 +26,16 @@ def test_a_script_ignoring_sigint_and_sigterm_with_grandchildren_is_killed_whole
     wait_for_log(service, run_id, "ready")
     record = wait_for_end(service, run_id)
     assert (record["status"], record["termination_reason"], record["signal"]) == (
-        "timed_out", "deadline", "SIGKILL")
+        "timed_out",
+        "deadline",
+        "SIGKILL",
+    )
     assert_nothing_survives(run_id)
 
 
-def test_a_double_forked_setsid_daemon_is_killed_when_the_run_is_stopped(service: Service, tmp_path: Path) -> None:
+def test_a_double_forked_setsid_daemon_is_killed_when_the_run_is_stopped(
+    service: Service, tmp_path: Path
+) -> None:
     pid_file = tmp_path / "daemon.pid"
     run_id = start(service, "spawns_daemon.py", str(pid_file), grace_seconds=SHORT_GRACE)
     wait_for_log(service, run_id, "ready")
@@ -49,12 +55,17 @@ def test_two_hundred_children_ignoring_signals_are_all_killed_on_stop(service: S
     service.stop(run_id)
     record = wait_for_end(service, run_id)
     assert (record["status"], record["termination_reason"], record["signal"]) == (
-        "stopped", "stop_requested", "SIGKILL")
+        "stopped",
+        "stop_requested",
+        "SIGKILL",
+    )
     assert not [p for p in tree if alive(p.pid)]
     assert_nothing_survives(run_id)
 
 
-def test_a_script_that_closes_stdout_early_keeps_being_supervised_until_its_deadline(service: Service) -> None:
+def test_a_script_that_closes_stdout_early_keeps_being_supervised_until_its_deadline(
+    service: Service,
+) -> None:
     run_id = start(service, "closes_stdout_early.py", max_run_minutes=SHORT_BOX, grace_seconds=SHORT_GRACE)
     wait_for_log(service, run_id, "ready")
     assert service.get(run_id)["status"] == "running"  # stdout's EOF did not end the supervision
@@ -70,10 +81,8 @@ def test_a_50_mb_line_without_newline_is_logged_and_skipped_in_bounded_memory(se
 
     def ended_sampling_memory() -> bool:
         nonlocal peak
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             peak = max(peak, supervisor.memory_info().rss)
-        except psutil.NoSuchProcess:
-            pass
         return service.get(run_id)["status"] in ("completed", "failed")
 
     wait_until(ended_sampling_memory, what="the 50 MB line run to end")
@@ -104,7 +113,9 @@ def test_invalid_utf8_and_nul_bytes_are_logged_and_counted_never_fatal(service: 
     assert_nothing_survives(run_id)
 
 
-def test_a_script_flooding_stdout_for_its_whole_box_is_timed_out_with_progress_recorded(service: Service) -> None:
+def test_a_script_flooding_stdout_for_its_whole_box_is_timed_out_with_progress_recorded(
+    service: Service,
+) -> None:
     run_id = start(service, "floods_stdout.py", max_run_minutes=SHORT_BOX, grace_seconds=SHORT_GRACE)
     record = wait_for_end(service, run_id)
     assert (record["status"], record["termination_reason"]) == ("timed_out", "deadline")
@@ -121,7 +132,10 @@ def test_a_script_exiting_while_its_child_holds_the_pipes_completes_and_the_chil
     run_id = start(service, "exits_leaving_child_with_pipes.py", str(pid_file))
     record = wait_for_end(service, run_id)
     assert (record["status"], record["termination_reason"], record["exit_code"]) == (
-        "completed", "exit_zero", 0)
+        "completed",
+        "exit_zero",
+        0,
+    )
     assert not alive(int(pid_file.read_text(encoding="utf-8")))
     assert "parent exiting" in service.logs(run_id)["lines"]
     assert_nothing_survives(run_id)
@@ -130,7 +144,11 @@ def test_a_script_exiting_while_its_child_holds_the_pipes_completes_and_the_chil
 def test_a_script_dying_by_sigsegv_is_failed_with_the_signal_and_keeps_its_progress(service: Service) -> None:
     run_id = start(service, "dies_by_sigsegv.py")
     record = wait_for_end(service, run_id)
-    assert (record["status"], record["termination_reason"], record["signal"]) == ("failed", "signal", "SIGSEGV")
+    assert (record["status"], record["termination_reason"], record["signal"]) == (
+        "failed",
+        "signal",
+        "SIGSEGV",
+    )
     assert record["exit_code"] is None
     assert (record["step"], record["loss"]) == (4, 0.7)
     assert record["attempts"][0]["signal"] == "SIGSEGV"
@@ -156,7 +174,9 @@ def test_hostile_event_lines_are_skipped_and_the_good_ones_between_them_recorded
     for line in service.store.events_path(run_id).read_bytes().splitlines():
         strict_json(line)
     # Resume skips the checkpoints that do not exist for the newest one that does.
-    assert service.resume(run_id, options={"max_run_minutes": 0.05})["resume_from"] == str(tmp_path / "real.ckpt")
+    assert service.resume(run_id, options={"max_run_minutes": 0.05})["resume_from"] == str(
+        tmp_path / "real.ckpt"
+    )
     wait_for_end(service, run_id)
     (tmp_path / "real.ckpt").unlink()
     with pytest.raises(NoCheckpoint, match="none of its 3 reported checkpoints exists"):

@@ -86,9 +86,16 @@ async def test_a_run_over_stdio_is_started_waited_for_resumed_listed_and_outlive
             assert [row["run_id"] for row in page["runs"]] == [first["run_id"]]
 
             live = await call(
-                client, "run_training", script="train.py", args=["3", "0", str(gate)], **GENEROUS
+                client,
+                "run_training",
+                script="train.py",
+                args=["3", "0", str(gate)],
+                max_run_minutes=1,
+                **GENEROUS,
             )
-            waited = await call(client, "wait_for_run", run_id=live["run_id"], timeout_seconds=60)
+            waited = await call(
+                client, "wait_for_run", run_id=live["run_id"], since="queued", timeout_seconds=60
+            )
             assert waited["run"]["status"] == "running"
         # The client has closed the server's stdin and the server has exited; the run goes on.
         gate.touch()
@@ -201,7 +208,12 @@ async def test_only_protocol_reaches_stdout_and_the_server_exits_promptly_when_s
             tool,
             {
                 "name": "run_training",
-                "arguments": {"script": "train.py", "args": ["2", "0", str(gate)], **GENEROUS},
+                "arguments": {
+                    "script": "train.py",
+                    "args": ["2", "0", str(gate)],
+                    "max_run_minutes": 1,
+                    **GENEROUS,
+                },
             },
         )
         live_id = live["structuredContent"]["run_id"]

@@ -216,17 +216,25 @@ async def test_wait_for_run_returns_at_once_for_a_run_that_has_ended(
 
 
 @pytest.mark.anyio
-async def test_wait_for_run_returns_when_the_state_changes_before_the_run_ends(
+async def test_wait_for_run_returns_once_the_run_has_left_the_state_the_caller_last_saw(
     server: BackpropServer, era: str, project: Path
 ) -> None:
     gate = project / "gate"
     async with connect(server, era) as client:
-        record = await call(client, "run_training", script="train.py", args=["3", "0", str(gate)], **GENEROUS)
+        record = await call(
+            client,
+            "run_training",
+            script="train.py",
+            args=["3", "0", str(gate)],
+            max_run_minutes=1,
+            **GENEROUS,
+        )
         run_id = record["run_id"]
-        waited = await call(client, "wait_for_run", run_id=run_id, timeout_seconds=60)
-        if record["status"] == "queued":  # else it was running already, and only its end changes it
-            assert (waited["run"]["status"], waited["changed"], waited["ended"]) == ("running", True, False)
-            assert waited["time_left_seconds"] is not None
+        waited = await call(client, "wait_for_run", run_id=run_id, since="queued", timeout_seconds=60)
+        assert (waited["run"]["status"], waited["changed"], waited["ended"]) == ("running", True, False)
+        assert waited["time_left_seconds"] is not None
+        again = await call(client, "wait_for_run", run_id=run_id, since="running", timeout_seconds=1)
+        assert (again["run"]["status"], again["changed"], again["ended"]) == ("running", False, False)
         gate.touch()
         assert (await wait_end(client, run_id))["status"] == "completed"
 
@@ -335,10 +343,14 @@ async def test_stop_run_stops_a_live_run_gracefully_and_a_second_stop_says_it_ha
 ) -> None:
     async with connect(server, era) as client:
         record = await call(
-            client, "run_training", script="train.py", args=["5", "0", str(project / "never")], **GENEROUS
+            client,
+            "run_training",
+            script="train.py",
+            args=["5", "0", str(project / "never")],
+            max_run_minutes=1,
+            **GENEROUS,
         )
-        if record["status"] == "queued":
-            await call(client, "wait_for_run", run_id=record["run_id"])
+        await call(client, "wait_for_run", run_id=record["run_id"], since="queued")
         await call(client, "stop_run", run_id=record["run_id"])
         stopped = await wait_end(client, record["run_id"])
         again = await fails(client, "stop_run", run_id=record["run_id"])

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from backprop_mcp import store as store_module
-from backprop_mcp.errors import StoreCorrupt
+from backprop_mcp.errors import RunNotFound
 from backprop_mcp.service import Service
 from tests.fault_helpers import alive, assert_nothing_survives, start, strict_json, supervisor_pid
 from tests.helpers import FIXTURES, cli, cli_json, isolated_env, wait_for_end, wait_until
@@ -47,7 +48,8 @@ def fill(folder: Path) -> Path:
             while True:
                 handle.write(b"\0" * 4096)
         except OSError as exc:
-            assert exc.errno == errno.ENOSPC
+            if exc.errno != errno.ENOSPC:
+                raise
     return filler
 
 
@@ -63,8 +65,10 @@ def test_a_full_disk_during_a_run_keeps_its_supervisor_and_its_last_good_record(
         filler = fill(home)
         reached = int(step_file.read_text(encoding="utf-8"))
         # The script goes on and its supervisor keeps draining it while nothing can be written.
-        wait_until(lambda: int(step_file.read_text(encoding="utf-8")) >= reached + 50,
-                   what="fifty more steps on a full disk")
+        wait_until(
+            lambda: int(step_file.read_text(encoding="utf-8")) >= reached + 50,
+            what="fifty more steps on a full disk",
+        )
         assert alive(supervisor)
         last_good = strict_json(service.store.record_path(run_id).read_bytes())
         assert isinstance(last_good, dict) and last_good["status"] == "running"
@@ -82,7 +86,9 @@ def test_starting_a_run_on_a_full_disk_fails_clearly_and_stores_nothing_half_mad
     home = tmp_path / "small"
     with mounted(home, "-t", "tmpfs", "-o", "size=1m", "tmpfs"):
         env = isolated_env(home / "store")
-        first = cli_json(env, "run", str(FIXTURES / "counts_and_exits.py"), "--run-id", "before", cwd=tmp_path)
+        first = cli_json(
+            env, "run", str(FIXTURES / "counts_and_exits.py"), "--run-id", "before", cwd=tmp_path
+        )
         assert first["status"] == "completed"
         filler = fill(home)
         done = cli(env, "run", str(FIXTURES / "counts_and_exits.py"), "--run-id", "during", cwd=tmp_path)
@@ -91,7 +97,9 @@ def test_starting_a_run_on_a_full_disk_fails_clearly_and_stores_nothing_half_mad
         listed = cli_json(env, "list")["runs"]
         assert [r["run_id"] for r in listed] == ["before"]  # the old run is still readable
         filler.unlink()
-        after = cli_json(env, "run", str(FIXTURES / "counts_and_exits.py"), "--run-id", "during", cwd=tmp_path)
+        after = cli_json(
+            env, "run", str(FIXTURES / "counts_and_exits.py"), "--run-id", "during", cwd=tmp_path
+        )
         assert after["status"] == "completed"  # the id was not left half-taken
 
 
@@ -128,7 +136,7 @@ def test_a_damaged_record_is_moved_aside_with_a_clear_error_and_other_runs_stay_
     listed = cli(env, "list", "--json")
     assert listed.returncode == 0, listed.stderr
     assert "good" in {r["run_id"] for r in json.loads(listed.stdout)["runs"]}
-    with pytest.raises(StoreCorrupt) if path.exists() else contextlib.nullcontext():
+    with pytest.raises(RunNotFound):  # reported once, then out of the way
         service.store.read("bad")
 
 
@@ -137,7 +145,7 @@ def test_a_damaged_record_is_moved_aside_with_a_clear_error_and_other_runs_stay_
     [
         pytest.param(lambda raw: raw[:-7], id="last-line-truncated"),
         pytest.param(lambda raw: raw + b"\0" * 4096, id="zeros-appended"),
-        pytest.param(lambda raw: b"garbage\n" + raw + b"{not json\n[]\n\"s\"\n", id="garbage-lines"),
+        pytest.param(lambda raw: b"garbage\n" + raw + b'{not json\n[]\n"s"\n', id="garbage-lines"),
         pytest.param(lambda raw: raw.replace(b"\n", b"\n\xff\xfe\n", 2), id="binary-lines"),
         pytest.param(lambda raw: b"", id="emptied"),
     ],
@@ -162,7 +170,7 @@ def test_a_deleted_index_is_rebuilt_with_every_run(tmp_path: Path) -> None:
 
 def test_a_store_owned_by_another_user_gives_a_permission_error_not_a_traceback(tmp_path: Path) -> None:
     env, _ = _two_runs(tmp_path)
-    os.chmod(tmp_path, 0o755)  # the unprivileged user may reach the store, not enter it
+    os.chmod(tmp_path, 0o755)  # noqa: S103 - the unprivileged user may reach the store, not enter it
     if os.geteuid() != 0:
         pytest.skip("needs root to act as another user")
     nobody = 65534
@@ -172,13 +180,22 @@ def test_a_store_owned_by_another_user_gives_a_permission_error_not_a_traceback(
         os.setgid(nobody)
         os.setuid(nobody)
 
-    import sys
-
     for args in (["list"], ["status", "good"], ["run", str(FIXTURES / "counts_and_exits.py")]):
-        done = subprocess.run([sys.executable, "-m", "backprop_mcp", *args], env=as_nobody, cwd="/",
-                              capture_output=True, text=True, preexec_fn=demote, check=False, timeout=60)
-        if "No module named" in done.stderr or "Permission denied: '/work" in done.stderr:
-            pytest.skip("the virtual environment is not readable by an unprivileged user")
+        try:
+            done = subprocess.run(
+                [sys.executable, "-m", "backprop_mcp", *args],
+                env=as_nobody,
+                cwd="/",
+                capture_output=True,
+                text=True,
+                preexec_fn=demote,
+                check=False,
+                timeout=60,
+            )
+        except PermissionError:
+            pytest.skip("the Python interpreter is not executable by an unprivileged user here")
+        if "No module named" in done.stderr:
+            pytest.skip("the virtual environment is not readable by an unprivileged user here")
         assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
         assert "permission denied" in done.stderr.lower(), done.stderr
 
@@ -187,7 +204,9 @@ def test_a_read_only_store_refuses_new_runs_clearly_and_still_lists_the_old_ones
     env, _ = _two_runs(tmp_path)
     home = Path(env["BACKPROP_HOME"])
     with mounted(home, "--bind", str(home)):
-        remount = subprocess.run(["mount", "-o", "remount,ro,bind", str(home)], capture_output=True, check=False)
+        remount = subprocess.run(
+            ["mount", "-o", "remount,ro,bind", str(home)], capture_output=True, check=False
+        )
         if remount.returncode != 0:
             pytest.skip("cannot remount read-only here")
         done = cli(env, "run", str(FIXTURES / "counts_and_exits.py"), cwd=tmp_path)
@@ -200,8 +219,10 @@ def test_a_read_only_store_refuses_new_runs_clearly_and_still_lists_the_old_ones
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.binary(max_size=40).map(lambda b: b.replace(b"\n", b"")), max_size=20),
-       st.integers(min_value=1, max_value=16))
+@given(
+    st.lists(st.binary(max_size=40).map(lambda b: b.replace(b"\n", b"")), max_size=20),
+    st.integers(min_value=1, max_value=16),
+)
 def test_reading_a_file_backwards_yields_its_lines_in_reverse_whatever_the_block_size(
     lines: list[bytes], block: int
 ) -> None:

@@ -34,7 +34,7 @@ from backprop_mcp.mcp_shapes import (
     run_status,
     run_wait,
 )
-from backprop_mcp.models import ACTIVE_STATES
+from backprop_mcp.models import ACTIVE_STATES, RunRecord
 
 if TYPE_CHECKING:
     from backprop_mcp.service import Service
@@ -66,6 +66,7 @@ class BackpropServer(MCPServer[Any]):
         self._tools: dict[str, Tool] = {}
         self._built = threading.Event()
         self._build_error: BaseException | None = None
+        self._build_tools = build_tools
         # Not a daemon: a daemon thread still inside pydantic's C code when the interpreter shuts
         # down (a client that closes stdin right after initialize) aborts the process.
         threading.Thread(target=self._build, args=(build_tools,), name="build-tools").start()
@@ -73,7 +74,7 @@ class BackpropServer(MCPServer[Any]):
     def _build(self, build_tools: Callable[[], list[Tool]]) -> None:
         try:
             self._tools = {tool.name: tool for tool in build_tools()}
-        except BaseException as exc:  # reported on the first tools/list or tools/call
+        except Exception as exc:  # retried by the first tools/list or tools/call
             self._build_error = exc
         finally:
             self._built.set()
@@ -82,7 +83,10 @@ class BackpropServer(MCPServer[Any]):
         if not self._built.is_set():
             await anyio.to_thread.run_sync(self._built.wait)
         if self._build_error is not None:
-            raise RuntimeError("the tools could not be built") from self._build_error
+            # CPython 3.11 before 3.11.8 can fail `ast.parse` (used by pydantic to read field
+            # docstrings) when two threads parse at once; a second build, alone, succeeds.
+            log.warning("building the tools again after: %r", self._build_error)
+            self._tools, self._build_error = {t.name: t for t in self._build_tools()}, None
         return self._tools
 
     async def list_tools(self) -> list[MCPTool]:
@@ -184,26 +188,29 @@ class App:
         run_id: str,
         timeout: float,
         until: str,
+        since: str | None,
         report: Callable[[float, float | None, str | None], Awaitable[None]],
     ) -> RunWait:
-        """Poll the run until its state changes (or it ends), or the timeout passes."""
+        """Poll the run until it ends or (until="change") its state differs from `since`, the
+        state the caller last saw (default: its state now), or until the timeout passes."""
         started = time.monotonic()
-        first = await self.call(self.service.get, run_id)
-        record, reported, last_step = first, -PROGRESS_EVERY_SECONDS, None
+        record = await self.call(self.service.get, run_id)
+        baseline = (since or record["status"], record["attempt"])
+
+        def moved(now: RunRecord) -> bool:
+            return (now["status"], now["attempt"]) != baseline
+
+        reported, last_step = -PROGRESS_EVERY_SECONDS, None
         with anyio.move_on_after(timeout):
-            while record["status"] in ACTIVE_STATES:
+            while record["status"] in ACTIVE_STATES and not (until == "change" and moved(record)):
                 elapsed = time.monotonic() - started
                 if record["step"] != last_step or elapsed - reported >= PROGRESS_EVERY_SECONDS:
                     await report(round(elapsed, 2), float(timeout), progress_message(record))
                     reported, last_step = elapsed, record["step"]
                 await anyio.sleep(self.poll_seconds)
                 record = await self.call(self.service.get, run_id)
-                moved = (record["status"], record["attempt"]) != (first["status"], first["attempt"])
-                if moved and (until == "change" or record["status"] not in ACTIVE_STATES):
-                    break
         status = await self.status(run_id)
-        changed = (status["run"]["status"], status["run"]["attempt"]) != (first["status"], first["attempt"])
-        return run_wait(status, changed=changed, waited=time.monotonic() - started)
+        return run_wait(status, changed=moved(status["run"]), waited=time.monotonic() - started)
 
 
 def given_options(**values: object) -> dict[str, object]:

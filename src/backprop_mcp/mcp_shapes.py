@@ -26,8 +26,9 @@ gracefully so the script can checkpoint, and resumable from its last checkpoint.
 The pattern:
 1. run_training(script=...) starts a run and returns its record at once (status queued or running). \
 Use dry_run=true first to see the exact command and whether the governor would admit it now.
-2. Follow it with wait_for_run(run_id) (returns when its state changes or it ends, up to \
-timeout_seconds) or poll get_status(run_id) (record, log tail, time left, and the next step).
+2. Follow it with wait_for_run(run_id, since=<the status you saw>) (returns when its state changes \
+or, with until="end", when it ends, up to timeout_seconds) or poll get_status(run_id) (record, \
+log tail, time left, and the next step).
 3. A run that timed_out (or was stopped or lost) continues from its latest checkpoint with \
 resume_run(run_id); use from_scratch=true when it saved none.
 4. list_experiments browses runs newest first; compare_runs ranks runs by a metric; get_logs shows \
@@ -41,11 +42,12 @@ scripts report progress by printing JSON lines such as {"step": 3, "total": 10, 
 
 NEXT_STEP = {
     "queued": "It waits for the governor to admit it (status_detail says why, queue_position where). "
-    "Call wait_for_run(run_id) to wait until it starts, or get_status() to see the machine.",
-    "running": "Call wait_for_run(run_id, until='end') to wait for it, or get_status(run_id) later; "
+    "Call wait_for_run(run_id, since='queued') to wait until it starts, or get_status() to see the "
+    "machine.",
+    "running": "Call wait_for_run(run_id, until='end') to wait for it to end, or get_status(run_id) later; "
     "stop_run(run_id) stops it early (it may checkpoint first).",
     "paused": "The governor paused it (status_detail says why); paused time is not charged to its time "
-    "box. Call wait_for_run(run_id) to see it resume or end.",
+    "box. Call wait_for_run(run_id, since='paused') to see it resume or end.",
     "completed": "It finished. Compare it with others using compare_runs, read its output with "
     "get_logs, or continue training from its last checkpoint with resume_run(run_id).",
     "timed_out": "Its time box ended and it was stopped gracefully. Continue from its latest checkpoint "

@@ -340,12 +340,20 @@ def build_tools(app: App) -> list[Tool]:
                 'to an end); "end": return only when it ends.'
             ),
         ] = "change",
+        since: Annotated[
+            RunState | None,
+            Field(
+                description="The state you last saw, e.g. the status run_training returned (default: its "
+                "state when this call starts); if the run has already moved on, the call returns at once."
+            ),
+        ] = None,
     ) -> RunWait:
         """Wait for a run, sending progress notifications meanwhile; returns early when its state
-        changes (or, with until="end", when it ends), else after timeout_seconds. Returns the run,
-        its log tail, whether it changed or ended, and the next step. Call again to keep waiting.
+        differs from `since` (pass the status you last saw, e.g. "queued" from run_training) or,
+        with until="end", when it ends; else after timeout_seconds. Returns the run, its log tail,
+        whether it changed or ended, and the next step. Call again to keep waiting.
         """
-        return await app.wait(run_id, timeout_seconds, until, ctx.report_progress)
+        return await app.wait(run_id, timeout_seconds, until, since, ctx.report_progress)
 
     async def compare_runs(
         run_ids: Annotated[

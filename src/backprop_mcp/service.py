@@ -52,7 +52,7 @@ from backprop_mcp.models import (
 )
 from backprop_mcp.probes import make_probe
 from backprop_mcp.progress import newest_existing_checkpoint
-from backprop_mcp.store import Store, _tail_lines, check_run_id, default_home, now_iso
+from backprop_mcp.store import Store, _tail_lines, atomic_write, check_run_id, default_home, now_iso
 
 # A run whose supervisor has not yet written its pid is "launching", not lost, for this long:
 # the gap between creating the record and the supervisor's first write is normally ~0.1 s.
@@ -118,6 +118,8 @@ class Service:
         if not cwd.is_absolute():
             cwd = self.cwd / cwd
         if not cwd.is_dir():
+            if Path(request.script).expanduser().is_absolute():
+                _resolve_script(request.script, cwd)  # a missing script is the error to report first
             raise UsageError(f"working directory {str(cwd)!r} does not exist or is not a folder")
         settings = self.settings(request.options, request.source, cwd=cwd)
         script = _resolve_script(request.script, cwd)
@@ -220,7 +222,9 @@ class Service:
         except OSError as exc:
             raise StoreError(f"could not start the supervisor of run {run_id}: {exc}") from None
         started = proctree.start_time(proc.pid)
-        pid_file.write_text(json.dumps({"pid": proc.pid, "started": started}), encoding="utf-8")
+        # Through the store's atomic write: the file is 0600 like the rest of the store (write_text
+        # would follow the umask), and a reader never sees it half written.
+        atomic_write(pid_file, json.dumps({"pid": proc.pid, "started": started}).encode("utf-8"))
 
     def _decide(self, settings: Settings) -> Any:
         self.store.ensure()
@@ -416,10 +420,23 @@ class Service:
             if not cursor.isdigit():
                 raise UsageError(f"invalid cursor {cursor!r}; pass the next_cursor of a previous page")
             offset = int(cursor)
+        page = self._page(status, name, limit, offset)
+        if page is None:
+            # A full scan saw fewer runs than the store holds: a starter died between creating a
+            # run and indexing it. Rebuild the index from the run folders and list again.
+            self.store.rebuild_index()
+            page = self._page(status, name, limit, offset) or RunPage(
+                runs=[], next_cursor=None, total_matching=0
+            )
+        return page
+
+    def _page(self, status: str | None, name: str | None, limit: int, offset: int) -> RunPage | None:
         runs: list[RunRow] = []
         matched = 0
+        indexed_runs = 0
         more = False
         for indexed, _ in self.store.index_rows():
+            indexed_runs += 1
             row = self._fresh_row(indexed) if indexed.get("status") in ACTIVE_STATES else indexed
             if status is not None and row.get("status") != status:
                 continue
@@ -433,6 +450,8 @@ class Service:
                 break
             row.pop("new", None)
             runs.append(row)  # type: ignore[arg-type]
+        if not more and indexed_runs != self.store.count_runs():
+            return None
         next_cursor = str(offset + limit) if more else None
         return RunPage(runs=runs, next_cursor=next_cursor, total_matching=None if more else matched)
 

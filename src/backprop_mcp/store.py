@@ -266,6 +266,14 @@ class Store:
         with file_lock(self.run_dir(run_id) / "lock"):
             yield
 
+    def count_runs(self) -> int:
+        """Run folders holding a record (one scandir; cheap next to reading their records)."""
+        try:
+            with os.scandir(self.runs) as entries:
+                return sum(1 for e in entries if os.path.exists(os.path.join(e.path, "run.json")))
+        except FileNotFoundError:
+            return 0
+
     def all_run_ids(self) -> list[str]:
         try:
             return sorted(p.name for p in self.runs.iterdir() if (p / "run.json").is_file())
@@ -296,6 +304,7 @@ class Store:
             else:
                 return
         latest: dict[str, dict[str, Any]] = {}
+        yielded: set[str] = set()
         for line in _reverse_lines(self.index_path):
             try:
                 row = json.loads(line)
@@ -304,7 +313,9 @@ class Store:
                 log.warning("skipping a corrupt line in %s", self.index_path)
                 continue
             latest.setdefault(run_id, row)
-            if row.get("new"):
+            # A creation row can appear twice (an append racing a rebuild): list each run once.
+            if row.get("new") and run_id not in yielded:
+                yielded.add(run_id)
                 yield latest[run_id], True
 
     def rebuild_index(self) -> int:

@@ -38,6 +38,8 @@ log = logging.getLogger("backprop_mcp.supervisor")
 RECORD_INTERVAL_SECONDS = 1.0
 # How often a queued run retries admission: short, so a freed slot is taken within ~0.1 s.
 QUEUE_POLL_SECONDS = 0.1
+# After a storage error in the queue (full disk, lock timeout), retry this much later.
+QUEUE_RETRY_SECONDS = 1.0
 # A queued run's snapshot of the machine is reused this long: probing a GPU costs a subprocess.
 QUEUE_SNAPSHOT_MAX_AGE = 1.0
 # After the stop signal's grace, SIGTERM gets this long before SIGKILL: the script already had the
@@ -170,7 +172,7 @@ class Supervisor:
     def queue(self) -> Decision | None:
         """Wait for admission; returns the decision, or None when the run must not start."""
         me = psutil.Process()
-        self.admission.join(self.run_id, me.pid, me.create_time())
+        self._join(me)
         timeout = self.settings.queue_timeout_minutes * 60
         began = time.monotonic()
         snapshot: SystemSnapshot | None = None
@@ -189,14 +191,21 @@ class Supervisor:
             def decide(active: list[Any], snap: SystemSnapshot = current) -> Decision:
                 return governor.evaluate(snap, self.limits, active, now=time.time())
 
-            admitted, decision, position = self.admission.try_admit(
-                self.run_id, decide, vram_promise_mb=promise
-            )
+            try:
+                admitted, decision, position = self.admission.try_admit(
+                    self.run_id, decide, vram_promise_mb=promise
+                )
+            except (OSError, StoreError) as exc:
+                # A full disk or a lock timeout must not kill a queued run: wait and try again.
+                log.warning("run %s: admission failed (%s); retrying", self.run_id, exc)
+                self._wait(QUEUE_RETRY_SECONDS)
+                continue
             if admitted:
                 # None: this run already held a slot (a retry after admission); decide again for the GPU.
                 return decision or governor.evaluate(current, self.limits, [], now=time.time())
             if decision is None and position is None:
-                self.admission.join(self.run_id, me.pid, me.create_time())  # our ticket was lost: rejoin
+                if not self._join(me):  # our ticket was lost: rejoin
+                    self._wait(QUEUE_RETRY_SECONDS)
                 continue
             reasons = tuple(decision["reasons"]) if decision else ()
             if decision is not None and not self.settings.queue:
@@ -218,6 +227,14 @@ class Supervisor:
                 )
                 return None
             self._wait(QUEUE_POLL_SECONDS)
+
+    def _join(self, me: psutil.Process) -> bool:
+        try:
+            self.admission.join(self.run_id, me.pid, me.create_time())
+        except (OSError, StoreError) as exc:
+            log.warning("run %s: cannot join the queue (%s); retrying", self.run_id, exc)
+            return False
+        return True
 
     def finish_without_start(self, status: str, reason: str, detail: str) -> None:
         record = self.record
@@ -401,14 +418,15 @@ class Supervisor:
             self.dirty = True
 
     def _log(self, data: bytes) -> None:
-        if self.log_bytes + len(data) > MAX_LOG_BYTES:
-            path = self.store.log_path(self.run_id, self.record["attempt"])
-            self.log_file.close()
-            os.replace(path, path.with_name(path.name + ".1"))
-            self.log_file = open(path, "ab", buffering=0)  # noqa: SIM115 - held for the run's life
-            os.chmod(path, 0o600)
-            self.log_bytes = 0
         try:
+            if self.log_bytes + len(data) > MAX_LOG_BYTES:
+                path = self.store.log_path(self.run_id, self.record["attempt"])
+                os.replace(path, path.with_name(path.name + ".1"))
+                reopened = open(path, "ab", buffering=0)  # noqa: SIM115 - held for the run's life
+                self.log_file.close()
+                self.log_file = reopened
+                os.chmod(path, 0o600)
+                self.log_bytes = 0
             self.log_file.write(data)
             self.log_bytes += len(data)
         except OSError as exc:

@@ -1,0 +1,431 @@
+"""A bad-input corpus (issue 5, item 5): CLI options, config files, environment variables, MCP tool
+arguments over the real stdio protocol, and event lines. Every case must give a clear message
+naming what was wrong, and never a traceback. The event parser is also fuzzed with hypothesis."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from backprop_mcp import cli as cli_module
+from backprop_mcp.events import LineSplitter, Oversized, parse_line
+from backprop_mcp.models import SCHEMA_VERSION, RunRecord
+from backprop_mcp.progress import Progress
+from tests.helpers import FIXTURES, isolated_env
+
+SCRIPT = str(FIXTURES / "counts_and_exits.py")
+
+
+@pytest.fixture
+def in_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Run the CLI's own main() in this process, in an isolated store (fast: no interpreter start)."""
+    for key in [k for k in os.environ if k.startswith("BACKPROP_")]:
+        monkeypatch.delenv(key)
+    for key, value in isolated_env(tmp_path / "home").items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
+    try:
+        code = cli_module.main(list(argv))
+    except SystemExit as exc:  # argparse's own errors
+        code = int(exc.code or 0)
+    captured = capsys.readouterr()
+    return code, captured.err
+
+
+# (argv, exit code, a fragment the message must contain)
+CLI_CASES: list[tuple[list[str], int, str]] = [
+    ([], 2, "required: command"),
+    (["frobnicate"], 2, "invalid choice"),
+    (["run"], 2, "required: script"),
+    (["run", "/no/such/script.py"], 2, "script not found"),
+    (["run", "/tmp"], 2, "must be a file"),
+    (["run", ""], 2, "empty"),
+    (["run", SCRIPT, "-m", "0"], 2, "option --max-run-minutes must be > 0"),
+    (["run", SCRIPT, "-m", "-5"], 2, "must be > 0"),
+    (["run", SCRIPT, "-m", "ten"], 2, "must be a number, got 'ten'"),
+    (["run", SCRIPT, "-m", "nan"], 2, "finite number"),
+    (["run", SCRIPT, "-m", "inf"], 2, "finite number"),
+    (["run", SCRIPT, "-m"], 2, "expected one argument"),
+    (["run", SCRIPT, "--max-wall-minutes", "0"], 2, "--max-wall-minutes"),
+    (["run", SCRIPT, "-f", "caffe"], 2, "must be one of auto, pytorch"),
+    (["run", SCRIPT, "-c", "0"], 2, "--checkpoint-every-minutes"),
+    (["run", SCRIPT, "-g", "150%"], 2, 'a share like "80%"'),
+    (["run", SCRIPT, "-g", "-1"], 2, "--gpu-memory-limit"),
+    (["run", SCRIPT, "-g", "lots"], 2, "--gpu-memory-limit"),
+    (["run", SCRIPT, "-p", "0"], 2, "whole number from 1 to 1024"),
+    (["run", SCRIPT, "-p", "1.5"], 2, "--max-parallel"),
+    (["run", SCRIPT, "-p", "99999"], 2, "--max-parallel"),
+    (["run", SCRIPT, "--min-free-ram", "-1"], 2, "--min-free-ram must be >= 0"),
+    (["run", SCRIPT, "--max-cpu-percent", "101"], 2, "percentage in (0, 100]"),
+    (["run", SCRIPT, "--max-cpu-percent", "0"], 2, "--max-cpu-percent"),
+    (["run", SCRIPT, "--gpu-probe", "magic"], 2, "must be one of auto, nvml"),
+    (["run", SCRIPT, "--gpu-min-vram", "x"], 2, "--gpu-min-vram"),
+    (["run", SCRIPT, "--gpu-max-temp", "0"], 2, "--gpu-max-temp"),
+    (["run", SCRIPT, "--gpu-resume-below", "-3"], 2, "--gpu-resume-below"),
+    (["run", SCRIPT, "--gpus", "first"], 2, "GPU indices or UUIDs"),
+    (["run", SCRIPT, "--gpus", ","], 2, "GPU indices or UUIDs"),
+    (["run", SCRIPT, "--grace-seconds", "-1"], 2, "--grace-seconds"),
+    (["run", SCRIPT, "--stop-signal", "SIGKILL"], 2, "must be one of SIGINT"),
+    (["run", SCRIPT, "--stop-signal", "9"], 2, "--stop-signal"),
+    (["run", SCRIPT, "--queue-timeout", "0"], 2, "--queue-timeout"),
+    (["run", SCRIPT, "--run-id", "../escape"], 2, "invalid run id"),
+    (["run", SCRIPT, "--run-id", "a/b"], 2, "invalid run id"),
+    (["run", SCRIPT, "--cwd", "/no/such/dir"], 2, "does not exist"),
+    (["run", SCRIPT, "-r", "/no/such/ckpt.pt"], 2, "checkpoint to resume from does not exist"),
+    (["run", SCRIPT, "-n", "x" * 201], 2, "at most 200 characters"),
+    (["run", SCRIPT, "--bogus"], 2, "unrecognized arguments"),
+    (["resume"], 2, "required: run_id"),
+    (["resume", "ghost"], 2, "no run with id 'ghost'"),
+    (["resume", "../x"], 2, "invalid run id"),
+    (["status", "ghost"], 2, "no run with id 'ghost'"),
+    (["status", "--max-parallel", "zero"], 2, "--max-parallel"),
+    (["list", "--limit", "0"], 2, "limit must be a whole number from 1 to 1000"),
+    (["list", "--limit", "1001"], 2, "limit must be a whole number"),
+    (["list", "--limit", "many"], 2, "invalid int value"),
+    (["list", "--status", "happy"], 2, "unknown status 'happy'"),
+    (["list", "--cursor", "-1"], 2, "invalid cursor"),
+    (["list", "--cursor", "abc"], 2, "invalid cursor"),
+    (["logs", "ghost"], 2, "no run with id"),
+    (["logs", "x", "--tail", "ten"], 2, "invalid int value"),
+    (["stop", "ghost"], 2, "no run with id"),
+    (["stop"], 2, "required: run_id"),
+    (["compare"], 2, "required: run_ids"),
+    (["compare", "ghost"], 2, "no run with id"),
+    (["list", "--", "x"], 2, "only for `backprop run`"),
+    (["import-legacy", "/no/such/experiments.json"], 2, "/no/such/experiments.json"),
+]
+
+
+@pytest.mark.parametrize(
+    ("argv", "code", "fragment"), CLI_CASES, ids=[" ".join(c[0])[:60] or "(none)" for c in CLI_CASES]
+)
+def test_a_bad_cli_invocation_gets_a_clear_message_and_no_traceback(
+    in_process: Path, capsys: pytest.CaptureFixture[str], argv: list[str], code: int, fragment: str
+) -> None:
+    got, err = run_cli(capsys, *argv)
+    assert "Traceback" not in err
+    assert fragment in err, err
+    assert got == code or (got != 0 and code != 0 and fragment in err), (got, err)
+
+
+# (config file content, a fragment the message must contain)
+CONFIG_CASES: list[tuple[str, str]] = [
+    ("{", "not valid JSON (line 1"),
+    ("", "not valid JSON"),
+    ("[]", "must be a JSON object"),
+    ('"maxRunMinutes"', "must be a JSON object"),
+    ("null", "must be a JSON object"),
+    ('{"maxRunMinutes": 0}', 'key "maxRunMinutes" must be > 0'),
+    ('{"maxRunMinutes": "soon"}', 'key "maxRunMinutes" must be a number'),
+    ('{"maxRunMinutes": true}', 'key "maxRunMinutes" must be a number'),
+    ('{"maxRunMinutes": null}', 'key "maxRunMinutes"'),
+    ('{"maxRunMinutes": 1e999}', 'key "maxRunMinutes" must be a finite number'),
+    ('{"maxParallel": 0}', 'key "maxParallel" must be a whole number'),
+    ('{"maxParallel": 2.5}', 'key "maxParallel"'),
+    ('{"gpuMemoryLimit": "200%"}', 'key "gpuMemoryLimit"'),
+    ('{"gpuMemoryLimit": []}', 'key "gpuMemoryLimit"'),
+    ('{"minFreeRamGB": -1}', 'key "minFreeRamGB" must be >= 0'),
+    ('{"maxWallMinutes": -1}', 'key "maxWallMinutes"'),
+    ('{"gpu": {"probe": "x"}}', 'key "gpu.probe" must be one of'),
+    ('{"gpu": {"maxTempC": "hot"}}', 'key "gpu.maxTempC"'),
+    ('{"gpu": {"minFreeVramMB": -5}}', 'key "gpu.minFreeVramMB"'),
+    ('{"gpu": {"devices": [true]}}', 'key "gpu.devices"'),
+    ('{"gpu": {"enabled": "maybe"}}', 'key "gpu.enabled" must be true or false'),
+    ('{"gpu": {"speed": 1}}', 'unknown key "gpu.speed"'),
+    ('{"gpu": 5}', 'unknown key "gpu"'),
+    ('{"maxRunMinute": 5}', 'unknown key "maxRunMinute"; allowed keys are'),
+    ('{"stopSignal": "SIGKILL"}', 'key "stopSignal" must be one of'),
+    ('{"framework": 3}', 'key "framework" must be one of'),
+    ('{"allowedRoots": "x\\u0000y"}', 'key "allowedRoots"'),
+    ('{"allowedRoots": 5}', 'key "allowedRoots" must be a list'),
+    ('{"python": ""}', 'key "python"'),
+    ('{"queue": "sometimes"}', 'key "queue" must be true or false'),
+    ("[" * 100000, "nested too deeply"),
+]
+
+
+@pytest.mark.parametrize(("content", "fragment"), CONFIG_CASES, ids=[c[0][:40] for c in CONFIG_CASES])
+def test_a_bad_project_config_file_is_named_with_its_key_and_no_traceback(
+    in_process: Path, capsys: pytest.CaptureFixture[str], content: str, fragment: str
+) -> None:
+    config = in_process / "backprop.config.json"
+    config.write_text(content, encoding="utf-8")
+    code, err = run_cli(capsys, "run", SCRIPT, "--dry-run")
+    assert code == 2 and "Traceback" not in err
+    assert str(config) in err and fragment in err, err
+
+
+def test_a_config_file_that_is_not_utf8_is_named_clearly(
+    in_process: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (in_process / "backprop.config.json").write_bytes(b'{"maxRunMinutes": "\xff"}')
+    code, err = run_cli(capsys, "run", SCRIPT, "--dry-run")
+    assert code == 2 and "not UTF-8" in err and "Traceback" not in err
+
+
+ENV_CASES: list[tuple[str, str]] = [
+    ("BACKPROP_MAX_RUN_MINUTES", "0"),
+    ("BACKPROP_MAX_PARALLEL", "lots"),
+    ("BACKPROP_GPU_PROBE", "psychic"),
+    ("BACKPROP_USE_GPU", "perhaps"),
+    ("BACKPROP_STOP_SIGNAL_DEFAULT", "SIGSTOP"),
+    ("BACKPROP_GPU_MEMORY_LIMIT", "0%"),
+    ("BACKPROP_MAX_CPU_PERCENT", "250"),
+    ("BACKPROP_GRACE_SECONDS", "-2"),
+]
+
+
+@pytest.mark.parametrize(("name", "value"), ENV_CASES)
+def test_a_bad_environment_variable_is_named_with_its_value(
+    in_process: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    name: str,
+    value: str,
+) -> None:
+    monkeypatch.setenv(name, value)
+    code, err = run_cli(capsys, "run", SCRIPT, "--dry-run")
+    assert code == 2 and "Traceback" not in err
+    assert f"environment variable {name}" in err, err
+
+
+# (tool, arguments, a fragment the error text must contain)
+MCP_CASES: list[tuple[str, dict[str, Any], str]] = [
+    ("run_training", {}, "script"),
+    ("run_training", {"script": ""}, "script"),
+    ("run_training", {"script": 5}, "script"),
+    ("run_training", {"script": "/no/such.py"}, "does not exist"),
+    ("run_training", {"script": SCRIPT, "run_id": "../x"}, "run_id"),
+    ("run_training", {"script": SCRIPT, "name": "x" * 300}, "name"),
+    ("run_training", {"script": SCRIPT, "args": "not-a-list"}, "args"),
+    ("run_training", {"script": SCRIPT, "max_run_minutes": -1}, "max_run_minutes"),
+    ("run_training", {"script": SCRIPT, "max_run_minutes": "soon"}, "max_run_minutes"),
+    ("run_training", {"script": SCRIPT, "max_parallel": 0}, "max_parallel"),
+    ("run_training", {"script": SCRIPT, "gpu_memory_limit": "300%"}, "gpu_memory_limit"),
+    ("run_training", {"script": SCRIPT, "stop_signal": "SIGKILL"}, "stop_signal"),
+    ("run_training", {"script": SCRIPT, "framework": "caffe"}, "framework"),
+    ("run_training", {"script": SCRIPT, "cwd": "/no/such/dir"}, "does not exist"),
+    ("resume_run", {}, "run_id"),
+    ("resume_run", {"run_id": "ghost"}, "no run with id"),
+    ("resume_run", {"run_id": "a/b"}, "run_id"),
+    ("get_status", {"run_id": "../../etc"}, "run_id"),
+    ("get_status", {"run_id": "ghost"}, "no run with id"),
+    ("get_status", {"run_id": 7}, "run_id"),
+    ("list_experiments", {"limit": 0}, "limit"),
+    ("list_experiments", {"limit": "abc"}, "limit"),
+    ("list_experiments", {"status": "happy"}, "status"),
+    ("list_experiments", {"cursor": "-1"}, "cursor"),
+    ("stop_run", {"run_id": "ghost"}, "no run with id"),
+    ("stop_run", {}, "run_id"),
+    ("get_logs", {"run_id": "ghost"}, "no run with id"),
+    ("get_logs", {"run_id": "x", "tail": -1}, "tail"),
+    ("wait_for_run", {"run_id": "ghost"}, "no run with id"),
+    ("wait_for_run", {"run_id": "x", "until": "forever"}, "until"),
+    ("compare_runs", {"run_ids": []}, "run_ids"),
+    ("compare_runs", {"run_ids": "ghost"}, "run_ids"),
+    ("compare_runs", {"run_ids": ["ghost"]}, "no run with id"),
+]
+
+
+def test_bad_mcp_tool_arguments_over_stdio_get_clear_errors_and_no_traceback(tmp_path: Path) -> None:
+    pytest.importorskip("backprop_mcp.mcp_tools", reason="the MCP server is not built yet")
+    from mcp import Client
+    from mcp.client.stdio import StdioServerParameters
+
+    env = isolated_env(tmp_path / "home")
+    params = StdioServerParameters(
+        command=str(Path(sys.executable).parent / "backprop-mcp"),
+        args=["--root", str(FIXTURES)],
+        env=env,
+        cwd=str(tmp_path),
+    )
+    failures: list[str] = []
+
+    async def scenario() -> None:
+        with anyio.fail_after(120):
+            async with Client(params, mode="legacy") as client:
+                for tool, arguments, fragment in MCP_CASES:
+                    result = await client.call_tool(tool, arguments)
+                    text = "".join(getattr(block, "text", "") for block in result.content)
+                    if (
+                        not result.is_error
+                        or fragment not in text
+                        or "Traceback" in text
+                        or text.startswith("Error executing tool")
+                    ):
+                        failures.append(f"{tool} {arguments}: {text[:300]}")
+                tools = {t.name for t in (await client.list_tools()).tools}
+                assert {c[0] for c in MCP_CASES} <= tools
+
+    anyio.run(scenario)
+    assert failures == []
+    assert not list((tmp_path / "home").rglob("run.json"))  # no bad call started a run
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="defect: MCP tools ignore unknown arguments (a misspelt "
+    "max_run_minute starts a run with the 10-minute default); see docs/reliability.md",
+)
+def test_an_unknown_mcp_tool_argument_is_refused_not_ignored(tmp_path: Path) -> None:
+    pytest.importorskip("backprop_mcp.mcp_tools", reason="the MCP server is not built yet")
+    from mcp import Client
+    from mcp.client.stdio import StdioServerParameters
+
+    env = isolated_env(tmp_path / "home")
+    params = StdioServerParameters(
+        command=str(Path(sys.executable).parent / "backprop-mcp"),
+        args=["--root", str(FIXTURES)],
+        env=env,
+        cwd=str(tmp_path),
+    )
+
+    async def scenario() -> tuple[bool, str]:
+        with anyio.fail_after(120):
+            async with Client(params, mode="legacy") as client:
+                result = await client.call_tool("run_training", {"script": SCRIPT, "max_run_minute": 1})
+                if not result.is_error:  # it started: let it finish before the test ends
+                    await client.call_tool(
+                        "wait_for_run", {"run_id": result.structured_content["run_id"], "until": "end"}
+                    )
+                return result.is_error, "".join(getattr(b, "text", "") for b in result.content)
+
+    refused, text = anyio.run(scenario)
+    assert refused and "max_run_minute" in text
+
+
+# (event line, a fragment of the error)
+EVENT_CASES: list[tuple[bytes, str]] = [
+    (b'{"event": "progress", "step": NaN}', "NaN is not allowed"),
+    (b'{"event": "progress", "loss": Infinity}', "Infinity is not allowed"),
+    (b'{"event": "progress", "loss": -Infinity}', "-Infinity is not allowed"),
+    (b'{"event": "progress", "loss": 1e400}', "numbers must be finite"),
+    (b'{"event": "progress", "step": ' + b"1" * 50 + b"}", "too large"),
+    (b'{"event": "progress", "step": -1}', "non-negative integer"),
+    (b'{"event": "progress", "step": 1.5}', "non-negative integer"),
+    (b'{"event": "progress", "step": "3"}', "non-negative integer"),
+    (b'{"event": "progress", "step": true}', "non-negative integer"),
+    (b'{"event": "progress", "step": 9223372036854775808}', "below 2**63"),
+    (b'{"event": "progress", "total": 0}', '"total" must be a positive integer'),
+    (b'{"event": "progress", "loss": "low"}', '"loss" must be a finite number'),
+    (b'{"event": "progress", "loss": [1]}', '"loss" must be a finite number'),
+    (b'{"event": "progress", "metrics": [1, 2]}', '"metrics" must be an object'),
+    (b'{"event": "metric", "name": "x"}', '"value" is required'),
+    (b'{"event": "metric", "value": 1}', '"name" must be a string'),
+    (b'{"event": "metric", "name": "", "value": 1}', '"name" must be a string'),
+    (b'{"event": "metric", "name": "a\\u0007b", "value": 1}', "without control characters"),
+    (b'{"event": "metric", "name": "' + b"n" * 201 + b'", "value": 1}', "1 to 200 characters"),
+    (b'{"event": "checkpoint_saved"}', '"path" is required'),
+    (b'{"event": "checkpoint_saved", "path": ""}', '"path" is required'),
+    (b'{"event": "checkpoint_saved", "path": "a\\u0000b"}', "NUL"),
+    (b'{"event": "checkpoint_saved", "path": "\\ud800"}', "lone surrogate"),
+    (b'{"event": "checkpoint_saved", "path": "' + b"p" * 5000 + b'"}', "at most 4096"),
+    (b'{"event": "explode"}', 'unknown event "explode"'),
+    (b'{"event": null}', "unknown event null"),
+    (b'{"event": ["progress"]}', "unknown event"),
+    (b'{"config": {"lr": 0.1}}', 'needs an "event" key'),
+    (b"{", "not valid JSON"),
+    (b"{}", 'needs an "event" key'),
+    (b'{"step": 1} trailing', "not valid JSON"),
+    (b'{"step": 1, "step": "x"}', "non-negative integer"),
+    (b'{"event": "progress", "step": \xff}', "not valid UTF-8"),
+    (b'{"a":' * 100000 + b"1" + b"}" * 100000, "event lines may be at most"),
+    (b'{"a":' * 3000 + b"1" + b"}" * 3000, "nested too deeply"),
+]
+
+
+@pytest.mark.parametrize(
+    ("line", "fragment"), EVENT_CASES, ids=[c[0][:40].decode("utf-8", "replace") for c in EVENT_CASES]
+)
+def test_a_bad_event_line_is_rejected_with_a_message_saying_why(line: bytes, fragment: str) -> None:
+    result = parse_line(line)
+    assert result.events == ()
+    assert result.error is not None and fragment in result.error, result.error
+    assert len(result.error) < 400  # an error quotes, it does not echo the whole line
+
+
+def _blank_record(cwd: str) -> RunRecord:
+    record: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "run_id": "r",
+        "attempt": 1,
+        "cwd": cwd,
+        "step": None,
+        "total": None,
+        "loss": None,
+        "metrics": {},
+        "eta_seconds": None,
+        "checkpoints": [],
+        "latest_checkpoint": None,
+    }
+    return record  # type: ignore[return-value]
+
+
+NUMBERS = st.one_of(
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.booleans(),
+    st.none(),
+    st.text(max_size=5),
+)
+EVENT_LINES = st.fixed_dictionaries(
+    {"event": st.sampled_from(["progress", "metric", "checkpoint_saved", "done"])},
+    optional={
+        "step": NUMBERS,
+        "total": NUMBERS,
+        "loss": NUMBERS,
+        "value": NUMBERS,
+        "name": st.text(max_size=8),
+        "path": st.text(max_size=12),
+        "metrics": st.dictionaries(st.text(max_size=6), NUMBERS, max_size=4),
+    },
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(EVENT_LINES)
+def test_whatever_the_parser_accepts_can_always_be_stored_as_strict_json(obj: dict[str, Any]) -> None:
+    result = parse_line(json.dumps(obj).encode("utf-8"))
+    record = _blank_record("/work")
+    progress = Progress(record)
+    for event in result.events:
+        entry = progress.apply(event, now=1.0)
+        if entry is not None:
+            json.dumps(entry, allow_nan=False).encode("utf-8")
+    json.dumps(record, allow_nan=False).encode("utf-8")  # the supervisor's write never fails on it
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.binary(max_size=80), max_size=12),
+    st.integers(min_value=1, max_value=64),
+    st.integers(min_value=1, max_value=200),
+)
+def test_any_stream_through_the_splitter_parses_without_raising_and_bounds_every_line(
+    chunks: list[bytes], limit: int, chunk: int
+) -> None:
+    splitter = LineSplitter(max_line_bytes=limit)
+    stream = b"".join(chunks)
+    items = []
+    for start in range(0, len(stream), chunk):
+        items += splitter.feed(stream[start : start + chunk])
+    items += splitter.flush()
+    for item in items:
+        if isinstance(item, Oversized):
+            assert len(item.head) <= limit and item.length > limit
+        else:
+            assert len(item) <= limit
+        result = parse_line(item)
+        assert not (result.events and result.error)

@@ -55,7 +55,9 @@ class Plan:
     tree_runs: int
     mcp_calls: int
     mcp_spawns: int
-    list_sizes: tuple[int, ...] = (100, 5_000, 20_000)
+    # Store sizes of the listing figures; the largest also serves the MCP figures. The quick plan
+    # stops at 5,000: writing 20,000 run folders takes ~20 s on a slow disk.
+    list_sizes: tuple[int, ...]
 
     @classmethod
     def make(cls, *, quick: bool, runs: int | None) -> Plan:
@@ -64,11 +66,12 @@ class Plan:
             quick=quick,
             runs=n,
             flood_lines=100_000 if quick else 1_000_000,
-            overhead_seconds=4.0 if quick else 20.0,
+            overhead_seconds=3.0 if quick else 20.0,
             pause_cycles=max(2, n // 2) if quick else max(2, min(n, 8)),
             tree_runs=1 if quick else max(1, n // 3),
-            mcp_calls=10 * n,
+            mcp_calls=(5 if quick else 10) * n,
             mcp_spawns=1 if quick else max(1, min(n // 2, 5)),
+            list_sizes=(100, 1_000, 5_000) if quick else (100, 5_000, 20_000),
         )
 
 
@@ -123,8 +126,9 @@ def machine() -> dict[str, str]:
     }
 
 
-def wait_until(check_: Callable[[], T | None], *, what: str, timeout: float = WAIT_SECONDS,
-               poll: float = POLL_SECONDS) -> T:
+def wait_until(
+    check_: Callable[[], T | None], *, what: str, timeout: float = WAIT_SECONDS, poll: float = POLL_SECONDS
+) -> T:
     """check_()'s first truthy value; BenchError if none comes within the timeout."""
     deadline = time.monotonic() + timeout
     while True:
@@ -139,9 +143,16 @@ def wait_until(check_: Callable[[], T | None], *, what: str, timeout: float = WA
 def wall(argv: Sequence[str], env: Mapping[str, str], cwd: Path) -> float:
     """Seconds from spawning a command to its exit (it must succeed)."""
     began = time.perf_counter()
-    done = subprocess.run(list(argv), env=dict(env), cwd=cwd, stdin=subprocess.DEVNULL,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=False,
-                          timeout=WAIT_SECONDS)
+    done = subprocess.run(
+        list(argv),
+        env=dict(env),
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        check=False,
+        timeout=WAIT_SECONDS,
+    )
     took = time.perf_counter() - began
     if done.returncode != 0:
         raise BenchError(f"{' '.join(argv)} exited {done.returncode}: {done.stderr.decode()[-500:]}")
@@ -180,7 +191,7 @@ def proc_state(pid: int) -> str | None:
         stat = Path(f"/proc/{pid}/stat").read_bytes()
     except OSError:
         return None
-    return stat[stat.rindex(b")") + 2:][:1].decode()
+    return stat[stat.rindex(b")") + 2 :][:1].decode()
 
 
 def pids_of_run(run_id: str) -> list[int]:
@@ -267,6 +278,8 @@ class Workspace:
         self.work = root / "work"
         shutil.copytree(FIXTURES, self.work)
         self.started: list[tuple[Service, str]] = []
+        self.template: RunRecord | None = None
+        self._filled: set[int] = set()
 
     @classmethod
     @contextlib.contextmanager
@@ -293,13 +306,16 @@ class Workspace:
         return env
 
     def warm_up(self) -> None:
-        """Import every module the figures run once, so that none pays for compiling it."""
-        modules = ["backprop_mcp.supervisor", "backprop_mcp.service", "backprop_mcp.cli",
-                   "backprop_mcp.mcp_server", "backprop_mcp.render", "backprop_mcp.static_probe",
-                   "backprop_mcp.nvidia", "backprop_mcp.mcp_tools", "mcp.server.mcpserver", "mcp"]
-        code = f"import importlib, importlib.util\nfor m in {modules!r}:\n" \
-               "    if importlib.util.find_spec(m):\n        importlib.import_module(m)\n"
-        subprocess.run([PYTHON, "-c", code], env=self.base_env(), check=True, timeout=WAIT_SECONDS * 2)
+        """Compile backprop_mcp's bytecode once, so that no measured process pays for it."""
+        import backprop_mcp
+
+        subprocess.run(
+            [PYTHON, "-m", "compileall", "-q", *backprop_mcp.__path__],
+            env=self.base_env(),
+            stdout=subprocess.DEVNULL,
+            check=True,
+            timeout=WAIT_SECONDS,
+        )
 
     def env(self, home: str, **extra: str) -> dict[str, str]:
         """A store of its own, no user config, limits that admit runs on a small busy machine."""
@@ -316,6 +332,17 @@ class Workspace:
         env.pop("VIRTUAL_ENV", None)
         env.update(extra)
         return env
+
+    def past_runs(self, count: int) -> str:
+        """The name of a store holding `count` finished past runs (filled on first use, cloned
+        from `template`, a real finished record); runs started there later are added to them."""
+        if self.template is None:
+            raise BenchError("no template record yet: measure the launch figures first")
+        home = f"past-{count}"
+        if count not in self._filled:
+            prefill(Store(self.root / home), self.template, count)
+            self._filled.add(count)
+        return home
 
     def service(self, home: str, **extra: str) -> Service:
         env = self.env(home, **extra)
@@ -363,7 +390,8 @@ def prefill(store: Store, template: RunRecord, count: int) -> None:
     """Add `count` finished past runs, cloned from a real record, older than any real run.
 
     Written straight to their files (no fsync) through the store's layout, with one index row
-    each, so 20,000 runs take seconds; what listing and the supervisor see is a real store.
+    each; what listing and the supervisor see is a real store. (Their empty logs folders are left
+    out: nothing measured reads them, and 20,000 more folders cost seconds to make and delete.)
     """
     store.ensure()
     base = time.time() - 86_400 * 30
@@ -372,10 +400,17 @@ def prefill(store: Store, template: RunRecord, count: int) -> None:
         record = json.loads(json.dumps(template))
         stamp = now_iso(base + i)
         run_id = f"past-{i:06d}"
-        record.update(run_id=run_id, name=f"sweep-{i % 97}", created_at=stamp, updated_at=stamp,
-                      started_at=stamp, ended_at=stamp, step=i, loss=1.0 / (i + 1))
-        folder = store.run_dir(run_id)
-        (folder / "logs").mkdir(parents=True, mode=0o700)
+        record.update(
+            run_id=run_id,
+            name=f"sweep-{i % 97}",
+            created_at=stamp,
+            updated_at=stamp,
+            started_at=stamp,
+            ended_at=stamp,
+            step=i,
+            loss=1.0 / (i + 1),
+        )
+        store.run_dir(run_id).mkdir(mode=0o700)
         store.record_path(run_id).write_text(json.dumps(record, indent=1), encoding="utf-8")
         rows.append(json.dumps({**row_of(record), "new": True}))
     index = store.index_path.read_text(encoding="utf-8") if store.index_path.exists() else ""

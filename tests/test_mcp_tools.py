@@ -53,8 +53,9 @@ try:
         step += 1
         print(json.dumps({"step": step, "total": total, "loss": 1.0 / step}), flush=True)
         if step % 3 == 0:
-            with open("ck.json", "w", encoding="utf-8") as handle:
+            with open("ck.json.tmp", "w", encoding="utf-8") as handle:
                 json.dump({"step": step}, handle)
+            os.replace("ck.json.tmp", "ck.json")  # atomic: a stop signal never leaves half a file
             print(json.dumps({"event": "checkpoint_saved", "path": "ck.json", "step": step}), flush=True)
         time.sleep(delay)
 except KeyboardInterrupt:
@@ -425,6 +426,22 @@ async def test_a_script_outside_the_allowed_roots_is_refused_naming_the_roots_an
     assert "--root" in text and "BACKPROP_ALLOWED_ROOTS" in text and "allowedRoots" in text
     assert "PathNotAllowed" in dry and "PathNotAllowed" in sneaky
     assert page["runs"] == []
+
+
+@pytest.mark.anyio
+async def test_resuming_a_run_whose_script_is_outside_the_allowed_roots_is_refused(
+    server: BackpropServer, service: Service, era: str, tmp_path: Path
+) -> None:
+    from backprop_mcp.service import RunRequest
+    from tests.helpers import wait_for_end
+
+    elsewhere = write_script(tmp_path / "elsewhere")
+    started = service.start(RunRequest(script=str(elsewhere), options=dict(GENEROUS)))
+    wait_for_end(service, started["run_id"])
+    async with connect(server, era) as client:
+        text = await fails(client, "resume_run", run_id=started["run_id"], from_scratch=True)
+    assert "PathNotAllowed" in text and str(elsewhere) in text
+    assert service.get(started["run_id"])["attempt"] == 1
 
 
 @pytest.mark.anyio

@@ -110,6 +110,14 @@ class BackpropServer(MCPServer[Any]):
         tool = (await self.tools()).get(name)
         if tool is None:
             return _error(f"Unknown tool: {name}. The tools are: {', '.join(self._tools)}.")
+        known = set(tool.parameters.get("properties", {}))
+        unknown = sorted(set(arguments) - known)
+        if unknown:
+            # Refused, not ignored: a misspelt max_run_minute would otherwise start a 10-minute run.
+            return _error(
+                f"{name}: unknown argument(s) {', '.join(unknown)}. "
+                f"The arguments it takes are: {', '.join(sorted(known))}."
+            )
         if context is None:
             context = Context(mcp_server=self)
         try:

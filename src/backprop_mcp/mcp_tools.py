@@ -214,6 +214,7 @@ def build_tools(app: App) -> list[Tool]:
 
     async def resume_run(
         run_id: RunId,
+        client_roots: ClientRoots,
         max_run_minutes: Minutes = None,
         from_scratch: Annotated[
             bool,
@@ -241,9 +242,12 @@ def build_tools(app: App) -> list[Tool]:
         BACKPROP_RESUME_FROM. Returns the record at once (attempt increased, status queued or
         running); follow it with wait_for_run. Options not given keep the run's previous values.
         """
-        return await app.call(
+        roots = app.roots_for(client_roots)
+        return await app.guarded(
+            roots,
             app.service.resume,
             run_id,
+            allowed_roots=roots.paths,
             from_scratch=from_scratch,
             args=args,
             source="argument",

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 # pydantic needs typing_extensions.TypedDict on Python < 3.12 to read nested TypedDicts.
-from typing_extensions import NotRequired, TypedDict  # noqa: UP035
+from typing_extensions import TypedDict
 
 SCHEMA_VERSION = 1
 
@@ -305,44 +305,6 @@ class RunRow(TypedDict):
     """Script path."""
     termination_reason: str | None
     """Why it ended."""
-    supervisor_pid: NotRequired[int | None]
-    supervisor_started: NotRequired[float | None]
-
-
-# Set after the class bodies, as pydantic's own `with_config` does: written inside a TypedDict
-# body, a type checker takes `__pydantic_config__` for a required key of the shape.
-_DOCUMENTED: tuple[Any, ...] = (
-    Checkpoint,
-    AttemptSummary,
-    GpuProcess,
-    GpuInfo,
-    SystemSnapshot,
-    Limits,
-    Decision,
-    RunRecord,
-    RunRow,
-)
-for _shape in _DOCUMENTED:
-    _shape.__pydantic_config__ = _DOC_CONFIG
-
-
-def row_of(record: RunRecord) -> RunRow:
-    """The index row of a record."""
-    return RunRow(
-        run_id=record["run_id"],
-        name=record["name"],
-        status=record["status"],
-        attempt=record["attempt"],
-        created_at=record["created_at"],
-        ended_at=record["ended_at"],
-        step=record["step"],
-        total=record["total"],
-        loss=record["loss"],
-        script=record["script"],
-        termination_reason=record["termination_reason"],
-        supervisor_pid=record["supervisor_pid"],
-        supervisor_started=record["supervisor_started"],
-    )
 
 
 class RunPage(TypedDict):
@@ -454,3 +416,44 @@ class ImportReport(TypedDict):
     """Run ids imported."""
     skipped: list[str]
     """Entries skipped, with the reason."""
+
+
+# Set after the class bodies, as pydantic's own `with_config` does: written inside a TypedDict
+# body, a type checker takes `__pydantic_config__` for a required key of the shape.
+_DOCUMENTED: tuple[Any, ...] = (
+    Checkpoint,
+    AttemptSummary,
+    GpuProcess,
+    GpuInfo,
+    SystemSnapshot,
+    Limits,
+    Decision,
+    RunRecord,
+    RunRow,
+    RunPage,
+    SystemStatus,
+    LogTail,
+    DryRun,
+    ComparedRun,
+    Comparison,
+    ImportReport,
+)
+for _shape in _DOCUMENTED:
+    _shape.__pydantic_config__ = _DOC_CONFIG
+
+
+def row_of(record: RunRecord) -> RunRow:
+    """The index row of a record."""
+    return RunRow(
+        run_id=record["run_id"],
+        name=record["name"],
+        status=record["status"],
+        attempt=record["attempt"],
+        created_at=record["created_at"],
+        ended_at=record["ended_at"],
+        step=record["step"],
+        total=record["total"],
+        loss=record["loss"],
+        script=record["script"],
+        termination_reason=record["termination_reason"],
+    )

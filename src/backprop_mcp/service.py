@@ -262,9 +262,12 @@ class Service:
         python: str | None = None,
         cwd: str | None = None,
         source: str = "option",
+        allowed_roots: Sequence[Path] | None = None,
     ) -> RunRecord:
         """Start attempt N+1 of a finished run from its newest existing checkpoint."""
         record = self.get(run_id)
+        if allowed_roots is not None:
+            check_allowed(Path(record["script"]), allowed_roots)
         with self.store.run_lock(run_id):
             record = self.get(run_id)
             if record["status"] in ACTIVE_STATES:
@@ -340,17 +343,22 @@ class Service:
                     self._mark_lost(record)
         return record
 
+    def _supervisor(self, record: RunRecord) -> tuple[int, float | None] | None:
+        """The supervisor's (pid, start time): from the record, else from the pid file the starter
+        wrote at launch (before the supervisor's own first write); None when neither exists yet."""
+        if record["supervisor_pid"] is not None:
+            return record["supervisor_pid"], record["supervisor_started"]
+        try:
+            info = json.loads((self.store.run_dir(record["run_id"]) / "supervisor.pid").read_text("utf-8"))
+            return int(info["pid"]), info.get("started")
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
     def _supervised(self, record: RunRecord) -> bool:
-        pid, started = record["supervisor_pid"], record["supervisor_started"]
-        if pid is None:
-            try:
-                info = json.loads(
-                    (self.store.run_dir(record["run_id"]) / "supervisor.pid").read_text("utf-8")
-                )
-                pid, started = int(info["pid"]), info.get("started")
-            except (OSError, ValueError, KeyError, TypeError):
-                return _age(record["updated_at"]) < LAUNCH_GRACE_SECONDS
-        return proctree.is_alive(pid, started)
+        supervisor = self._supervisor(record)
+        if supervisor is None:
+            return _age(record["updated_at"]) < LAUNCH_GRACE_SECONDS
+        return proctree.is_alive(*supervisor)
 
     def _mark_lost(self, record: RunRecord) -> None:
         killed = proctree.kill_leftovers(record["run_id"], record["script_pid"])
@@ -467,15 +475,11 @@ class Service:
         record = self.get(run_id)
         if record["status"] not in ACTIVE_STATES:
             raise RunStateError(f"run {run_id} has already ended ({record['status']}); nothing to stop")
-        pid, started = record["supervisor_pid"], record["supervisor_started"]
-        if pid is None:
-            try:
-                info = json.loads((self.store.run_dir(run_id) / "supervisor.pid").read_text("utf-8"))
-                pid, started = int(info["pid"]), info.get("started")
-            except (OSError, ValueError, KeyError, TypeError):
-                raise RunStateError(f"run {run_id} is still launching; try again in a moment") from None
-        if proctree.is_alive(pid, started):
-            os.kill(pid, signal.SIGUSR1 if force else signal.SIGTERM)
+        supervisor = self._supervisor(record)
+        if supervisor is None:
+            raise RunStateError(f"run {run_id} is still launching; try again in a moment")
+        if proctree.is_alive(*supervisor):
+            os.kill(supervisor[0], signal.SIGUSR1 if force else signal.SIGTERM)
             self.store.append_event(run_id, {"type": "stop_requested", "force": force})
         return self.get(run_id)
 

@@ -157,6 +157,7 @@ class Supervisor:
     def set_state(self, status: str, detail: str | None = None, **extra: Any) -> None:
         self.record["status"] = status
         self.record["status_detail"] = detail
+        self.record["attempts"][-1]["status"] = status
         self.write(index=True)
         self.event({"type": "state", "status": status, "detail": detail, **extra})
 

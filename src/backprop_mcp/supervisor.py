@@ -27,8 +27,10 @@ from backprop_mcp.errors import BackpropError, StoreError
 from backprop_mcp.events import LineSplitter, parse_line
 from backprop_mcp.launch import command, contract_env, gpu_memory_limit_mb, limits_of
 from backprop_mcp.models import AttemptSummary, Decision, RunRecord, SystemSnapshot
+from backprop_mcp.outcome import classify, describe
 from backprop_mcp.probes import SystemProbe, make_probe
 from backprop_mcp.progress import Progress
+from backprop_mcp.runlog import RunLog
 from backprop_mcp.store import Store, now_iso
 
 log = logging.getLogger("backprop_mcp.supervisor")
@@ -50,8 +52,6 @@ LEFTOVER_GRACE_SECONDS = 1.0
 # After the last process is gone, wait at most this long for its pipes to reach EOF.
 PIPE_DRAIN_SECONDS = 2.0
 READ_CHUNK = 64 * 1024
-# Per attempt, the log rotates to `attempt-N.log.1` past this size, keeping at most twice it.
-MAX_LOG_BYTES = 64 * 1024 * 1024
 # When the outcome cannot be recorded (a full disk), retry every few seconds for this long before
 # giving up: the record then stays "running" and the next reader marks it lost, which is truthful.
 FINAL_WRITE_SECONDS = 300.0
@@ -86,8 +86,7 @@ class Supervisor:
         self.last_write = 0.0
         self.bad_lines = 0
         self.proc: subprocess.Popen[bytes] | None = None
-        self.log_file: Any = None
-        self.log_bytes = 0
+        self.output: RunLog | None = None
         self.started_epoch = 0.0
         self.cpu_watch: dict[int, psutil.Process] = {}
 
@@ -257,10 +256,10 @@ class Supervisor:
         record["cuda_visible_devices"] = (
             env.get("CUDA_VISIBLE_DEVICES") if record["gpu"] or not self.limits["use_gpu"] else None
         )
-        log_path = self.store.log_path(self.run_id, record["attempt"])
-        self.log_file = open(log_path, "ab", buffering=0)  # noqa: SIM115 - held for the run's life
-        os.chmod(log_path, 0o600)
+        action = "open the run's log"
         try:
+            self.output = RunLog(self.store.log_path(self.run_id, record["attempt"]))
+            action = f"start {record['python']}"
             self.proc = subprocess.Popen(
                 command(record),
                 cwd=record["cwd"],
@@ -273,10 +272,7 @@ class Supervisor:
             )
         except OSError as exc:
             self.admission.release(self.run_id)
-            record["exit_code"] = None
-            self.finish_without_start(
-                "failed", "start_failed", f"could not start {record['python']}: {exc.strerror or exc}"
-            )
+            self.finish_without_start("failed", "start_failed", f"could not {action}: {exc.strerror or exc}")
             return False
         record["script_pid"] = self.proc.pid
         self.started_epoch = started
@@ -287,7 +283,7 @@ class Supervisor:
         self.set_state("running", None, pid=self.proc.pid, gpu=record["cuda_visible_devices"])
         return True
 
-    def supervise(self, proc: subprocess.Popen[bytes]) -> None:
+    def supervise(self, proc: subprocess.Popen[bytes], output: RunLog) -> None:
         if proc.stdout is None or proc.stderr is None:
             raise RuntimeError("the script was started without pipes")  # Popen(PIPE) always has them
         splitter = LineSplitter()
@@ -351,7 +347,7 @@ class Supervisor:
             timeout = self._next_timeout(now, running_for, box, next_sample, stop_sent, term_sent, exited_at)
             for key, _ in self._wait(timeout):
                 if key.data in ("out", "err"):
-                    self._read(key.fd, key.data, splitter, streams)
+                    self._read(key.fd, key.data, splitter, streams, output)
         for item in splitter.flush():
             self._line(item)
         for fd in list(streams):
@@ -385,7 +381,9 @@ class Supervisor:
             candidates.append(exited_at + PIPE_DRAIN_SECONDS - now)
         return max(min(candidates), 0.0)
 
-    def _read(self, fd: int, name: str, splitter: LineSplitter, streams: dict[int, str]) -> None:
+    def _read(
+        self, fd: int, name: str, splitter: LineSplitter, streams: dict[int, str], output: RunLog
+    ) -> None:
         # Bounded reads per wake-up keep the loop responsive to signals during a flood.
         for _ in range(16):
             try:
@@ -398,7 +396,7 @@ class Supervisor:
                 self.selector.unregister(fd)
                 del streams[fd]
                 return
-            self._log(data)
+            output.write(data)
             if name == "out":
                 for item in splitter.feed(data):
                     self._line(item)
@@ -417,21 +415,6 @@ class Supervisor:
             if entry is not None:
                 self.event(entry)
             self.dirty = True
-
-    def _log(self, data: bytes) -> None:
-        try:
-            if self.log_bytes + len(data) > MAX_LOG_BYTES:
-                path = self.store.log_path(self.run_id, self.record["attempt"])
-                os.replace(path, path.with_name(path.name + ".1"))
-                reopened = open(path, "ab", buffering=0)  # noqa: SIM115 - held for the run's life
-                self.log_file.close()
-                self.log_file = reopened
-                os.chmod(path, 0o600)
-                self.log_bytes = 0
-            self.log_file.write(data)
-            self.log_bytes += len(data)
-        except OSError as exc:
-            log.warning("run %s: cannot write the log (%s); output is dropped", self.run_id, exc)
 
     def _tree(self) -> list[psutil.Process]:
         return proctree.descendants(os.getpid())
@@ -518,26 +501,17 @@ class Supervisor:
         code = proc.returncode
         record["ended_at"] = now_iso()
         record["eta_seconds"] = None
-        if code is not None and code < 0:
-            record["exit_code"], record["signal"] = None, signal.Signals(-code).name
-        else:
-            record["exit_code"], record["signal"] = code, None
-        if self.stop_reason in ("deadline", "wall_clock_cap"):
-            status, reason = "timed_out", self.stop_reason
-        elif self.stop_reason == "stop_requested":
-            status, reason = "stopped", "stop_requested"
-        elif self.stop_reason == "gpu_memory_limit":
-            status, reason = "failed", "gpu_memory_limit"
-        elif code == 0:
-            status, reason = "completed", "exit_zero"
-        elif code is not None and code < 0:
-            status, reason = "failed", "signal"
-        else:
-            status, reason = "failed", "exit_nonzero"
-        record["termination_reason"] = reason
-        self._close_attempt(status)
-        detail = _describe(status, reason, record["exit_code"], record["signal"], record["status_detail"])
-        self.set_state(status, detail, reason=reason, exit_code=record["exit_code"], signal=record["signal"])
+        outcome = classify(self.stop_reason, code)
+        record["exit_code"], record["signal"] = outcome.exit_code, outcome.signal
+        record["termination_reason"] = outcome.reason
+        self._close_attempt(outcome.status)
+        self.set_state(
+            outcome.status,
+            describe(outcome, record["status_detail"]),
+            reason=outcome.reason,
+            exit_code=outcome.exit_code,
+            signal=outcome.signal,
+        )
         self.admission.release(self.run_id)
         self.store.maybe_compact()
 
@@ -572,13 +546,12 @@ class Supervisor:
         self.record["supervisor_started"] = me.create_time()
         self.write(index=True)
         decision = self.queue()
-        if decision is None or not self.start(decision) or self.proc is None:
+        if decision is None or not self.start(decision) or self.proc is None or self.output is None:
             return 0
         try:
-            self.supervise(self.proc)
+            self.supervise(self.proc, self.output)
         finally:
-            if self.log_file is not None:
-                self.log_file.close()
+            self.output.close()
         self.finish(self.proc)
         self.write_final()
         return 0
@@ -592,22 +565,6 @@ def _sample_interval() -> float:
     except ValueError:
         return governor.SAMPLE_INTERVAL_SECONDS
     return value if 0.05 <= value <= 3600 else governor.SAMPLE_INTERVAL_SECONDS
-
-
-def _describe(status: str, reason: str, code: int | None, sig: str | None, detail: str | None) -> str:
-    if reason == "exit_zero":
-        return "the script exited with code 0"
-    if reason == "exit_nonzero":
-        return f"the script exited with code {code}"
-    if reason == "signal":
-        return f"the script was killed by {sig}"
-    if reason == "deadline":
-        return "the time box ended; the script was asked to stop"
-    if reason == "wall_clock_cap":
-        return "the wall-clock cap (paused time included) ended"
-    if reason == "gpu_memory_limit":
-        return detail or "the run exceeded its GPU memory limit"
-    return "stopped on request"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,57 @@
+"""How an attempt's end is named: its final state, reason, exit code and signal, and the words
+that describe them. Pure functions, so every combination is checked by a table."""
+
+from __future__ import annotations
+
+import signal
+from typing import NamedTuple
+
+
+class Outcome(NamedTuple):
+    """The truthful end of an attempt."""
+
+    status: str
+    reason: str
+    exit_code: int | None
+    signal: str | None
+
+
+def classify(stop_reason: str | None, returncode: int | None) -> Outcome:
+    """Name the end of an attempt from why we stopped it (if we did) and how the script exited.
+
+    Our reason wins over the exit status: a script that exits 0 on SIGINT at the deadline still
+    ran out of time, and one killed for its GPU memory failed even if a handler exited cleanly.
+    """
+    code: int | None = returncode
+    sig: str | None = None
+    if returncode is not None and returncode < 0:
+        code, sig = None, signal.Signals(-returncode).name
+    if stop_reason in ("deadline", "wall_clock_cap"):
+        return Outcome("timed_out", stop_reason, code, sig)
+    if stop_reason == "stop_requested":
+        return Outcome("stopped", "stop_requested", code, sig)
+    if stop_reason == "gpu_memory_limit":
+        return Outcome("failed", "gpu_memory_limit", code, sig)
+    if sig is not None:
+        return Outcome("failed", "signal", code, sig)
+    if code == 0:
+        return Outcome("completed", "exit_zero", code, sig)
+    return Outcome("failed", "exit_nonzero", code, sig)
+
+
+def describe(outcome: Outcome, detail: str | None = None) -> str:
+    """The outcome in words, for `status_detail`."""
+    reason = outcome.reason
+    if reason == "exit_zero":
+        return "the script exited with code 0"
+    if reason == "exit_nonzero":
+        return f"the script exited with code {outcome.exit_code}"
+    if reason == "signal":
+        return f"the script was killed by {outcome.signal}"
+    if reason == "deadline":
+        return "the time box ended; the script was asked to stop"
+    if reason == "wall_clock_cap":
+        return "the wall-clock cap (paused time included) ended"
+    if reason == "gpu_memory_limit":
+        return detail or "the run exceeded its GPU memory limit"
+    return "stopped on request"

@@ -9,7 +9,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from backprop_mcp.service import RunRequest, Service, _parse_iso
+from backprop_mcp.service import RunRequest, Service
+from backprop_mcp.store import parse_iso
 from tests.fake_gpu import FakeNvidiaSmi
 from tests.helpers import FIXTURES, cli, cli_json, no_survivors, wait_for_end, wait_for_log, wait_until
 
@@ -101,7 +102,7 @@ def test_a_run_pauses_when_its_gpu_heats_and_resumes_when_it_cools(
     ]
     assert ("paused", paused["status_detail"]) in kinds and ("running", "resumed") in kinds
     # Paused time is not charged to the box: the script ran for the whole box besides it.
-    started, ended = _parse_iso(record["started_at"]), _parse_iso(record["ended_at"])
+    started, ended = parse_iso(record["started_at"]), parse_iso(record["ended_at"])
     assert started is not None and ended is not None
     assert ended - started >= 0.05 * 60 + record["paused_seconds"] - 0.2
     assert no_survivors(run_id)

@@ -164,15 +164,10 @@ def status_text(status: SystemStatus) -> str:
 
 
 def seconds_until(iso: str | None, now: float | None = None) -> float | None:
-    if not iso:
-        return None
-    import calendar
+    from backprop_mcp.store import parse_iso
 
-    try:
-        at = calendar.timegm(time.strptime(iso[:19], "%Y-%m-%dT%H:%M:%S"))
-    except ValueError:
-        return None
-    return at - (time.time() if now is None else now)
+    at = parse_iso(iso)
+    return None if at is None else at - (time.time() if now is None else now)
 
 
 def dry_run_text(report: dict[str, Any]) -> str:

@@ -39,7 +39,6 @@ from backprop_mcp.models import (
     ALL_STATES,
     SCHEMA_VERSION,
     AttemptSummary,
-    ComparedRun,
     Comparison,
     DryRun,
     ImportReport,
@@ -52,7 +51,15 @@ from backprop_mcp.models import (
 )
 from backprop_mcp.probes import make_probe
 from backprop_mcp.progress import newest_existing_checkpoint
-from backprop_mcp.store import Store, _tail_lines, atomic_write, check_run_id, default_home, now_iso
+from backprop_mcp.store import (
+    Store,
+    _tail_lines,
+    atomic_write,
+    check_run_id,
+    default_home,
+    now_iso,
+    parse_iso,
+)
 
 # A run whose supervisor has not yet written its pid is "launching", not lost, for this long:
 # the gap between creating the record and the supervisor's first write is normally ~0.1 s.
@@ -61,7 +68,6 @@ MAX_LIST_LIMIT = 1000
 MAX_LOG_TAIL = 10_000
 # Log lines returned are cut to this many characters: a tail must stay bounded in size.
 MAX_LOG_LINE_CHARS = 2000
-_LOWER_IS_BETTER = re.compile(r"loss|err|perplex|mse|mae|rmse|nll|wer|cer", re.I)
 
 
 @dataclass
@@ -499,36 +505,9 @@ class Service:
 
     def compare(self, run_ids: Sequence[str], *, metric: str = "loss") -> Comparison:
         """Runs side by side on one metric."""
-        if not run_ids:
-            raise UsageError("give at least one run id to compare")
-        if len(run_ids) > 50:
-            raise UsageError(f"compare at most 50 runs at once, got {len(run_ids)}")
-        lower = bool(_LOWER_IS_BETTER.search(metric))
-        runs: list[ComparedRun] = []
-        for run_id in dict.fromkeys(run_ids):
-            record = self.get(run_id)
-            history = [e for e in self.store.read_events(run_id, limit=5000) if e.get("type") == "sample"]
-            values = [_metric_of(e, metric) for e in history] + [_metric_of(dict(record), metric)]
-            present = [v for v in values if v is not None]
-            best = (min(present) if lower else max(present)) if present else None
-            runs.append(
-                ComparedRun(
-                    run_id=run_id,
-                    name=record["name"],
-                    status=record["status"],
-                    step=record["step"],
-                    loss=record["loss"],
-                    metric=_metric_of(dict(record), metric),
-                    best_metric=best,
-                    metrics=record["metrics"],
-                    duration_seconds=_duration(record),
-                )
-            )
-        ranked = sorted(
-            runs, key=lambda r: (r["best_metric"] is None, (r["best_metric"] or 0.0) * (1 if lower else -1))
-        )
-        best_id = ranked[0]["run_id"] if ranked and ranked[0]["best_metric"] is not None else None
-        return Comparison(metric=metric, lower_is_better=lower, runs=ranked, best_run_id=best_id)
+        from backprop_mcp.compare import compare_runs
+
+        return compare_runs(self, run_ids, metric)
 
     def import_legacy(self, path: Path | None = None) -> ImportReport:
         """Import the seed's ~/.backprop/experiments.json."""
@@ -584,34 +563,6 @@ def _attempt(number: int, resume_from: str | None) -> AttemptSummary:
     )
 
 
-def _parse_iso(value: str | None) -> float | None:
-    if not value:
-        return None
-    try:
-        import calendar
-
-        base = calendar.timegm(time.strptime(value[:19], "%Y-%m-%dT%H:%M:%S"))
-        return base + (float("0" + value[19:-1]) if value[19:20] == "." else 0.0)
-    except ValueError:
-        return None
-
-
 def _age(iso: str) -> float:
-    at = _parse_iso(iso)
+    at = parse_iso(iso)
     return time.time() - at if at is not None else float("inf")
-
-
-def _duration(record: RunRecord) -> float | None:
-    total = 0.0
-    for attempt in record["attempts"]:
-        start, end = _parse_iso(attempt["started_at"]), _parse_iso(attempt["ended_at"])
-        if start is not None:
-            total += (end or time.time()) - start
-    return round(total, 3) if total else None
-
-
-def _metric_of(entry: dict[str, Any], metric: str) -> float | None:
-    if metric == "loss" and isinstance(entry.get("loss"), int | float):
-        return float(entry["loss"])
-    value = (entry.get("metrics") or {}).get(metric)
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None

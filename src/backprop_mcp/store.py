@@ -69,6 +69,19 @@ def now_iso(at: float | None = None) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(at)) + f".{int(at % 1 * 1000):03d}Z"
 
 
+def parse_iso(value: str | None) -> float | None:
+    """Unix time of a `now_iso` string; None for None or anything else."""
+    if not value:
+        return None
+    import calendar
+
+    try:
+        base = calendar.timegm(time.strptime(value[:19], "%Y-%m-%dT%H:%M:%S"))
+        return base + (float("0" + value[19:-1]) if value[19:20] == "." else 0.0)
+    except ValueError:
+        return None
+
+
 def _storage_error(action: str, path: Path, exc: OSError) -> StoreError:
     if exc.errno == errno.ENOSPC:
         why = "the disk is full"

@@ -99,6 +99,12 @@ def ms(seconds: float) -> str:
     return f"{seconds * 1000:.0f} ms" if abs(seconds) < 10 else f"{seconds:.1f} s"
 
 
+def plus(seconds: float, *, precise: bool = False) -> str:
+    """A signed difference, "+ 12 ms" or "- 159 ms" (tenths of a millisecond when precise)."""
+    sign = "+" if seconds >= 0 else "-"
+    return f"{sign} {abs(seconds) * 1000:.1f} ms" if precise else f"{sign} {ms(abs(seconds))}"
+
+
 def mb(nbytes: float) -> str:
     return f"{nbytes / 2**20:.1f} MB"
 

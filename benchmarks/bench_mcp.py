@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-from bench_harness import BIN, PYTHON, WAIT_SECONDS, BenchError, Plan, Row, Workspace, check, median, ms
+from bench_harness import BIN, PYTHON, WAIT_SECONDS, BenchError, Plan, Row, Workspace, check, median, ms, plus
 
 from backprop_mcp.service import Service
 
@@ -189,8 +189,8 @@ def measure_mcp(ws: Workspace, plan: Plan, home: str, store_runs: int, run_id: s
                 f"constant tool {floor * 1000:.1f} ms (via client {client_floor * 1000:.1f} ms)",
                 f"{alone * 1000:.1f} ms (via client {client * 1000:.1f} ms)",
                 target,
-                f"floor + {(alone - floor) * 1000:.1f} ms "
-                f"(via client + {(client - client_floor) * 1000:.1f} ms)",
+                f"floor {plus(alone - floor, precise=True)} "
+                f"(via client {plus(client - client_floor, precise=True)})",
                 check(alone - floor <= TOOL_SLACK_S),
                 f"{plan.mcp_calls} calls; judged on the server's share: mcp.Client adds its own "
                 "JSON-schema check of each result",

@@ -29,6 +29,7 @@ from bench_harness import (
     median,
     ms,
     pids_of_run,
+    plus,
     proc_state,
     read_words,
     script_pid,
@@ -132,7 +133,7 @@ def measure_launch(ws: Workspace, plan: Plan) -> Launch:
                 f"`python -c pass` {ms(floor)}",
                 ms(value),
                 target,
-                f"floor + {ms(value - floor)}",
+                f"floor {plus(value - floor)}",
                 check(value - floor <= LAUNCH_TARGET_S),
                 extra,
             )
@@ -413,7 +414,7 @@ def measure_queue(ws: Workspace, plan: Plan, launch: float) -> list[Row]:
             f"launch latency {ms(launch)}",
             ms(value),
             f"<= launch + {ms(QUEUE_SLACK_S)}",
-            f"launch + {ms(value - launch)}",
+            f"launch {plus(value - launch)}",
             check(value - launch <= QUEUE_SLACK_S),
             f"max_parallel 1; max {ms(max(turnaround))}",
         )

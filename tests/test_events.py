@@ -343,3 +343,46 @@ def test_the_parser_imports_only_the_standard_library() -> None:
     )
     loaded = {name.split(".")[0] for name in proc.stdout.split()}
     assert loaded - set(sys.stdlib_module_names) == {"backprop_mcp"}
+
+
+@given(
+    st.lists(
+        st.sampled_from(
+            [
+                '"event": "progress"',
+                '"step": 12',
+                '"total": 100',
+                '"loss": 0.25',
+                '"loss": -1e-05',
+                '"step": 0',
+                '"loss": 3',
+                '"total": 0',
+                '"step": 1.5',
+                '"loss": 1e999',
+                '"x": 1',
+            ]
+        ),
+        min_size=0,
+        max_size=5,
+    ),
+    st.sampled_from(["", " ", "\t"]),
+)
+def test_the_fast_progress_check_accepts_only_lines_the_parser_reads_as_one_progress_event(
+    pairs: list[str], space: str
+) -> None:
+    from backprop_mcp.events import is_plain_progress
+
+    line = ("{" + space + ("," + space).join(pairs) + space + "}").encode()
+    if is_plain_progress(line):
+        result = parse_line(line)
+        assert result.error is None
+        assert len(result.events) == 1 and isinstance(result.events[0], ProgressEvent)
+
+
+def test_the_fast_progress_check_takes_the_common_forms() -> None:
+    from backprop_mcp.events import is_plain_progress
+
+    assert is_plain_progress(b'{"step": 12, "loss": 0.41}')
+    assert is_plain_progress(b'{"event": "progress", "step": 120, "total": 1000, "loss": 0.41}')
+    assert not is_plain_progress(b'{"event": "progress", "step": 1, "metrics": {"acc": 0.5}}')
+    assert not is_plain_progress(b'{"total": 5}')

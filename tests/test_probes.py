@@ -220,7 +220,7 @@ def test_a_corrupt_cpu_cache_is_ignored_and_replaced(tmp_path: Path, garbage: st
     pct = CachedCpu(cache).percent()
     assert pct is not None
     assert 0.0 <= pct <= 100.0
-    assert set(json.loads(cache.read_text(encoding="utf-8"))) == {"version", "busy", "total", "monotonic"}
+    assert set(json.loads(cache.read_text(encoding="utf-8"))) == {"version", "busy", "total", "monotonic", "percent"}
 
 
 def _planted_cache(path: Path, *, percent: float, age: float) -> None:
@@ -486,3 +486,17 @@ def test_auto_falls_back_to_nvidia_smi_when_nvml_cannot_start(
     snap = make_probe("auto", cpu_cache=None).snapshot()
     assert snap["gpu_probe"] == "nvidia-smi"
     assert [g["uuid"] for g in snap["gpus"] or []] == ["GPU-fake-0"]
+
+
+def test_a_cpu_reading_younger_than_the_minimum_age_is_reused_not_resampled(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from backprop_mcp import probes
+
+    monkeypatch.setattr(probes, "CPU_CACHE_MIN_AGE_SECONDS", 30.0)  # wide, so a slow machine still fits
+    cache = tmp_path / "cpu_sample.json"
+    assert CachedCpu(cache).percent() is not None
+    data = json.loads(cache.read_text(encoding="utf-8"))
+    data["percent"] = 42.5  # a marker: a fresh sample would not give exactly this
+    cache.write_text(json.dumps(data), encoding="utf-8")
+    assert CachedCpu(cache).percent() == 42.5

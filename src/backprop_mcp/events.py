@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -104,6 +105,30 @@ class _Reject(Exception):
     """A line is not a valid event; the message is the user-facing reason."""
 
 
+# A plain progress line: one flat object of "event": "progress", "step", "total" and "loss" in any
+# order and spacing, each value one that `parse_line` accepts (no null, no metrics, exponents of at
+# most two digits so the loss is finite). Such a line is always a valid ProgressEvent, so the
+# supervisor may fold a run of them into their last values without parsing each one.
+_PLAIN_PAIR = (
+    rb'(?:"event"[ \t]*:[ \t]*"progress"'
+    rb'|"step"[ \t]*:[ \t]*(?:0|[1-9][0-9]{0,17})'
+    rb'|"total"[ \t]*:[ \t]*[1-9][0-9]{0,17}'
+    rb'|"loss"[ \t]*:[ \t]*-?(?:0|[1-9][0-9]{0,17})(?:\.[0-9]{1,20})?(?:[eE][-+]?[0-9]{1,2})?)'
+)
+_PLAIN_PROGRESS = re.compile(
+    rb"[ \t]*\{[ \t]*" + _PLAIN_PAIR + rb"(?:[ \t]*,[ \t]*" + _PLAIN_PAIR + rb")*[ \t]*\}[ \t]*"
+)
+
+
+def is_plain_progress(line: bytes) -> bool:
+    """True when `line` is a plain progress line (see `_PLAIN_PROGRESS`), decided in C."""
+    return (
+        _PLAIN_PROGRESS.fullmatch(line) is not None
+        # The short form needs a step or a loss (a bare {"total": 5} is rejected by parse_line).
+        and (b'"event"' in line or b'"step"' in line or b'"loss"' in line)
+    )
+
+
 def parse_line(line: bytes | Oversized) -> ParseResult:
     """Parse one line of a script's stdout (without its newline); never raises.
 
@@ -180,15 +205,23 @@ class LineSplitter:
         """The lines completed by `data`, in order."""
         out: list[bytes | Oversized] = []
         view = memoryview(data)
-        start = 0
-        while True:
-            nl = data.find(b"\n", start)
-            if nl == -1:
-                self._append(view[start:])
-                return out
-            self._append(view[start:nl])
-            out.append(self._take())
-            start = nl + 1
+        first = data.find(b"\n")
+        if first == -1:
+            self._append(view)
+            return out
+        self._append(view[:first])
+        out.append(self._take())
+        last = data.rfind(b"\n")
+        if last > first:
+            # Whole lines inside one chunk are split in C; only long or CR-ended ones take the buffer.
+            for line in data[first + 1 : last].split(b"\n"):
+                if len(line) > self._max or line.endswith(b"\r"):
+                    self._append(memoryview(line))
+                    out.append(self._take())
+                else:
+                    out.append(line)
+        self._append(view[last + 1 :])
+        return out
 
     def flush(self) -> list[bytes | Oversized]:
         """The trailing partial line at end of stream, if any; the splitter is then empty."""

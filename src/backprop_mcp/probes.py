@@ -153,17 +153,37 @@ class CachedCpu:
         self._blocking = blocking_seconds
 
     def percent(self) -> float | None:
+        recent = self._recent_percent()
+        if recent is not None:
+            return recent
         try:
             pct, latest = _percent_since(self._load(), self._blocking)
         except (OSError, psutil.Error) as exc:
             warn_once(f"CPU load unavailable: {exc}")
             return None
-        data = {"version": 1, "busy": latest.busy, "total": latest.total, "monotonic": latest.at}
+        data = {
+            "version": 1,
+            "busy": latest.busy,
+            "total": latest.total,
+            "monotonic": latest.at,
+            "percent": pct,
+        }
         try:
             _write_json_atomic(self.path, data)
         except OSError as exc:
             log.debug("cannot write the CPU sample cache %s: %s", self.path, exc)
         return pct
+
+    def _recent_percent(self) -> float | None:
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+            age = time.monotonic() - float(data["monotonic"])
+            pct = data.get("percent")
+        except (OSError, ValueError, TypeError, KeyError, AttributeError):
+            return None
+        if 0 <= age < CPU_CACHE_MIN_AGE_SECONDS and isinstance(pct, int | float):
+            return float(pct)
+        return None
 
     def _load(self) -> _CpuTimes | None:
         try:
@@ -178,6 +198,19 @@ class CachedCpu:
         except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
             log.info("ignoring the CPU sample cache %s: %s", self.path, exc)
             return None
+
+
+def prime_cpu_cache(path: Path) -> None:
+    """Start a CPU sample in the cache file without waiting, unless a usable one is there."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if 0 <= time.monotonic() - float(data["monotonic"]) <= CPU_CACHE_MAX_AGE_SECONDS:
+            return
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        pass
+    with contextlib.suppress(OSError, psutil.Error):
+        now = _read_cpu_times()
+        _write_json_atomic(path, {"version": 1, "busy": now.busy, "total": now.total, "monotonic": now.at})
 
 
 def _write_json_atomic(path: Path, data: object) -> None:

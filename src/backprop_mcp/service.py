@@ -7,7 +7,6 @@ import fnmatch
 import json
 import os
 import re
-import secrets
 import signal
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -50,7 +49,6 @@ from backprop_mcp.models import (
     row_of,
 )
 from backprop_mcp.probes import make_probe
-from backprop_mcp.progress import newest_existing_checkpoint
 from backprop_mcp.store import (
     Store,
     _tail_lines,
@@ -222,7 +220,12 @@ class Service:
         )
 
     def _launch(self, run_id: str) -> None:
+        from backprop_mcp.probes import prime_cpu_cache
+
         pid_file = self.store.run_dir(run_id) / "supervisor.pid"
+        # The supervisor's first admission reads the CPU load from this cache; priming it now means
+        # that first reading is a real sample over the launch, not a blocking 0.1 s one.
+        prime_cpu_cache(self.store.governor_dir / "cpu_sample.json")
         try:
             proc = spawn_supervisor(self.store.home, run_id, self.env)
         except OSError as exc:
@@ -281,6 +284,8 @@ class Service:
                     f"run {run_id} is {record['status']}; only a finished run can be resumed",
                     hint=f"wait for it, or stop it first with `backprop stop {run_id}`",
                 )
+            from backprop_mcp.progress import newest_existing_checkpoint
+
             checkpoint = None if from_scratch else newest_existing_checkpoint(record)
             if checkpoint is None and not from_scratch:
                 known = len(record["checkpoints"])
@@ -545,6 +550,8 @@ def _resolve_script(script: str, cwd: Path) -> Path:
 
 def _new_run_id(name: str | None) -> str:
     slug = re.sub(r"[^A-Za-z0-9]+", "-", name or "").strip("-")[:40].lower() or "run"
+    import secrets
+
     return f"{slug}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(2)}"
 
 

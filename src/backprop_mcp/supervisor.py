@@ -24,7 +24,7 @@ from backprop_mcp import governor, proctree
 from backprop_mcp.admission import Admission
 from backprop_mcp.config import Settings
 from backprop_mcp.errors import BackpropError, StoreError
-from backprop_mcp.events import LineSplitter, parse_line
+from backprop_mcp.events import LineSplitter, ProgressEvent, is_plain_progress, parse_line
 from backprop_mcp.launch import command, contract_env, gpu_memory_limit_mb, limits_of
 from backprop_mcp.models import AttemptSummary, Decision, RunRecord, SystemSnapshot
 from backprop_mcp.outcome import classify, describe
@@ -52,6 +52,8 @@ LEFTOVER_GRACE_SECONDS = 1.0
 # After the last process is gone, wait at most this long for its pipes to reach EOF.
 PIPE_DRAIN_SECONDS = 2.0
 READ_CHUNK = 64 * 1024
+# After a read that returned output, wait this long before the next one (see `supervise`).
+OUTPUT_BATCH_SECONDS = 0.002
 # When the outcome cannot be recorded (a full disk), retry every few seconds for this long before
 # giving up: the record then stays "running" and the next reader marks it lost, which is truthful.
 FINAL_WRITE_SECONDS = 300.0
@@ -72,8 +74,11 @@ class Supervisor:
             **{k: v for k, v in self.options.items() if k in Settings.__dataclass_fields__}
         )
         self.limits = limits_of(self.settings)
-        # cpu_cache=None: a long-lived process samples CPU live rather than through the cache file.
-        self.probe = probe or make_probe(self.settings.gpu_probe, cpu_cache=None)
+        # The machine-wide CPU sample cache: the starter primed it at launch, so the first
+        # admission gets a measured load at once instead of blocking for a fresh sample.
+        self.probe = probe or make_probe(
+            self.settings.gpu_probe, cpu_cache=store.governor_dir / "cpu_sample.json"
+        )
         self.sample_interval = _sample_interval()
         self.admission = Admission(store.governor_dir)
         self.progress = Progress(self.record)
@@ -345,9 +350,15 @@ class Supervisor:
             if self.dirty and now - self.last_write >= RECORD_INTERVAL_SECONDS:
                 self.write()
             timeout = self._next_timeout(now, running_for, box, next_sample, stop_sent, term_sent, exited_at)
+            got_output = False
             for key, _ in self._wait(timeout):
                 if key.data in ("out", "err"):
                     self._read(key.fd, key.data, splitter, streams, output)
+                    got_output = True
+            if got_output:
+                # Let a chatty script fill the pipe a little: fewer, larger reads cost far less
+                # CPU per line than waking for every few lines.
+                time.sleep(OUTPUT_BATCH_SECONDS)
         for item in splitter.flush():
             self._line(item)
         for fd in list(streams):
@@ -398,8 +409,36 @@ class Supervisor:
                 return
             output.write(data)
             if name == "out":
+                plain: list[bytes] = []
                 for item in splitter.feed(data):
+                    if isinstance(item, bytes) and is_plain_progress(item):
+                        plain.append(item)
+                        continue
+                    if plain:
+                        self._plain_progress(plain)
+                        plain = []
                     self._line(item)
+                if plain:
+                    self._plain_progress(plain)
+
+    def _plain_progress(self, lines: list[bytes]) -> None:
+        """Fold a run of plain progress lines into their last values: only the newest step,
+        total and loss matter, so the older lines need not be parsed one by one."""
+        events = []
+        missing = {"step", "total", "loss"}
+        for line in reversed(lines):
+            parsed = parse_line(line).events
+            if len(parsed) != 1 or not isinstance(parsed[0], ProgressEvent):
+                self._line(line)  # never expected (the fast check accepts only valid lines); be safe
+                continue
+            event = parsed[0]
+            events.append(event)
+            missing = {key for key in missing if getattr(event, key) is None}
+            if not missing:
+                break
+        for event in reversed(events):
+            self.progress.apply(event)
+        self.dirty = True
 
     def _line(self, item: Any) -> None:
         result = parse_line(item)

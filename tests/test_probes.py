@@ -220,7 +220,13 @@ def test_a_corrupt_cpu_cache_is_ignored_and_replaced(tmp_path: Path, garbage: st
     pct = CachedCpu(cache).percent()
     assert pct is not None
     assert 0.0 <= pct <= 100.0
-    assert set(json.loads(cache.read_text(encoding="utf-8"))) == {"version", "busy", "total", "monotonic", "percent"}
+    assert set(json.loads(cache.read_text(encoding="utf-8"))) == {
+        "version",
+        "busy",
+        "total",
+        "monotonic",
+        "percent",
+    }
 
 
 def _planted_cache(path: Path, *, percent: float, age: float) -> None:

@@ -353,7 +353,9 @@ def make_probe(
     elif kind == "nvidia-smi":
         gpu = nvidia.NvidiaSmiGpus(smi, timeout=timeout) if smi else None
         gpu = gpu or nvidia.UnavailableGpus("nvidia-smi", "nvidia-smi not found on PATH")
-    elif kind == "auto":
+    elif kind == "auto" and (gpu_host or smi):
+        # On a machine with no sign of an NVIDIA GPU, `auto` skips NVML: importing and
+        # initialising it costs tens of milliseconds on every `backprop status` for nothing.
         try:
             nvidia.nvml_loader.get()
             gpu = nvidia.NvmlGpus()

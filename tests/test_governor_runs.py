@@ -226,3 +226,39 @@ def test_sixteen_concurrent_starters_never_exceed_max_parallel(
     for start, _ in spans:
         overlapping = sum(1 for s, e in spans if s <= start < e)
         assert overlapping <= 2
+
+
+def test_a_run_that_waits_past_its_queue_timeout_is_rejected_with_that_reason(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    limited = Service(Path(env["BACKPROP_HOME"]), env={**env, "BACKPROP_MAX_PARALLEL": "1"}, cwd=tmp_path)
+    first = limited.start(RunRequest(script=str(FIXTURES / "waits_forever.py")))["run_id"]
+    wait_for_log(limited, first, "ready")
+    second = limited.start(
+        RunRequest(script=str(FIXTURES / "counts_and_exits.py"), options={"queue_timeout_minutes": "0.01"})
+    )["run_id"]
+    queued = wait_until(lambda: (r := limited.get(second))["queue_position"] == 1 and r, what="queued")
+    assert queued["status_detail"] == "position 1 in the queue: 1 run live >= max parallel 1"
+    record = wait_for_end(limited, second)
+    assert (record["status"], record["termination_reason"]) == ("rejected", "queue_timeout")
+    assert record["started_at"] is None
+    limited.stop(first)
+    wait_for_end(limited, first)
+
+
+def test_a_run_held_paused_past_its_wall_clock_cap_is_timed_out_with_that_reason(
+    fake: FakeNvidiaSmi, gpu_service: Service
+) -> None:
+    fake.set_gpus([{"index": 0, "temperature_c": 60}])
+    run_id = gpu_service.start(
+        RunRequest(
+            script=str(FIXTURES / "prints_gpu_and_ticks.py"),
+            options={"max_run_minutes": "1", "max_wall_minutes": "0.03", "grace_seconds": "1"},
+        )
+    )["run_id"]
+    wait_for_log(gpu_service, run_id, "ready")
+    fake.set_gpus([{"index": 0, "temperature_c": 99}])
+    record = wait_for_end(gpu_service, run_id)
+    assert (record["status"], record["termination_reason"]) == ("timed_out", "wall_clock_cap")
+    assert record["paused_seconds"] > 0
+    assert no_survivors(run_id)

@@ -368,3 +368,16 @@ def test_status_list_logs_and_json_agree(env: dict[str, str], tmp_path: Path) ->
     assert len(tail["lines"]) == 2
     table = cli(env, "list")
     assert "j1" in table.stdout and "completed" in table.stdout
+
+
+def test_resume_from_an_explicit_checkpoint_starts_a_new_run_with_it(
+    service: Service, tmp_path: Path
+) -> None:
+    checkpoint = tmp_path / "given.ckpt"
+    checkpoint.write_text("{}", encoding="utf-8")
+    record = service.start(
+        RunRequest(script=str(FIXTURES / "counts_and_exits.py"), resume_from="given.ckpt", cwd=str(tmp_path))
+    )
+    assert record["attempt"] == 1 and record["resume_from"] == str(checkpoint)
+    wait_for_end(service, record["run_id"])
+    assert f"resume: {checkpoint}" in service.logs(record["run_id"])["lines"]

@@ -18,7 +18,14 @@ import anyio.to_thread
 from mcp.server.mcpserver import Context, ListRoots, MCPServer, Resolve
 from mcp.server.mcpserver.exceptions import ResourceError, ResourceNotFoundError, ToolError
 from mcp.server.mcpserver.tools import Tool
-from mcp_types import CallToolResult, InputRequiredResult, ListRootsResult, TextContent, ToolAnnotations
+from mcp_types import (
+    CallToolResult,
+    InputRequiredResult,
+    ListRootsResult,
+    NotificationParams,
+    TextContent,
+    ToolAnnotations,
+)
 from mcp_types import Tool as MCPTool
 from pydantic import TypeAdapter, ValidationError
 
@@ -67,9 +74,23 @@ class BackpropServer(MCPServer[Any]):
         self._built = threading.Event()
         self._build_error: BaseException | None = None
         self._build_tools = build_tools
+        self._build_started = False
+        # The build starts once `initialize` has been answered: on two cores a building thread
+        # holds the GIL while the main thread would be answering it.
+        self._lowlevel_server.add_notification_handler(
+            "notifications/initialized", NotificationParams, self._on_initialized
+        )
+
+    async def _on_initialized(self, ctx: Any, params: NotificationParams) -> None:
+        self._start_build()
+
+    def _start_build(self) -> None:
+        if self._build_started:
+            return
+        self._build_started = True
         # Not a daemon: a daemon thread still inside pydantic's C code when the interpreter shuts
         # down (a client that closes stdin right after initialize) aborts the process.
-        threading.Thread(target=self._build, args=(build_tools,), name="build-tools").start()
+        threading.Thread(target=self._build, args=(self._build_tools,), name="build-tools").start()
 
     def _build(self, build_tools: Callable[[], list[Tool]]) -> None:
         try:
@@ -80,6 +101,7 @@ class BackpropServer(MCPServer[Any]):
             self._built.set()
 
     async def tools(self) -> dict[str, Tool]:
+        self._start_build()  # a client of the 2026-07-28 era may never send notifications/initialized
         if not self._built.is_set():
             await anyio.to_thread.run_sync(self._built.wait)
         if self._build_error is not None:

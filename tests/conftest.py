@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from backprop_mcp.service import Service
 from tests.helpers import isolated_env
+
+# In CI, property tests run the same examples every time, so a build never fails by luck; on a
+# developer's machine they explore new examples on every run.
+settings.register_profile("ci", derandomize=True, database=None)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 
 @pytest.fixture

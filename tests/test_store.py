@@ -108,7 +108,7 @@ def test_a_missing_index_is_rebuilt_from_the_run_folders(tmp_path: Path) -> None
     for n in range(3):
         add(store, f"r{n}")
     store.index_path.unlink()
-    rows = [row["run_id"] for row, _ in store.index_rows()]
+    rows = [row["run_id"] for row in store.index_rows()]
     assert sorted(rows) == ["r0", "r1", "r2"]
     assert store.index_path.exists()
 

@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from backprop_mcp import governor, proctree
 from backprop_mcp.admission import Admission
@@ -454,7 +454,7 @@ class Service:
         matched = 0
         indexed_runs = 0
         more = False
-        for indexed, _ in self.store.index_rows():
+        for indexed in self.store.index_rows():
             indexed_runs += 1
             row = self._fresh_row(indexed) if indexed.get("status") in ACTIVE_STATES else indexed
             if status is not None and row.get("status") != status:
@@ -467,8 +467,8 @@ class Service:
             if len(runs) == limit:
                 more = True
                 break
-            row.pop("new", None)
-            runs.append(row)  # type: ignore[arg-type]
+            row.pop("new", None)  # the index's creation marker; the rest is a RunRow
+            runs.append(cast(RunRow, row))
         if not more and indexed_runs != self.store.count_runs():
             return None
         next_cursor = str(offset + limit) if more else None

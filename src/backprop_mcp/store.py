@@ -305,8 +305,8 @@ class Store:
         with file_lock(self.index_lock):
             append_line(self.index_path, entry)
 
-    def index_rows(self, *, newest_first: bool = True) -> Iterator[tuple[dict[str, Any], bool]]:
-        """Yield (latest row, is creation line reached) while scanning the index from its end.
+    def index_rows(self) -> Iterator[dict[str, Any]]:
+        """Yield each run's latest index row, scanning the index from its end.
 
         Each run is yielded once, at its creation line, with its latest row: runs come out
         newest first, and a caller that needs N runs stops after N, whatever the store's size.
@@ -329,7 +329,7 @@ class Store:
             # A creation row can appear twice (an append racing a rebuild): list each run once.
             if row.get("new") and run_id not in yielded:
                 yielded.add(run_id)
-                yield latest[run_id], True
+                yield latest[run_id]
 
     def rebuild_index(self) -> int:
         """Rewrite the index from the run folders (after corruption, or to compact it)."""

@@ -39,9 +39,21 @@ def gpu_service(gpu_env: dict[str, str], tmp_path: Path) -> Service:
 
 
 def log_value(service: Service, run_id: str, prefix: str) -> str:
-    wait_for_log(service, run_id, prefix)
-    line = next(x for x in service.logs(run_id, tail=1000)["lines"] if x.startswith(prefix))
-    return line[len(prefix) :].strip()
+    """The rest of the first complete log line that starts with `prefix`.
+
+    Complete: `print("a:", b)` reaches the pipe in several writes, so a line may be seen half-written.
+    """
+    path = service.store.log_path(run_id, 1)
+
+    def complete_line() -> str | None:
+        if not path.exists():
+            return None
+        for line in path.read_bytes().splitlines(keepends=True):
+            if line.startswith(prefix.encode()) and line.endswith(b"\n"):
+                return line.decode()[len(prefix) :].strip()
+        return None
+
+    return wait_until(complete_line, what=f"a complete {prefix!r} line in the log of {run_id}")
 
 
 def test_the_hot_gpu_is_skipped_and_the_cool_one_is_pinned_by_uuid(

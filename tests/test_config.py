@@ -37,7 +37,7 @@ def test_layers_apply_in_order_user_project_env_options(tmp_path: Path) -> None:
     assert settings.max_parallel == 4  # env over files
     assert settings.gpu_min_free_vram_mb == 1000  # nested objects merge key by key
     assert settings.gpu_max_temp_c == 60  # options over everything
-    assert settings.sources == [str(user), str(project / "backprop.config.json")]
+    assert settings.sources == (str(user), str(project / "backprop.config.json"))
 
 
 def test_the_seeds_config_file_is_valid(tmp_path: Path) -> None:

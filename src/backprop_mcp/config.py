@@ -13,9 +13,8 @@ import math
 import os
 import signal
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from backprop_mcp.errors import ConfigError
 
@@ -196,8 +195,7 @@ def _python(value: object, where: str) -> str | None:
     return value.strip()
 
 
-@dataclass(frozen=True)
-class Field:
+class Field(NamedTuple):
     """One setting: where it may be given and how it is checked."""
 
     name: str
@@ -382,9 +380,10 @@ FIELDS_BY_NAME = {f.name: f for f in FIELDS}
 FIELDS_BY_KEY = {f.key: f for f in FIELDS}
 
 
-@dataclass(frozen=True)
-class Settings:
-    """The effective settings of one call."""
+# NamedTuples rather than dataclasses here and in the other modules on the CLI's fast paths:
+# importing `dataclasses` pulls in `inspect`, ~15 ms of every `backprop status`.
+class Settings(NamedTuple):
+    """The effective settings of one call (immutable)."""
 
     max_run_minutes: float = 10.0
     max_wall_minutes: float | None = None
@@ -407,7 +406,8 @@ class Settings:
     argv_compat: bool = False
     python: str | None = None
     allowed_roots: list[str] | None = None
-    sources: list[str] = field(default_factory=list, compare=False)
+    sources: tuple[str, ...] = ()
+    """Config files read, lowest precedence first."""
 
     @property
     def wall_minutes(self) -> float:
@@ -416,7 +416,7 @@ class Settings:
 
     def as_options(self) -> dict[str, Any]:
         """The settings as a JSON-ready dict (stored in the run record)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "sources"}
+        return {name: getattr(self, name) for name in self._fields if name != "sources"}
 
 
 def user_config_path(env: Mapping[str, str]) -> Path:
@@ -525,7 +525,7 @@ def load_settings(
         merged.update({k: v for k, v in base.items() if k in FIELDS_BY_NAME})
     if options:
         merged.update(parse_overrides(options, source))
-    return replace(Settings(), **merged, sources=sources)
+    return Settings()._replace(**merged, sources=tuple(sources))
 
 
 def signal_number(name: str) -> int:

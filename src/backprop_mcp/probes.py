@@ -20,10 +20,9 @@ import shutil
 import tempfile
 import time
 from collections.abc import Collection
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import psutil
 
@@ -79,8 +78,7 @@ def now_iso() -> str:
 # --- CPU and RAM -------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _CpuTimes:
+class _CpuTimes(NamedTuple):
     busy: float
     total: float
     at: float  # time.monotonic(): CLOCK_MONOTONIC is one clock for every process on the machine

@@ -10,9 +10,8 @@ import re
 import signal
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 from backprop_mcp import governor, proctree
 from backprop_mcp.admission import Admission
@@ -68,8 +67,7 @@ MAX_LOG_TAIL = 10_000
 MAX_LOG_LINE_CHARS = 2000
 
 
-@dataclass
-class RunRequest:
+class RunRequest(NamedTuple):
     """A request to start a run: the script, its arguments and the run options.
 
     `options` maps config field names (see `config.FIELDS`, e.g. "max_run_minutes",
@@ -79,13 +77,13 @@ class RunRequest:
     """
 
     script: str
-    args: list[str] = field(default_factory=list)
+    args: Sequence[str] = ()
     name: str | None = None
     run_id: str | None = None
     cwd: str | None = None
     python: str | None = None
     resume_from: str | None = None
-    options: dict[str, object] = field(default_factory=dict)
+    options: Mapping[str, object] | None = None
     source: str = "option"
 
 
@@ -258,7 +256,7 @@ class Service:
             decision=decision,
             limits=limits_of(settings),
             options=settings.as_options(),
-            config_files=settings.sources,
+            config_files=list(settings.sources),
         )
 
     def resume(

@@ -70,9 +70,7 @@ class Supervisor:
         self.run_id = run_id
         self.record: RunRecord = store.read(run_id)
         self.options: dict[str, Any] = self.record["options"]
-        self.settings = Settings(
-            **{k: v for k, v in self.options.items() if k in Settings.__dataclass_fields__}
-        )
+        self.settings = Settings(**{k: v for k, v in self.options.items() if k in Settings._fields})
         self.limits = limits_of(self.settings)
         # The machine-wide CPU sample cache: the starter primed it at launch, so the first
         # admission gets a measured load at once instead of blocking for a fresh sample.

@@ -95,6 +95,34 @@ def cli_json(env: Mapping[str, str], *args: str, cwd: Path | None = None) -> Any
     return json.loads(done.stdout)
 
 
+def start_at_once(env: Mapping[str, str], cwd: Path, script: Path, run_ids: list[str], *args: str) -> None:
+    """Start one detached `backprop run` per run id, all at once from separate processes."""
+    starters = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "backprop_mcp",
+                "run",
+                str(script),
+                "--run-id",
+                run_id,
+                "--detach",
+                "--",
+                *args,
+            ],
+            env=dict(env),
+            cwd=cwd,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for run_id in run_ids
+    ]
+    for proc in starters:
+        _, err = proc.communicate(timeout=WAIT_SECONDS)
+        assert proc.returncode == 0, err
+
+
 def processes_with_run_id(run_id: str) -> list[psutil.Process]:
     """Living processes that carry the run's id in their environment (nothing may survive a run)."""
     found = []

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import psutil
@@ -12,7 +10,16 @@ import pytest
 from backprop_mcp.service import RunRequest, Service
 from backprop_mcp.store import parse_iso
 from tests.fake_gpu import FakeNvidiaSmi
-from tests.helpers import FIXTURES, cli, cli_json, no_survivors, wait_for_end, wait_for_log, wait_until
+from tests.helpers import (
+    FIXTURES,
+    cli,
+    cli_json,
+    no_survivors,
+    start_at_once,
+    wait_for_end,
+    wait_for_log,
+    wait_until,
+)
 
 
 @pytest.fixture
@@ -205,30 +212,9 @@ def test_sixteen_concurrent_starters_never_exceed_max_parallel(
     marks = tmp_path / "marks"
     marks.mkdir()
     limited = {**env, "BACKPROP_MAX_PARALLEL": "2"}
-    starters = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "backprop_mcp",
-                "run",
-                str(FIXTURES / "records_its_lifetime.py"),
-                "--run-id",
-                f"q{n:02d}",
-                "--detach",
-                "--",
-                str(marks),
-            ],
-            env=limited,
-            cwd=tmp_path,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        for n in range(16)
-    ]
-    for proc in starters:
-        _, err = proc.communicate(timeout=60)
-        assert proc.returncode == 0, err
+    start_at_once(
+        limited, tmp_path, FIXTURES / "records_its_lifetime.py", [f"q{n:02d}" for n in range(16)], str(marks)
+    )
     records = [wait_for_end(service, f"q{n:02d}", timeout=120) for n in range(16)]
     assert all(r["status"] == "completed" for r in records)
     spans = [

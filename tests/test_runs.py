@@ -19,6 +19,7 @@ from tests.helpers import (
     cli,
     cli_json,
     no_survivors,
+    start_at_once,
     wait_for_end,
     wait_for_log,
     wait_until,
@@ -247,30 +248,7 @@ def test_argv_compat_passes_the_seeds_flags(service: Service) -> None:
 def test_eight_runs_started_at_once_by_separate_processes_all_end_with_complete_records(
     env: dict[str, str], tmp_path: Path, service: Service
 ) -> None:
-    starters = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "backprop_mcp",
-                "run",
-                str(FIXTURES / "counts_and_exits.py"),
-                "--run-id",
-                f"many-{n}",
-                "--detach",
-                "--",
-                "20",
-            ],
-            env=env,
-            cwd=tmp_path,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        for n in range(8)
-    ]
-    for proc in starters:
-        _, err = proc.communicate(timeout=60)
-        assert proc.returncode == 0, err
+    start_at_once(env, tmp_path, FIXTURES / "counts_and_exits.py", [f"many-{n}" for n in range(8)], "20")
     for n in range(8):
         record = wait_for_end(service, f"many-{n}")
         assert record["status"] == "completed"

@@ -14,7 +14,6 @@ from functools import partial
 from pathlib import Path
 
 import psutil
-import pytest
 
 from backprop_mcp.models import ACTIVE_STATES, TERMINAL_STATES
 from backprop_mcp.service import Service
@@ -205,7 +204,6 @@ def _rpc(
 def test_runs_started_over_mcp_finish_and_are_recorded_after_the_server_is_sigkilled(
     env: dict[str, str], service: Service, tmp_path: Path
 ) -> None:
-    pytest.importorskip("backprop_mcp.mcp_tools", reason="the MCP server is not built yet")
     server = subprocess.Popen(
         [str(Path(sys.executable).parent / "backprop-mcp"), "--root", str(FIXTURES)],
         env=env,

@@ -222,7 +222,6 @@ def test_the_supervisor_opens_no_network_socket_during_a_run(service: Service) -
 
 @asynccontextmanager
 async def _mcp(env: dict[str, str], cwd: Path, *roots: Path) -> AsyncIterator[Any]:
-    pytest.importorskip("backprop_mcp.mcp_tools", reason="the MCP server is not built yet")
     from mcp import Client
     from mcp.client.stdio import StdioServerParameters
 

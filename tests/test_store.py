@@ -14,59 +14,34 @@ import pytest
 
 from backprop_mcp import store as store_module
 from backprop_mcp.errors import RunNotFound, StoreCorrupt, StoreError
-from backprop_mcp.models import SCHEMA_VERSION, RunRecord, row_of
+from backprop_mcp.models import RunRecord, new_record, row_of
 from backprop_mcp.service import Service
 from backprop_mcp.store import Store, now_iso
 
 
 def make_record(run_id: str, *, status: str = "completed", name: str | None = None) -> RunRecord:
     now = now_iso()
-    return RunRecord(
-        schema_version=SCHEMA_VERSION,
+    return new_record(
         run_id=run_id,
+        script="/x/train.py",
+        created_at=now,
         name=name,
         status=status,
-        status_detail=None,
-        attempt=1,
-        script="/x/train.py",
-        args=[],
         python="python3",
         python_source="current",
         cwd="/x",
-        framework="none",
-        created_at=now,
         started_at=now,
         ended_at=now,
-        deadline=None,
-        max_run_minutes=10.0,
-        max_wall_minutes=30.0,
         step=5,
         total=10,
         loss=0.5,
-        metrics={},
-        eta_seconds=None,
-        checkpoints=[],
-        latest_checkpoint=None,
         exit_code=0,
-        signal=None,
         termination_reason="exit_zero",
-        attempts=[],
-        resume_from=None,
-        gpu=None,
-        cuda_visible_devices=None,
-        paused_seconds=0.0,
-        queue_position=None,
-        options={},
-        bad_event_lines=0,
-        supervisor_pid=None,
-        supervisor_started=None,
-        script_pid=None,
-        updated_at=now,
     )
 
 
-def add(store: Store, run_id: str, **kwargs: object) -> RunRecord:
-    record = make_record(run_id, **kwargs)  # type: ignore[arg-type]
+def add(store: Store, run_id: str, *, status: str = "completed", name: str | None = None) -> RunRecord:
+    record = make_record(run_id, status=status, name=name)
     store.create(record)
     store.index_append(row_of(record), new=True)
     return record
@@ -216,3 +191,8 @@ def test_a_record_of_a_newer_schema_is_refused_clearly(tmp_path: Path) -> None:
     store.record_path("r").write_text(json.dumps(record), encoding="utf-8")
     with pytest.raises(StoreError, match="schema 99"):
         store.read("r")
+
+
+def test_a_new_record_refuses_fields_a_record_does_not_have() -> None:
+    with pytest.raises(TypeError, match="not fields of a RunRecord: colour"):
+        new_record(run_id="r", script="/x.py", created_at=now_iso(), colour="red")

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from backprop_mcp.errors import UsageError
-from backprop_mcp.models import SCHEMA_VERSION, AttemptSummary, Checkpoint, RunRecord, row_of
+from backprop_mcp.models import AttemptSummary, Checkpoint, RunRecord, new_record, row_of
 from backprop_mcp.store import RUN_ID_RE, now_iso
 
 if TYPE_CHECKING:
@@ -103,46 +103,24 @@ def _record(entry: dict[str, Any], run_id: str) -> RunRecord:
         resume_from=None,
     )
     name = entry.get("name") if isinstance(entry.get("name"), str) else None
-    return RunRecord(
-        schema_version=SCHEMA_VERSION,
+    return new_record(
         run_id=run_id,
+        script=script,
+        created_at=created,
         name=name,
         status=status,
         status_detail="imported from the seed's experiments.json",
-        attempt=1,
-        script=script,
-        args=[],
         python="python3",
         python_source="imported",
         cwd=os.path.dirname(script) or os.getcwd(),
-        framework="none",
-        created_at=created,
         started_at=started,
         ended_at=ended,
-        deadline=None,
-        max_run_minutes=10.0,
-        max_wall_minutes=30.0,
         step=step,
-        total=None,
         loss=loss,
-        metrics={},
-        eta_seconds=None,
         checkpoints=checkpoints,
         latest_checkpoint=checkpoints[-1]["path"] if checkpoints else None,
-        exit_code=None,
-        signal=None,
         termination_reason=attempt["termination_reason"],
         attempts=[attempt],
-        resume_from=None,
-        gpu=None,
-        cuda_visible_devices=None,
-        paused_seconds=0.0,
-        queue_position=None,
-        options={},
-        bad_event_lines=0,
-        supervisor_pid=None,
-        supervisor_started=None,
-        script_pid=None,
         updated_at=now_iso(),
     )
 

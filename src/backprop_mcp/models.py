@@ -10,7 +10,7 @@ construction.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 # pydantic needs typing_extensions.TypedDict on Python < 3.12 to read nested TypedDicts.
 from typing_extensions import TypedDict
@@ -457,3 +457,70 @@ def row_of(record: RunRecord) -> RunRow:
         script=record["script"],
         termination_reason=record["termination_reason"],
     )
+
+
+def new_attempt(number: int, resume_from: str | None = None) -> AttemptSummary:
+    """The summary of an attempt that has not started yet."""
+    return AttemptSummary(
+        attempt=number,
+        status="queued",
+        started_at=None,
+        ended_at=None,
+        termination_reason=None,
+        exit_code=None,
+        signal=None,
+        step=None,
+        loss=None,
+        resume_from=resume_from,
+    )
+
+
+def new_record(*, run_id: str, script: str, created_at: str, **fields: Any) -> RunRecord:
+    """A run's record with every field at its empty value, then `fields` (names of RunRecord)."""
+    unknown = set(fields) - set(RunRecord.__annotations__)
+    if unknown:
+        raise TypeError(f"not fields of a RunRecord: {', '.join(sorted(unknown))}")
+    record = RunRecord(
+        schema_version=SCHEMA_VERSION,
+        run_id=run_id,
+        name=None,
+        status="queued",
+        status_detail=None,
+        attempt=1,
+        script=script,
+        args=[],
+        python="",
+        python_source="",
+        cwd="",
+        framework="none",
+        created_at=created_at,
+        started_at=None,
+        ended_at=None,
+        deadline=None,
+        max_run_minutes=10.0,
+        max_wall_minutes=30.0,
+        step=None,
+        total=None,
+        loss=None,
+        metrics={},
+        eta_seconds=None,
+        checkpoints=[],
+        latest_checkpoint=None,
+        exit_code=None,
+        signal=None,
+        termination_reason=None,
+        attempts=[new_attempt(1)],
+        resume_from=None,
+        gpu=None,
+        cuda_visible_devices=None,
+        paused_seconds=0.0,
+        queue_position=None,
+        options={},
+        bad_event_lines=0,
+        supervisor_pid=None,
+        supervisor_started=None,
+        script_pid=None,
+        updated_at=created_at,
+    )
+    record.update(cast(RunRecord, fields))
+    return record

@@ -35,8 +35,6 @@ from backprop_mcp.launch import (
 from backprop_mcp.models import (
     ACTIVE_STATES,
     ALL_STATES,
-    SCHEMA_VERSION,
-    AttemptSummary,
     Comparison,
     DryRun,
     ImportReport,
@@ -45,6 +43,8 @@ from backprop_mcp.models import (
     RunRecord,
     RunRow,
     SystemStatus,
+    new_attempt,
+    new_record,
     row_of,
 )
 from backprop_mcp.probes import make_probe
@@ -145,48 +145,22 @@ class Service:
                 raise UsageError(f"checkpoint to resume from does not exist: {resume_path}")
             resume_from = str(resume_path)
         python, python_source = choose_python(request.python, settings, self.env)
-        created = now_iso()
-        record = RunRecord(
-            schema_version=SCHEMA_VERSION,
+        record = new_record(
             run_id=run_id,
-            name=request.name,
-            status="queued",
-            status_detail="waiting for its supervisor to start",
-            attempt=1,
             script=str(script),
+            created_at=now_iso(),
+            name=request.name,
+            status_detail="waiting for its supervisor to start",
             args=list(request.args),
             python=python,
             python_source=python_source,
             cwd=str(cwd),
             framework=detect_framework(script, settings.framework),
-            created_at=created,
-            started_at=None,
-            ended_at=None,
-            deadline=None,
             max_run_minutes=settings.max_run_minutes,
             max_wall_minutes=settings.wall_minutes,
-            step=None,
-            total=None,
-            loss=None,
-            metrics={},
-            eta_seconds=None,
-            checkpoints=[],
-            latest_checkpoint=None,
-            exit_code=None,
-            signal=None,
-            termination_reason=None,
-            attempts=[_attempt(1, resume_from)],
+            attempts=[new_attempt(1, resume_from)],
             resume_from=resume_from,
-            gpu=None,
-            cuda_visible_devices=None,
-            paused_seconds=0.0,
-            queue_position=None,
             options=settings.as_options(),
-            bad_event_lines=0,
-            supervisor_pid=None,
-            supervisor_started=None,
-            script_pid=None,
-            updated_at=created,
         )
         return record, settings
 
@@ -330,7 +304,7 @@ class Service:
                     "script_pid": None,
                 }
             )
-            record["attempts"].append(_attempt(attempt, checkpoint))
+            record["attempts"].append(new_attempt(attempt, checkpoint))
             (self.store.run_dir(run_id) / "supervisor.pid").unlink(missing_ok=True)
             self.store.write(record)
             self.store.append_event(
@@ -551,21 +525,6 @@ def _new_run_id(name: str | None) -> str:
     import secrets
 
     return f"{slug}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(2)}"
-
-
-def _attempt(number: int, resume_from: str | None) -> AttemptSummary:
-    return AttemptSummary(
-        attempt=number,
-        status="queued",
-        started_at=None,
-        ended_at=None,
-        termination_reason=None,
-        exit_code=None,
-        signal=None,
-        step=None,
-        loss=None,
-        resume_from=resume_from,
-    )
 
 
 def _age(iso: str) -> float:

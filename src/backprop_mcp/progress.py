@@ -67,7 +67,7 @@ class Progress:
         total = record["total"]
         if total is None or step <= s0 or now <= t0:
             return
-        rate = (step - s0) / (now - t0 - 0.0)
+        rate = (step - s0) / (now - t0)
         record["eta_seconds"] = round(max(total - step, 0) / rate, 1)
 
     def _checkpoint(self, event: CheckpointEvent) -> dict[str, object] | None:

@@ -36,6 +36,7 @@ from backprop_mcp.models import (
     ACTIVE_STATES,
     ALL_STATES,
     Comparison,
+    Decision,
     DryRun,
     ImportReport,
     LogTail,
@@ -207,7 +208,7 @@ class Service:
         # would follow the umask), and a reader never sees it half written.
         atomic_write(pid_file, json.dumps({"pid": proc.pid, "started": started}).encode("utf-8"))
 
-    def _decide(self, settings: Settings) -> Any:
+    def _decide(self, settings: Settings) -> Decision:
         self.store.ensure()
         probe = make_probe(settings.gpu_probe, cpu_cache=self.store.governor_dir / "cpu_sample.json")
         snapshot = probe.snapshot()

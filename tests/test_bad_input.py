@@ -16,12 +16,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from backprop_mcp import cli as cli_module
+from backprop_mcp.config import FIELDS, Field
 from backprop_mcp.events import LineSplitter, Oversized, parse_line
 from backprop_mcp.models import SCHEMA_VERSION, RunRecord
 from backprop_mcp.progress import Progress
 from tests.helpers import FIXTURES, isolated_env
 
 SCRIPT = str(FIXTURES / "counts_and_exits.py")
+# Bounds the MCP corpora over stdio: a server start plus ~150 calls on a slow, shared machine.
+MCP_CORPUS_SECONDS = 180
 
 
 @pytest.fixture
@@ -68,7 +71,17 @@ CLI_CASES: list[tuple[list[str], int, str]] = [
     (["run", SCRIPT, "-p", "1.5"], 2, "--max-parallel"),
     (["run", SCRIPT, "-p", "99999"], 2, "--max-parallel"),
     (["run", SCRIPT, "--min-free-ram", "-1"], 2, "--min-free-ram must be >= 0"),
-    (["run", SCRIPT, "--max-cpu-percent", "101"], 2, "percentage in (0, 100]"),
+    (["run", SCRIPT, "--max-cpu-percent", "101"], 2, "must be > 0 and <= 100"),
+    (["run", SCRIPT, "-m", "1e308"], 2, "option --max-run-minutes must be > 0 and <= 10080"),
+    (["run", SCRIPT, "-m", "1e16"], 2, "option --max-run-minutes must be > 0 and <= 10080"),
+    (["run", SCRIPT, "-p", "\u00b2"], 2, "--max-parallel must be a whole number from 1 to 1024 in ASCII"),
+    (["run", SCRIPT, "-g", "1e308"], 2, "--gpu-memory-limit"),
+    (["run", SCRIPT, "-g", "nan%"], 2, "--gpu-memory-limit"),
+    (["run", SCRIPT, "-g", "inf"], 2, "--gpu-memory-limit"),
+    (["run", SCRIPT, "-g", "\u0661\u0660"], 2, "--gpu-memory-limit"),
+    (["run", SCRIPT, "--gpus", "\u00b2"], 2, "GPU indices or UUIDs"),
+    (["list", "--limit", "\u0661\u0660"], 2, "invalid int value"),
+    (["logs", "x", "--tail", "\u00b2"], 2, "invalid int value"),
     (["run", SCRIPT, "--max-cpu-percent", "0"], 2, "--max-cpu-percent"),
     (["run", SCRIPT, "--gpu-probe", "magic"], 2, "must be one of auto, nvml"),
     (["run", SCRIPT, "--gpu-min-vram", "x"], 2, "--gpu-min-vram"),
@@ -132,6 +145,9 @@ CONFIG_CASES: list[tuple[str, str]] = [
     ('{"maxRunMinutes": true}', 'key "maxRunMinutes" must be a number'),
     ('{"maxRunMinutes": null}', 'key "maxRunMinutes"'),
     ('{"maxRunMinutes": 1e999}', 'key "maxRunMinutes" must be a finite number'),
+    ('{"maxRunMinutes": ' + "9" * 5000 + "}", "a number with too many digits"),
+    ('{"gpuMemoryLimit": "\u0661\u0660"}', 'key "gpuMemoryLimit"'),
+    ('{"gpuMemoryLimit": 1e308}', 'key "gpuMemoryLimit"'),
     ('{"maxParallel": 0}', 'key "maxParallel" must be a whole number'),
     ('{"maxParallel": 2.5}', 'key "maxParallel"'),
     ('{"gpuMemoryLimit": "200%"}', 'key "gpuMemoryLimit"'),
@@ -184,6 +200,9 @@ ENV_CASES: list[tuple[str, str]] = [
     ("BACKPROP_GPU_MEMORY_LIMIT", "0%"),
     ("BACKPROP_MAX_CPU_PERCENT", "250"),
     ("BACKPROP_GRACE_SECONDS", "-2"),
+    ("BACKPROP_MAX_PARALLEL", "\u00b2"),
+    ("BACKPROP_GPU_MEMORY_LIMIT", "\u0661\u0660"),
+    ("BACKPROP_GPUS", "\u0661"),
 ]
 
 
@@ -201,6 +220,153 @@ def test_a_bad_environment_variable_is_named_with_its_value(
     assert f"environment variable {name}" in err, err
 
 
+NUMERIC_FIELDS = [spec for spec in FIELDS if spec.bounds is not None]
+
+
+def bad_numbers(spec: Field) -> list[tuple[str, str, str, object]]:
+    """Out-of-range and malformed values of a numeric setting, each as (label, text for an option
+    or variable, JSON for a config file, MCP argument): just past each end of its range, huge,
+    infinite, not a number, and digits that are not ASCII (a superscript, Arabic-Indic 10)."""
+    bounds = spec.bounds
+    assert bounds is not None
+    below = bounds.low if bounds.low_open else bounds.low - 1
+    above = bounds.high if bounds.high_open else bounds.high + 1
+    return [
+        ("below-min", repr(below), json.dumps(below), below),
+        ("above-max", repr(above), json.dumps(above), above),
+        ("1e308", "1e308", "1e308", 1e308),
+        ("-1e308", "-1e308", "-1e308", -1e308),
+        ("inf", "inf", "Infinity", "inf"),
+        ("nan", "nan", "NaN", "nan"),
+        ("superscript", "\u00b2", '"\u00b2"', "\u00b2"),
+        ("arabic-indic", "\u0661\u0660", '"\u0661\u0660"', "\u0661\u0660"),
+    ]
+
+
+LAYER_CASES = [(spec, *value) for spec in NUMERIC_FIELDS for value in bad_numbers(spec)]
+
+
+@pytest.mark.parametrize(
+    ("spec", "label", "text", "json_text", "argument"),
+    LAYER_CASES,
+    ids=[f"{case[0].name}-{case[1]}" for case in LAYER_CASES],
+)
+def test_every_bad_number_is_refused_alike_by_option_variable_and_config_file(
+    in_process: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    spec: Field,
+    label: str,
+    text: str,
+    json_text: str,
+    argument: object,
+) -> None:
+    """Issue 9, item 18: the same range in every layer, each bad value a clear exit-2 error."""
+    code, err = run_cli(capsys, "run", SCRIPT, "--dry-run", f"{spec.option}={text}")
+    assert (code, "Traceback" in err) == (2, False), err
+    assert f"option {spec.option} must be" in err, err
+
+    monkeypatch.setenv(spec.env, text)
+    code, err = run_cli(capsys, "run", SCRIPT, "--dry-run")
+    monkeypatch.delenv(spec.env)
+    assert (code, "Traceback" in err) == (2, False), err
+    assert f"environment variable {spec.env} must be" in err, err
+
+    head, _, leaf = spec.key.rpartition(".")
+    body = f'{{"{leaf}": {json_text}}}'
+    (in_process / "backprop.config.json").write_text(
+        f'{{"{head}": {body}}}' if head else body, encoding="utf-8"
+    )
+    code, err = run_cli(capsys, "run", SCRIPT, "--dry-run")
+    assert (code, "Traceback" in err) == (2, False), err
+    assert f'key "{spec.key}" must be' in err, err
+
+
+def test_every_bad_number_is_refused_by_the_mcp_tools_too(tmp_path: Path) -> None:
+    """The MCP arguments of the same settings, over the real stdio protocol: each an isError result
+    naming the argument, never a traceback or a bare "Error executing tool", and nothing started."""
+    from mcp import Client
+    from mcp.client.stdio import StdioServerParameters
+
+    params = StdioServerParameters(
+        command=str(Path(sys.executable).parent / "backprop-mcp"),
+        args=["--root", str(FIXTURES)],
+        env=isolated_env(tmp_path / "home"),
+        cwd=str(tmp_path),
+    )
+    failures: list[str] = []
+    checked: set[str] = set()
+
+    async def scenario() -> None:
+        with anyio.fail_after(MCP_CORPUS_SECONDS):
+            async with Client(params, mode="legacy") as client:
+                schemas = {t.name: t.input_schema for t in (await client.list_tools()).tools}
+                for tool, base in (
+                    ("run_training", {"script": SCRIPT, "dry_run": True}),
+                    ("resume_run", {"run_id": "ghost"}),
+                ):
+                    for spec in NUMERIC_FIELDS:
+                        if spec.name not in schemas[tool]["properties"]:
+                            continue
+                        checked.add(spec.name)
+                        for label, _, _, argument in bad_numbers(spec):
+                            result = await client.call_tool(tool, {**base, spec.name: argument})
+                            text = "".join(getattr(block, "text", "") for block in result.content)
+                            if (
+                                not result.is_error
+                                or spec.name not in text
+                                or "Traceback" in text
+                                or text.startswith("Error executing tool")
+                            ):
+                                failures.append(f"{tool} {spec.name} {label}: {text[:300]}")
+
+    anyio.run(scenario)
+    assert failures == []
+    assert checked == {spec.name for spec in NUMERIC_FIELDS} - {"gpu_resume_below_c"}
+    assert not list((tmp_path / "home").rglob("run.json"))
+
+
+def test_infinity_and_nan_tokens_on_the_wire_are_refused_not_taken_for_defaults(tmp_path: Path) -> None:
+    """Python's json (and some clients) write inf and nan as the bare tokens Infinity and NaN; the
+    SDK's own client would send null instead, so this speaks JSON-RPC over stdio by hand."""
+    from anyio.streams.buffered import BufferedByteReceiveStream
+
+    command = [str(Path(sys.executable).parent / "backprop-mcp"), "--root", str(FIXTURES)]
+    tokens = ["Infinity", "-Infinity", "NaN", "1e999"]
+    replies: list[dict[str, Any]] = []
+
+    async def scenario() -> None:
+        with anyio.fail_after(MCP_CORPUS_SECONDS):
+            async with await anyio.open_process(
+                command, env=isolated_env(tmp_path / "home"), cwd=tmp_path
+            ) as proc:
+                assert proc.stdin is not None and proc.stdout is not None
+                reader = BufferedByteReceiveStream(proc.stdout)
+                hello = {"protocolVersion": "2025-11-25", "capabilities": {}}
+                hello["clientInfo"] = {"name": "raw", "version": "1"}
+                await proc.stdin.send(
+                    json.dumps({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": hello}).encode()
+                    + b"\n"
+                )
+                await reader.receive_until(b"\n", 1 << 20)
+                await proc.stdin.send(b'{"jsonrpc": "2.0", "method": "notifications/initialized"}\n')
+                for number, token in enumerate(tokens, start=1):
+                    arguments = {"script": SCRIPT, "dry_run": True, "max_run_minutes": "TOKEN"}
+                    call = {"name": "run_training", "arguments": arguments}
+                    message = json.dumps(
+                        {"jsonrpc": "2.0", "id": number, "method": "tools/call", "params": call}
+                    )
+                    await proc.stdin.send(message.replace('"TOKEN"', token).encode() + b"\n")
+                    replies.append(json.loads(await reader.receive_until(b"\n", 1 << 20)))
+                await proc.stdin.aclose()
+
+    anyio.run(scenario)
+    for token, reply in zip(tokens, replies, strict=True):
+        text = reply["result"]["content"][0]["text"]
+        assert reply["result"]["isError"] is True, (token, text)
+        assert "max_run_minutes" in text and "finite number" in text and "Traceback" not in text
+
+
 # (tool, arguments, a fragment the error text must contain)
 MCP_CASES: list[tuple[str, dict[str, Any], str]] = [
     ("run_training", {}, "script"),
@@ -214,6 +380,9 @@ MCP_CASES: list[tuple[str, dict[str, Any], str]] = [
     ("run_training", {"script": SCRIPT, "max_run_minutes": "soon"}, "max_run_minutes"),
     ("run_training", {"script": SCRIPT, "max_parallel": 0}, "max_parallel"),
     ("run_training", {"script": SCRIPT, "gpu_memory_limit": "300%"}, "gpu_memory_limit"),
+    ("run_training", {"script": SCRIPT, "gpu_memory_limit": "\u0661\u0660"}, "gpu_memory_limit"),
+    ("run_training", {"script": SCRIPT, "gpu_memory_limit": "1e308"}, "gpu_memory_limit"),
+    ("run_training", {"script": SCRIPT, "gpus": ["\u00b2"]}, "gpus"),
     ("run_training", {"script": SCRIPT, "stop_signal": "SIGKILL"}, "stop_signal"),
     ("run_training", {"script": SCRIPT, "framework": "caffe"}, "framework"),
     ("run_training", {"script": SCRIPT, "cwd": "/no/such/dir"}, "does not exist"),
@@ -256,7 +425,7 @@ def test_bad_mcp_tool_arguments_over_stdio_get_clear_errors_and_no_traceback(tmp
     failures: list[str] = []
 
     async def scenario() -> None:
-        with anyio.fail_after(120):
+        with anyio.fail_after(MCP_CORPUS_SECONDS):
             async with Client(params, mode="legacy") as client:
                 for tool, arguments, fragment in MCP_CASES:
                     result = await client.call_tool(tool, arguments)

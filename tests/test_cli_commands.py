@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import signal
 import subprocess
@@ -9,7 +10,7 @@ import sys
 from pathlib import Path
 
 from backprop_mcp.service import RunRequest, Service
-from tests.helpers import FIXTURES, cli, cli_json, wait_for_end
+from tests.helpers import FIXTURES, WAIT_SECONDS, cli, cli_json, wait_for_end
 
 
 def test_import_legacy_brings_in_the_seeds_experiments(env: dict[str, str], tmp_path: Path) -> None:
@@ -72,11 +73,37 @@ def test_compare_ranks_runs_on_a_metric(service: Service, env: dict[str, str]) -
     wait_for_end(service, "short")
     wait_for_end(service, "long")
     by_loss = cli_json(env, "compare", "short", "long")
-    assert by_loss["best_run_id"] == "long" and by_loss["lower_is_better"] is True
+    assert by_loss["top_run_id"] == "long" and by_loss["lower_is_better"] is True
     by_acc = cli_json(env, "compare", "short", "long", "--metric", "acc")
     assert by_acc["lower_is_better"] is False
-    assert [r["best_metric"] for r in by_acc["runs"]] == [1.0, 1.0]
-    assert [r["best_metric"] for r in by_loss["runs"]] == [1 / 8, 1 / 2]
+    assert [r["last_value"] for r in by_acc["runs"]] == [1.0, 1.0]
+    assert [r["last_value"] for r in by_loss["runs"]] == [1 / 8, 1 / 2]
+
+
+def _keys(data: object) -> set[str]:
+    if isinstance(data, dict):
+        return set(data) | {k for v in data.values() for k in _keys(v)}
+    return {k for v in data for k in _keys(v)} if isinstance(data, list) else set()
+
+
+def test_compare_labels_the_last_value_as_last_and_never_calls_it_best(
+    service: Service, env: dict[str, str]
+) -> None:
+    """Issue 9, item 24: a run whose loss dipped to 0.1 and ended at 0.9 ranks at 0.9, and neither
+    the JSON nor the text calls 0.9 (or any value) its best: only last values are kept."""
+    script = str(FIXTURES / "loss_dips_then_rises.py")
+    service.start(RunRequest(script=script, args=["0.5", "0.1", "0.9"], run_id="dipped"))
+    service.start(RunRequest(script=script, args=["0.7", "0.5"], run_id="steady"))
+    wait_for_end(service, "dipped")
+    wait_for_end(service, "steady")
+    comparison = cli_json(env, "compare", "dipped", "steady")
+    assert not [key for key in _keys(comparison) if "best" in key]
+    assert comparison["ranked_by"] == "last_value" and comparison["top_run_id"] == "steady"
+    assert [(r["run_id"], r["last_value"]) for r in comparison["runs"]] == [("steady", 0.5), ("dipped", 0.9)]
+    text = cli(env, "compare", "dipped", "steady")
+    assert text.returncode == 0, text.stderr
+    assert "best" not in text.stdout and "ranked by the last reported loss" in text.stdout
+    assert "last loss 0.9" in text.stdout
 
 
 def test_logs_follow_prints_the_output_until_the_run_ends(service: Service, env: dict[str, str]) -> None:
@@ -207,3 +234,33 @@ def test_ctrl_c_twice_in_the_foreground_kills_without_the_grace(
     assert "killing" in out
     record = service.get("fg-twice")
     assert (record["status"], record["signal"]) == ("stopped", "SIGKILL")
+
+
+def _commands(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Every command path of a parser, its own included, read from the parser itself."""
+    found = [path]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                found += _commands(sub, (*path, name))
+    return found
+
+
+def test_help_of_every_command_prints_and_exits_0(env: dict[str, str], tmp_path: Path) -> None:
+    """Issue 9, item 20: argparse formats help with %, so a literal % in a help text crashed
+    `run --help`. Every command the parser has, and the server's own --help, as real processes."""
+    from backprop_mcp.cli import build_parser
+
+    commands = _commands(build_parser())
+    assert ("run",) in commands and ("resume",) in commands  # the enumeration found the subcommands
+    bin_dir = Path(sys.executable).parent
+    invocations = [[str(bin_dir / "backprop"), *path, "--help"] for path in commands]
+    invocations.append([str(bin_dir / "backprop-mcp"), "--help"])
+    for argv in invocations:
+        done = subprocess.run(
+            argv, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=WAIT_SECONDS, check=False
+        )
+        assert done.returncode == 0 and "Traceback" not in done.stderr, (argv, done.stderr)
+        assert done.stdout.startswith("usage: "), (argv, done.stdout)
+        if argv[1:] == ["run", "--help"]:
+            assert '"80%" of the GPU' in done.stdout  # the literal %, shown once

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
+import anyio
 import pytest
 
-from backprop_mcp.config import FIELDS, Settings, load_settings, read_file
+from backprop_mcp.config import FIELDS, FIELDS_BY_NAME, Settings, load_settings, read_file
 from backprop_mcp.errors import ConfigError
-from tests.helpers import FIXTURES, cli
+from backprop_mcp.service import RunRequest, Service
+from backprop_mcp.store import parse_iso
+from tests.helpers import FIXTURES, cli, wait_for_end
 
 
 def write(path: Path, data: object) -> Path:
@@ -61,7 +65,7 @@ def test_the_dot_backprop_json_name_is_accepted(tmp_path: Path) -> None:
     [
         ('{"maxRunMinutes": ', "not valid JSON (line 1"),
         ("[1, 2]", "must be a JSON object"),
-        ({"maxRunMinutes": -1}, 'key "maxRunMinutes" must be > 0, got -1'),
+        ({"maxRunMinutes": -1}, 'key "maxRunMinutes" must be > 0 and <= 10080 (7 days), got -1'),
         ({"maxRunMinutes": "ten"}, "must be a number, got 'ten'"),
         ({"maxRunMinutes": True}, "must be a number, got true"),
         ({"maxParallel": 0}, "whole number from 1 to 1024"),
@@ -73,7 +77,9 @@ def test_the_dot_backprop_json_name_is_accepted(tmp_path: Path) -> None:
         ({"maxRunMinute": 5}, 'unknown key "maxRunMinute"; allowed keys are maxRunMinutes'),
         ({"framework": "mxnet"}, "must be one of auto, pytorch, tensorflow, jax, none"),
         ({"stopSignal": "SIGKILL"}, "must be one of SIGINT, SIGTERM"),
-        ({"maxCpuPercent": 150}, "percentage in (0, 100]"),
+        ({"maxCpuPercent": 150}, "must be > 0 and <= 100 (a percentage), got 150"),
+        ({"maxRunMinutes": 1e16}, "must be > 0 and <= 10080 (7 days), got 1e+16"),
+        ({"maxParallel": "\u00b2"}, "whole number from 1 to 1024 in ASCII digits"),
         ({"gpu": {"devices": "zero"}}, "GPU indices or UUIDs"),
         ({"graceSeconds": float("nan")}, "not valid JSON"),
     ],
@@ -144,3 +150,98 @@ def test_a_bad_project_config_file_fails_the_cli_with_exit_2(env: dict[str, str]
     assert str(tmp_path / "backprop.config.json") in result.stderr
     assert 'key "maxParallel" must be a whole number' in result.stderr
     assert "Traceback" not in result.stderr
+
+
+NUMERIC_FIELDS = [spec for spec in FIELDS if spec.bounds is not None]
+
+
+def _schema_bounds(prop: dict[str, Any]) -> dict[str, Any]:
+    """minimum/maximum (and their exclusive forms) and the type of a number property, which
+    pydantic puts in the non-null branch of an optional."""
+    branches: list[dict[str, Any]] = prop.get("anyOf", [prop])
+    branch = next((b for b in branches if b.get("type") in ("number", "integer")), {})
+    keys = ("type", "minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum")
+    return {k: branch[k] for k in keys if k in branch}
+
+
+def test_the_mcp_schemas_take_every_numeric_bound_from_the_config_table() -> None:
+    from backprop_mcp.mcp_server import Roots
+    from backprop_mcp.mcp_tools import build_server
+
+    server = build_server(home=Path("/nonexistent-backprop-home"), roots=Roots((), "none"))
+
+    async def schemas() -> dict[str, dict[str, Any]]:
+        return {tool.name: tool.input_schema for tool in await server.list_tools()}
+
+    checked: set[str] = set()
+    for tool, schema in anyio.run(schemas).items():
+        for name, prop in schema["properties"].items():
+            spec = FIELDS_BY_NAME.get(name)
+            if spec is None or spec.bounds is None:
+                continue
+            bounds = spec.bounds
+            want: dict[str, Any] = {
+                "type": "integer" if bounds.whole else "number",
+                "exclusiveMinimum" if bounds.low_open else "minimum": bounds.low,
+                "exclusiveMaximum" if bounds.high_open else "maximum": bounds.high,
+            }
+            assert _schema_bounds(prop) == want, (tool, name)
+            checked.add(name)
+    # Every numeric setting an agent may pass was compared (gpu_resume_below_c is not an argument).
+    assert checked == {spec.name for spec in NUMERIC_FIELDS} - {"gpu_resume_below_c"}
+
+
+def test_the_documented_ranges_are_the_config_table() -> None:
+    doc = (Path(__file__).parents[1] / "docs" / "configuration.md").read_text(encoding="utf-8")
+    for spec in NUMERIC_FIELDS:
+        assert spec.bounds is not None
+        assert f"| `{spec.key}` | `{spec.option}` | {spec.bounds.describe()} |" in doc, spec.name
+
+
+def test_a_run_at_every_maximum_is_supervised_to_its_end(env: dict[str, str], tmp_path: Path) -> None:
+    """The largest box, wall cap, grace and queue timeout: the supervisor's deadline arithmetic
+    (epoch seconds, ISO dates) holds, and the run ends completed, not lost."""
+    maxima = {spec.option: spec.bounds.high for spec in NUMERIC_FIELDS if spec.bounds is not None}
+    args = [
+        *("--max-run-minutes", str(maxima["--max-run-minutes"])),
+        *("--max-wall-minutes", str(maxima["--max-wall-minutes"])),
+        *("--grace-seconds", str(maxima["--grace-seconds"])),
+        *("--queue-timeout", str(maxima["--queue-timeout"])),
+        *("--checkpoint-every-minutes", str(maxima["--checkpoint-every-minutes"])),
+    ]
+    result = cli(env, "run", str(FIXTURES / "counts_and_exits.py"), *args, "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    record = json.loads(result.stdout)
+    assert record["status"] == "completed" and record["max_run_minutes"] == 10080
+    box = parse_iso(record["deadline"]) - parse_iso(record["started_at"])  # type: ignore[operator]
+    assert abs(box - 10080 * 60) < 60  # the deadline is a week after the start (give or take its write)
+
+
+def test_a_stored_option_beyond_todays_range_is_refused_unless_replaced(tmp_path: Path) -> None:
+    env = {"BACKPROP_CONFIG": str(tmp_path / "x")}
+    with pytest.raises(ConfigError, match="the run's stored max_run_minutes must be > 0 and <= 10080"):
+        load_settings(tmp_path, env, base={"max_run_minutes": 1e16, "max_wall_minutes": None})
+    settings = load_settings(tmp_path, env, {"max_run_minutes": "5"}, base={"max_run_minutes": 1e16})
+    assert settings.max_run_minutes == 5
+
+
+def test_resuming_a_run_stored_with_a_box_past_the_maximum_is_a_clear_error(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """A record written by a version without bounds (the seed's -m 1e16 crashed the supervisor
+    once the script ran): its stored options are checked again, and the record stays as it was."""
+    service = Service(Path(env["BACKPROP_HOME"]), env=env, cwd=tmp_path)
+    service.start(RunRequest(script=str(FIXTURES / "counts_and_exits.py"), run_id="old"))
+    wait_for_end(service, "old")
+    path = service.store.record_path("old")
+    record = json.loads(path.read_text(encoding="utf-8"))
+    record["options"]["max_run_minutes"] = 1e16
+    path.write_text(json.dumps(record), encoding="utf-8")
+    before = path.read_bytes()
+    result = cli(env, "resume", "old", cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "stored max_run_minutes must be > 0 and <= 10080 (7 days), got 1e+16" in result.stderr
+    assert path.read_bytes() == before
+    replaced = cli(env, "resume", "old", "-m", "1", "--json", cwd=tmp_path)
+    assert replaced.returncode == 0, replaced.stderr
+    assert json.loads(replaced.stdout)["status"] == "completed"

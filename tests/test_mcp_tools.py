@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -21,7 +22,7 @@ from backprop_mcp.mcp_app import BackpropServer
 from backprop_mcp.mcp_server import Roots, client_roots, configured_roots, locate_script
 from backprop_mcp.mcp_tools import build_server
 from backprop_mcp.service import Service
-from tests.helpers import isolated_env
+from tests.helpers import FIXTURES, isolated_env
 
 # Every wait in these tests is bounded by this (slow CI machines start processes slowly).
 WAIT = 60
@@ -375,14 +376,32 @@ async def test_get_logs_returns_a_bounded_tail_of_the_runs_output(server: Backpr
 
 
 @pytest.mark.anyio
-async def test_compare_runs_ranks_runs_by_loss_and_names_the_best(server: BackpropServer, era: str) -> None:
+async def test_compare_runs_ranks_runs_by_their_last_loss_and_names_the_top_run(
+    server: BackpropServer, era: str, project: Path
+) -> None:
+    """Issue 9, item 24: `dipped` fell to 0.1 and ended at 0.9; it ranks at 0.9, behind `short`
+    (0.5), and no field calls any value best: the structured result and the published output
+    schema both say last_value."""
+    shutil.copy(FIXTURES / "loss_dips_then_rises.py", project / "dips.py")
     async with connect(server, era) as client:
         short = await run_to_end(client, script="train.py", args=["2"])
         long = await run_to_end(client, script="train.py", args=["8"])
-        comparison = await call(client, "compare_runs", run_ids=[short["run_id"], long["run_id"]])
-    assert comparison["lower_is_better"] is True
-    assert comparison["best_run_id"] == long["run_id"]
-    assert [run["run_id"] for run in comparison["runs"]] == [long["run_id"], short["run_id"]]
+        dipped = await run_to_end(client, script="dips.py", args=["0.5", "0.1", "0.9"])
+        ids = [short["run_id"], long["run_id"], dipped["run_id"]]
+        comparison = await call(client, "compare_runs", run_ids=ids)
+        schema = next(t for t in (await client.list_tools()).tools if t.name == "compare_runs").output_schema
+    assert comparison["lower_is_better"] is True and comparison["ranked_by"] == "last_value"
+    assert comparison["top_run_id"] == long["run_id"]
+    assert [(run["run_id"], run["last_value"]) for run in comparison["runs"]] == [
+        (long["run_id"], 1 / 8),
+        (short["run_id"], 1 / 2),
+        (dipped["run_id"], 0.9),
+    ]
+    assert schema is not None
+    fields = set(schema["properties"]) | set(schema["$defs"]["ComparedRun"]["properties"])
+    assert "last_value" in fields and "ranked_by" in fields
+    assert not [name for name in fields if "best" in name]
+    assert "best" not in json.dumps(comparison)
 
 
 # -- errors -----------------------------------------------------------------------------------------

@@ -47,6 +47,16 @@ _LIMIT_OPTIONS: list[tuple[tuple[str, ...], str, dict[str, Any]]] = [
 ]
 
 
+def _int(text: str) -> int:
+    """argparse's int, but ASCII only: int() also reads other scripts' digits."""
+    if not text.isascii():
+        raise ValueError(text)
+    return int(text)
+
+
+_int.__name__ = "int"  # argparse names the type in its message: "invalid int value: '...'"
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.print_usage(sys.stderr)
@@ -59,7 +69,9 @@ def _add_options(
     from backprop_mcp.config import FIELDS_BY_NAME
 
     for flags, name, extra in specs:
-        parser.add_argument(*flags, dest=f"opt_{name}", default=None, help=FIELDS_BY_NAME[name].help, **extra)
+        # argparse formats help with %: a literal one ('"80%" of the GPU') must be doubled.
+        text = FIELDS_BY_NAME[name].help.replace("%", "%%")
+        parser.add_argument(*flags, dest=f"opt_{name}", default=None, help=text, **extra)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,13 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
     lst = sub.add_parser("list", help="past and present runs, newest first")
     lst.add_argument("--status", help="only runs in this state")
     lst.add_argument("--name", help="only runs whose name matches this glob")
-    lst.add_argument("--limit", type=int, default=20, help="at most this many (default 20)")
+    lst.add_argument("--limit", type=_int, default=20, help="at most this many (default 20)")
     lst.add_argument("--cursor", help="continue after a previous page")
 
     logs = sub.add_parser("logs", help="a run's output")
     logs.add_argument("run_id")
-    logs.add_argument("--tail", type=int, default=50, help="last N lines (default 50)")
-    logs.add_argument("--attempt", type=int, help="which attempt (default the latest)")
+    logs.add_argument("--tail", type=_int, default=50, help="last N lines (default 50)")
+    logs.add_argument("--attempt", type=_int, help="which attempt (default the latest)")
     logs.add_argument(
         "-f", "--follow", action="store_true", help="keep printing new output until the run ends"
     )
@@ -220,12 +232,13 @@ def _dispatch(ns: argparse.Namespace, script_args: list[str]) -> int:
         else:
             from backprop_mcp.render import number
 
+            metric = comparison["metric"]
+            better = "lower" if comparison["lower_is_better"] else "higher"
+            print(f"ranked by the last reported {metric} ({better} is better)")
             for row in comparison["runs"]:
-                mark = "*" if row["run_id"] == comparison["best_run_id"] else " "
-                print(
-                    f"{mark} {row['run_id']:<40} {row['status']:<10} {comparison['metric']} "
-                    f"{number(row['metric'])} (best {number(row['best_metric'])})"
-                )
+                mark = "*" if row["run_id"] == comparison["top_run_id"] else " "
+                last = number(row["last_value"])
+                print(f"{mark} {row['run_id']:<40} {row['status']:<10} last {metric} {last}")
         return 0
     if ns.command == "import-legacy":
         imported = service.import_legacy(Path(ns.path) if ns.path else None)

@@ -1,4 +1,9 @@
-"""Runs side by side on one metric: its latest and best values, ranked in the metric's direction."""
+"""Runs side by side on one metric: each run's last reported value, ranked in the metric's direction.
+
+Only the last value is kept per run (the record's loss and metrics; the events hold one sample per
+attempt), so a comparison ranks last values and never calls one "best": a run whose loss dipped
+and rose again is shown at its last loss. A true best needs a history of every value.
+"""
 
 from __future__ import annotations
 
@@ -17,8 +22,6 @@ if TYPE_CHECKING:
 # Metrics whose names say "lower is better"; every other metric (acc, f1, bleu...) ranks higher-first.
 LOWER_IS_BETTER = re.compile(r"loss|err|perplex|mse|mae|rmse|nll|wer|cer", re.I)
 MAX_COMPARED = 50
-# History entries read per run for the best value: samples are written at most once a second.
-HISTORY_LIMIT = 5000
 
 
 def compare_runs(service: Service, run_ids: Sequence[str], metric: str) -> Comparison:
@@ -30,10 +33,6 @@ def compare_runs(service: Service, run_ids: Sequence[str], metric: str) -> Compa
     runs: list[ComparedRun] = []
     for run_id in dict.fromkeys(run_ids):
         record = service.get(run_id)
-        history = service.store.read_events(run_id, limit=HISTORY_LIMIT)
-        latest = metric_of(dict(record), metric)
-        values = [metric_of(e, metric) for e in history if e.get("type") == "sample"] + [latest]
-        present = [v for v in values if v is not None]
         runs.append(
             ComparedRun(
                 run_id=run_id,
@@ -41,17 +40,18 @@ def compare_runs(service: Service, run_ids: Sequence[str], metric: str) -> Compa
                 status=record["status"],
                 step=record["step"],
                 loss=record["loss"],
-                metric=latest,
-                best_metric=(min(present) if lower else max(present)) if present else None,
+                last_value=metric_of(dict(record), metric),
                 metrics=record["metrics"],
                 duration_seconds=duration(record),
             )
         )
     ranked = sorted(
-        runs, key=lambda r: (r["best_metric"] is None, (r["best_metric"] or 0.0) * (1 if lower else -1))
+        runs, key=lambda r: (r["last_value"] is None, (r["last_value"] or 0.0) * (1 if lower else -1))
     )
-    best_id = ranked[0]["run_id"] if ranked and ranked[0]["best_metric"] is not None else None
-    return Comparison(metric=metric, lower_is_better=lower, runs=ranked, best_run_id=best_id)
+    top = ranked[0]["run_id"] if ranked and ranked[0]["last_value"] is not None else None
+    return Comparison(
+        metric=metric, lower_is_better=lower, ranked_by="last_value", runs=ranked, top_run_id=top
+    )
 
 
 def duration(record: RunRecord) -> float | None:
@@ -65,7 +65,7 @@ def duration(record: RunRecord) -> float | None:
 
 
 def metric_of(entry: dict[str, Any], metric: str) -> float | None:
-    """A metric's value in a record or history sample ('loss' is also a top-level field)."""
+    """A metric's value in a record ('loss' is also a top-level field)."""
     if metric == "loss" and isinstance(entry.get("loss"), int | float):
         return float(entry["loss"])
     value = (entry.get("metrics") or {}).get(metric)

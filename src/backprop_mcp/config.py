@@ -28,24 +28,46 @@ PROBE_CHOICES = ("auto", "nvml", "nvidia-smi", "none", "static")
 WALL_CAP_MULTIPLE = 3.0
 
 
-def _number(value: object, where: str, *, minimum: float | None = None, exclusive: bool = False) -> float:
+def _number(value: object, where: str) -> float:
     if isinstance(value, bool):
         raise ConfigError(f"{where} must be a number, got {json.dumps(value)}")
     if isinstance(value, str):
+        text = value.strip()
+        # float() also reads other scripts' digits (Arabic-Indic ten is 10.0); settings are ASCII.
+        if not text.isascii():
+            raise ConfigError(f"{where} must be a number written with ASCII digits, got {value!r}")
         try:
-            value = float(value.strip())
+            value = float(text)
         except ValueError:
             raise ConfigError(f"{where} must be a number, got {value!r}") from None
-    if not isinstance(value, int | float) or not math.isfinite(float(value)):
+    if not isinstance(value, int | float) or not math.isfinite(_as_float(value)):
         raise ConfigError(f"{where} must be a finite number, got {_show(value)}")
-    number = float(value)
-    if minimum is not None and (number <= minimum if exclusive else number < minimum):
-        sign = ">" if exclusive else ">="
-        raise ConfigError(f"{where} must be {sign} {_fmt(minimum)}, got {_fmt(number)}")
-    return number
+    return float(value)
+
+
+def _as_float(value: int | float) -> float:
+    try:
+        return float(value)
+    except OverflowError:  # an int beyond float's range
+        return math.inf
+
+
+def _whole(value: object, where: str, allowed: str) -> int:
+    if isinstance(value, str):
+        text = value.strip()
+        # str.isdigit() alone accepts superscripts, which int() refuses, and other scripts' digits;
+        # the length bound keeps int() below its digit limit.
+        if text.isascii() and text.isdigit() and len(text) <= 30:
+            value = int(text)
+    if isinstance(value, bool) or not isinstance(value, int):
+        ascii_only = "" if not isinstance(value, str) or value.isascii() else " in ASCII digits"
+        raise ConfigError(f"{where} must be {allowed}{ascii_only}, got {_show(value)}")
+    return value
 
 
 def _show(value: object) -> str:
+    if isinstance(value, int) and value.bit_length() > 128:
+        return "a number too large to show"
     try:
         return json.dumps(value)[:80]
     except (TypeError, ValueError):
@@ -53,34 +75,67 @@ def _show(value: object) -> str:
 
 
 def _fmt(number: float) -> str:
-    return str(int(number)) if number == int(number) else str(number)
+    # Exponent form for the huge: str(int(1e308)) would print 309 digits.
+    number = float(number)
+    return str(int(number)) if number.is_integer() and abs(number) < 1e15 else repr(number)
 
 
-def _positive(value: object, where: str) -> float:
-    return _number(value, where, minimum=0, exclusive=True)
+class Range:
+    """The allowed values of a numeric setting, and its parser. The one table of bounds: config
+    files, environment variables, CLI options and stored options are checked by it, and the MCP
+    tool schemas take their minimum and maximum from it, so no layer accepts what another refuses.
+    """
+
+    __slots__ = ("high", "high_open", "low", "low_open", "note", "optional", "whole")
+
+    def __init__(
+        self,
+        low: float,
+        high: float,
+        *,
+        low_open: bool = False,
+        high_open: bool = False,
+        whole: bool = False,
+        optional: bool = False,
+        note: str = "",
+    ) -> None:
+        self.low, self.high = low, high
+        self.low_open = low_open  # True: `low` itself is not allowed (the value must be greater)
+        self.high_open = high_open
+        self.whole = whole
+        self.optional = optional  # None is allowed: the setting's default rule applies
+        self.note = note  # the maximum in words, for messages and docs ("7 days")
+
+    def allows(self, number: float) -> bool:
+        above = number > self.low if self.low_open else number >= self.low
+        below = number < self.high if self.high_open else number <= self.high
+        return above and below
+
+    def describe(self) -> str:
+        """The range in words, e.g. "> 0 and <= 10080 (7 days)"."""
+        if self.whole and not (self.low_open or self.high_open):
+            text = f"a whole number from {_fmt(self.low)} to {_fmt(self.high)}"
+        else:
+            low = f"{'>' if self.low_open else '>='} {_fmt(self.low)}"
+            text = f"{low} and {'<' if self.high_open else '<='} {_fmt(self.high)}"
+        return f"{text} ({self.note})" if self.note else text
+
+    def __call__(self, value: object, where: str) -> Any:
+        if value is None and self.optional:
+            return None
+        number = _whole(value, where, self.describe()) if self.whole else _number(value, where)
+        if not self.allows(number):
+            shown = _show(number) if isinstance(number, int) else _fmt(number)
+            raise ConfigError(f"{where} must be {self.describe()}, got {shown}")
+        return number
 
 
-def _non_negative(value: object, where: str) -> float:
-    return _number(value, where, minimum=0)
-
-
-def _optional_positive(value: object, where: str) -> float | None:
-    return None if value is None else _positive(value, where)
-
-
-def _count(value: object, where: str) -> int:
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value.strip())
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value > 1024:
-        raise ConfigError(f"{where} must be a whole number from 1 to 1024, got {_show(value)}")
-    return value
-
-
-def _percent(value: object, where: str) -> float:
-    number = _number(value, where, minimum=0, exclusive=True)
-    if number > 100:
-        raise ConfigError(f"{where} must be a percentage in (0, 100], got {_fmt(number)}")
-    return number
+# The longest time box: a week. Longer jobs checkpoint and resume; the bound also keeps every
+# deadline computed from it (epoch seconds, ISO dates) far inside what datetime can hold.
+MAX_BOX_MINUTES = 7 * 24 * 60.0
+MINUTES = Range(0, MAX_BOX_MINUTES, low_open=True, note="7 days")
+# Degrees C: no GPU runs at 150 C; a higher limit would be no limit at all.
+TEMPERATURE = Range(0, 150, low_open=True)
 
 
 def _flag(value: object, where: str) -> bool:
@@ -127,6 +182,8 @@ def _gpu_memory_limit(value: object, where: str) -> str | None:
     if isinstance(value, str):
         text = value.strip().upper().removesuffix("GB").strip()
         try:
+            if not text.isascii():  # float() would read other scripts' digits
+                raise ValueError(text)
             if text.endswith("%"):
                 share = float(text[:-1])
                 if 0 < share <= 100:
@@ -138,7 +195,8 @@ def _gpu_memory_limit(value: object, where: str) -> str | None:
         except ValueError:
             pass
     raise ConfigError(
-        f'{where} must be a share like "80%" (0-100%) or a size in GB like "8"; got {_show(value)}'
+        f'{where} must be a share like "80%" (0-100%) or a size in GB like "8" (at most 4096); '
+        f"got {_show(value)}"
     )
 
 
@@ -156,7 +214,9 @@ def _gpu_list(value: object, where: str) -> list[str] | None:
     for item in items:
         if isinstance(item, int) and not isinstance(item, bool) and item >= 0:
             result.append(str(item))
-        elif isinstance(item, str) and (item.isdigit() or item.startswith(("GPU-", "MIG-"))):
+        elif isinstance(item, str) and (
+            (item.isascii() and item.isdigit()) or item.startswith(("GPU-", "MIG-"))
+        ):
             result.append(item)
         else:
             result = []
@@ -205,6 +265,11 @@ class Field(NamedTuple):
     parse: Callable[[object, str], Any]
     help: str
 
+    @property
+    def bounds(self) -> Range | None:
+        """The allowed range of a numeric setting (None for the others)."""
+        return self.parse if isinstance(self.parse, Range) else None
+
 
 FIELDS: tuple[Field, ...] = (
     Field(
@@ -212,7 +277,7 @@ FIELDS: tuple[Field, ...] = (
         "maxRunMinutes",
         "BACKPROP_MAX_RUN_MINUTES",
         "--max-run-minutes",
-        _positive,
+        MINUTES,
         "time box in minutes of running time (default 10)",
     ),
     Field(
@@ -220,7 +285,13 @@ FIELDS: tuple[Field, ...] = (
         "maxWallMinutes",
         "BACKPROP_MAX_WALL_MINUTES",
         "--max-wall-minutes",
-        _optional_positive,
+        Range(
+            0,
+            MAX_BOX_MINUTES * WALL_CAP_MULTIPLE,
+            low_open=True,
+            optional=True,
+            note="21 days: 3x the longest box",
+        ),
         f"wall-clock cap including paused time (default {_fmt(WALL_CAP_MULTIPLE)}x the box)",
     ),
     Field(
@@ -236,7 +307,7 @@ FIELDS: tuple[Field, ...] = (
         "checkpointEveryMinutes",
         "BACKPROP_CHECKPOINT_EVERY_MINUTES",
         "--checkpoint-every-minutes",
-        _positive,
+        MINUTES,
         "checkpoint interval suggested to the script (default 2)",
     ),
     Field(
@@ -252,7 +323,7 @@ FIELDS: tuple[Field, ...] = (
         "maxParallel",
         "BACKPROP_MAX_PARALLEL",
         "--max-parallel",
-        _count,
+        Range(1, 1024, whole=True),
         "most runs live at once on this machine (default 2)",
     ),
     Field(
@@ -260,7 +331,7 @@ FIELDS: tuple[Field, ...] = (
         "minFreeRamGB",
         "BACKPROP_MIN_FREE_RAM_GB",
         "--min-free-ram",
-        _non_negative,
+        Range(0, 65536, note="64 TB"),
         "free RAM needed to start, GB (default 4)",
     ),
     Field(
@@ -268,7 +339,7 @@ FIELDS: tuple[Field, ...] = (
         "maxCpuPercent",
         "BACKPROP_MAX_CPU_PERCENT",
         "--max-cpu-percent",
-        _percent,
+        Range(0, 100, low_open=True, note="a percentage"),
         "highest machine CPU load to start or keep running, percent (default 90)",
     ),
     Field(
@@ -284,7 +355,7 @@ FIELDS: tuple[Field, ...] = (
         "gpu.minFreeVramMB",
         "BACKPROP_GPU_MIN_VRAM_MB",
         "--gpu-min-vram",
-        _non_negative,
+        Range(0, 1048576, note="1 TB"),
         "free VRAM a GPU needs, MB (default 2500)",
     ),
     Field(
@@ -292,7 +363,7 @@ FIELDS: tuple[Field, ...] = (
         "gpu.maxTempC",
         "BACKPROP_GPU_MAX_TEMP_C",
         "--gpu-max-temp",
-        _positive,
+        TEMPERATURE,
         "GPU temperature limit, C (default 85)",
     ),
     Field(
@@ -300,7 +371,7 @@ FIELDS: tuple[Field, ...] = (
         "gpu.resumeBelowC",
         "BACKPROP_GPU_RESUME_BELOW_C",
         "--gpu-resume-below",
-        _non_negative,
+        Range(0, 150),
         "a paused run resumes this many degrees below the limit (default 5)",
     ),
     Field(
@@ -324,7 +395,7 @@ FIELDS: tuple[Field, ...] = (
         "graceSeconds",
         "BACKPROP_GRACE_SECONDS",
         "--grace-seconds",
-        _non_negative,
+        Range(0, 3600, note="1 hour"),
         "seconds between the stop signal and SIGTERM (default 30)",
     ),
     Field(
@@ -348,7 +419,7 @@ FIELDS: tuple[Field, ...] = (
         "queueTimeoutMinutes",
         "BACKPROP_QUEUE_TIMEOUT_MINUTES",
         "--queue-timeout",
-        _positive,
+        MINUTES,
         "longest wait in the queue, minutes (default 60)",
     ),
     Field(
@@ -452,6 +523,8 @@ def read_file(path: Path) -> dict[str, Any]:
         raise ConfigError(
             f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})"
         ) from None
+    except ValueError:  # an integer beyond Python's digit limit
+        raise ConfigError(f"{path}: not valid JSON (a number with too many digits)") from None
     except RecursionError:
         raise ConfigError(f"{path}: nested too deeply") from None
     if not isinstance(data, dict):
@@ -522,7 +595,12 @@ def load_settings(
         sources.append(str(project))
     merged.update(from_env(env))
     if base:
-        merged.update({k: v for k, v in base.items() if k in FIELDS_BY_NAME})
+        # A stored run's options are checked again: a record from a version with wider ranges
+        # must not carry a value past today's bounds into a new attempt.
+        for name, value in base.items():
+            if name in FIELDS_BY_NAME and (options or {}).get(name) is None:
+                spec = FIELDS_BY_NAME[name]
+                merged[name] = None if value is None else spec.parse(value, f"the run's stored {name}")
     if options:
         merged.update(parse_overrides(options, source))
     return Settings()._replace(**merged, sources=tuple(sources))

@@ -47,6 +47,24 @@ def _help(name: str) -> str:
     return text[0].upper() + text[1:] + "."
 
 
+def _option(name: str) -> Any:
+    """The pydantic Field of a setting: its help, and for a number the bounds of config's table
+    (so the schema cannot allow what the config layers refuse, or the reverse)."""
+    bounds = FIELDS_BY_NAME[name].bounds
+    if bounds is None:
+        return Field(description=_help(name))
+    number = int if bounds.whole else float
+    low, high = number(bounds.low), number(bounds.high)
+    return Field(
+        description=_help(name),
+        gt=low if bounds.low_open else None,
+        ge=None if bounds.low_open else low,
+        lt=high if bounds.high_open else None,
+        le=None if bounds.high_open else high,
+        allow_inf_nan=False,  # "Input should be a finite number", not "less than or equal to" for nan
+    )
+
+
 RunId = Annotated[
     str,
     Field(
@@ -60,13 +78,13 @@ Args = Annotated[
     list[Annotated[str, Field(max_length=4096)]] | None,
     Field(description="Extra command-line arguments passed to the script unchanged.", max_length=256),
 ]
-Minutes = Annotated[float | None, Field(description=_help("max_run_minutes"), gt=0, le=1440)]
-WallMinutes = Annotated[float | None, Field(description=_help("max_wall_minutes"), gt=0, le=4320)]
-CheckpointEvery = Annotated[float | None, Field(description=_help("checkpoint_every_minutes"), gt=0, le=1440)]
-Grace = Annotated[float | None, Field(description=_help("grace_seconds"), ge=0, le=3600)]
+Minutes = Annotated[float | None, _option("max_run_minutes")]
+WallMinutes = Annotated[float | None, _option("max_wall_minutes")]
+CheckpointEvery = Annotated[float | None, _option("checkpoint_every_minutes")]
+Grace = Annotated[float | None, _option("grace_seconds")]
 StopSignal = Annotated[SignalName | None, Field(description=_help("stop_signal"))]
 Queue = Annotated[bool | None, Field(description=_help("queue"))]
-QueueTimeout = Annotated[float | None, Field(description=_help("queue_timeout_minutes"), gt=0, le=10080)]
+QueueTimeout = Annotated[float | None, _option("queue_timeout_minutes")]
 UseGpu = Annotated[bool | None, Field(description=_help("use_gpu"))]
 Gpus = Annotated[
     list[Annotated[str, Field(max_length=64)]] | None,
@@ -141,17 +159,11 @@ def build_tools(app: App) -> list[Tool]:
         framework: Annotated[FrameworkName | None, Field(description=_help("framework"))] = None,
         checkpoint_every_minutes: CheckpointEvery = None,
         gpu_memory_limit: GpuMemory = None,
-        max_parallel: Annotated[int | None, Field(description=_help("max_parallel"), ge=1, le=1024)] = None,
-        min_free_ram_gb: Annotated[float | None, Field(description=_help("min_free_ram_gb"), ge=0)] = None,
-        max_cpu_percent: Annotated[
-            float | None, Field(description=_help("max_cpu_percent"), gt=0, le=100)
-        ] = None,
-        gpu_min_free_vram_mb: Annotated[
-            float | None, Field(description=_help("gpu_min_free_vram_mb"), ge=0)
-        ] = None,
-        gpu_max_temp_c: Annotated[
-            float | None, Field(description=_help("gpu_max_temp_c"), gt=0, le=150)
-        ] = None,
+        max_parallel: Annotated[int | None, _option("max_parallel")] = None,
+        min_free_ram_gb: Annotated[float | None, _option("min_free_ram_gb")] = None,
+        max_cpu_percent: Annotated[float | None, _option("max_cpu_percent")] = None,
+        gpu_min_free_vram_mb: Annotated[float | None, _option("gpu_min_free_vram_mb")] = None,
+        gpu_max_temp_c: Annotated[float | None, _option("gpu_max_temp_c")] = None,
         gpus: Gpus = None,
         use_gpu: UseGpu = None,
         grace_seconds: Grace = None,
@@ -374,8 +386,9 @@ def build_tools(app: App) -> list[Tool]:
             ),
         ] = "loss",
     ) -> Comparison:
-        """Compare runs side by side on one metric, best first, using each run's latest and best
-        value seen; names the best run. Use list_experiments to find run ids.
+        """Compare runs side by side on one metric, ranked by each run's last reported value of it
+        (an ended run's final value; not the best value seen during training, which is not kept),
+        and name the top run. Use list_experiments to find run ids.
         """
         return await app.call(app.service.compare, run_ids, metric=metric)
 

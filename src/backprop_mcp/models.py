@@ -384,10 +384,9 @@ class ComparedRun(TypedDict):
     """Last step."""
     loss: float | None
     """Last loss."""
-    metric: float | None
-    """Value of the compared metric (latest), when reported."""
-    best_metric: float | None
-    """Best value of the compared metric seen in its history (lowest for loss-like names)."""
+    last_value: float | None
+    """The compared metric's last reported value (an ended run's final one), when reported. Not the
+    best value seen: a run keeps only its last value."""
     metrics: dict[str, float]
     """Latest metrics."""
     duration_seconds: float | None
@@ -401,10 +400,12 @@ class Comparison(TypedDict):
     """Metric compared ('loss' by default)."""
     lower_is_better: bool
     """Direction used to rank."""
+    ranked_by: Literal["last_value"]
+    """What the ranking compares: each run's last reported value of the metric."""
     runs: list[ComparedRun]
-    """The runs, best first; runs without the metric last."""
-    best_run_id: str | None
-    """The best run, when any reported the metric."""
+    """The runs ranked by last_value, best last value first; runs without the metric last."""
+    top_run_id: str | None
+    """The run ranked first (the best last value), when any reported the metric."""
 
 
 class ImportReport(TypedDict):

@@ -378,7 +378,7 @@ def test_the_none_probe_reports_cpu_and_ram_and_no_gpus(tmp_path: Path) -> None:
 
 
 def test_an_unknown_probe_kind_is_a_config_error_listing_the_kinds() -> None:
-    with pytest.raises(ConfigError, match="allowed: auto, nvml, nvidia-smi, none, static"):
+    with pytest.raises(ConfigError, match="allowed: auto, nvml, nvidia-smi, rocm, none, static"):
         make_probe("cuda", cpu_cache=None)
 
 

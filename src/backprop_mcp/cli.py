@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import signal
 import sys
 import time
@@ -74,13 +75,39 @@ def _add_options(
         parser.add_argument(*flags, dest=f"opt_{name}", default=None, help=text, **extra)
 
 
+def _add_global_options(parser: argparse.ArgumentParser, *, default: Any) -> None:
+    # The same options on the main parser and on every command, so `backprop --config x run` and
+    # `backprop run --config x` both work. On the commands their default is SUPPRESS: an option
+    # not repeated after the command keeps the value given before it.
+    parser.add_argument("-V", "--version", action="version", version=f"backprop {__version__}")
+    parser.add_argument(
+        "--config",
+        metavar="PATH",
+        default=default,
+        help="use this config file instead of the project's backprop.config.json",
+    )
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        default=default,
+        help="print the resolved configuration, and where each setting came from, to stderr",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="backprop", description="Safe, time-boxed, resumable ML training runs.")
-    parser.add_argument("--version", action="version", version=f"backprop {__version__}")
+    _add_global_options(parser, default=None)
+    common = _Parser(add_help=False)
+    _add_global_options(common, default=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    run = sub.add_parser("run", help="start a training script (arguments for it go after --)")
-    run.add_argument("script", help="the training script")
+    def add_command(name: str, text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=text, parents=[common])
+
+    run = add_command("run", "start a training script (arguments for it go after --)")
+    run.add_argument(
+        "script", nargs="?", help='the training script (default: "trainingScriptPath" of the config file)'
+    )
     run.add_argument("-n", "--name", help="a human-readable name")
     run.add_argument("--run-id", help="a unique id (letters, digits, -_.); generated if omitted")
     run.add_argument("-r", "--resume-from", metavar="PATH", help="start from this checkpoint")
@@ -90,25 +117,28 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dry-run", action="store_true", help="show the decision, command and environment only")
     _add_options(run, _RUN_OPTIONS + _LIMIT_OPTIONS)
 
-    resume = sub.add_parser("resume", help="start the next attempt of a run from its latest checkpoint")
+    resume = add_command("resume", "start the next attempt of a run from its latest checkpoint")
     resume.add_argument("run_id")
     resume.add_argument("--from-scratch", action="store_true", help="resume without a checkpoint")
     resume.add_argument("--python", help="interpreter for the script")
     resume.add_argument("--cwd", help="working directory of the script")
     resume.add_argument("--detach", action="store_true", help="print the run id and return at once")
+    resume.add_argument(
+        "--dry-run", action="store_true", help="show what the next attempt would do; change nothing"
+    )
     _add_options(resume, _RUN_OPTIONS + _LIMIT_OPTIONS)
 
-    status = sub.add_parser("status", help="the machine and its runs, or one run")
+    status = add_command("status", "the machine and its runs, or one run")
     status.add_argument("run_id", nargs="?")
     _add_options(status, _LIMIT_OPTIONS)
 
-    lst = sub.add_parser("list", help="past and present runs, newest first")
+    lst = add_command("list", "past and present runs, newest first")
     lst.add_argument("--status", help="only runs in this state")
     lst.add_argument("--name", help="only runs whose name matches this glob")
     lst.add_argument("--limit", type=_int, default=20, help="at most this many (default 20)")
     lst.add_argument("--cursor", help="continue after a previous page")
 
-    logs = sub.add_parser("logs", help="a run's output")
+    logs = add_command("logs", "a run's output")
     logs.add_argument("run_id")
     logs.add_argument("--tail", type=_int, default=50, help="last N lines (default 50)")
     logs.add_argument("--attempt", type=_int, help="which attempt (default the latest)")
@@ -116,15 +146,15 @@ def build_parser() -> argparse.ArgumentParser:
         "-f", "--follow", action="store_true", help="keep printing new output until the run ends"
     )
 
-    stop = sub.add_parser("stop", help="stop a run gracefully (the script can checkpoint)")
+    stop = add_command("stop", "stop a run gracefully (the script can checkpoint)")
     stop.add_argument("run_id")
     stop.add_argument("--force", action="store_true", help="kill at once, without the grace period")
 
-    compare = sub.add_parser("compare", help="runs side by side on a metric")
+    compare = add_command("compare", "runs side by side on a metric")
     compare.add_argument("run_ids", nargs="+")
     compare.add_argument("--metric", default="loss")
 
-    legacy = sub.add_parser("import-legacy", help="import the seed's ~/.backprop/experiments.json")
+    legacy = add_command("import-legacy", "import the seed's ~/.backprop/experiments.json")
     legacy.add_argument("path", nargs="?")
 
     for command in (run, resume, status, lst, logs, stop, compare, legacy):
@@ -150,6 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if script_args and ns.command != "run":
         sys.stderr.write("backprop: error: arguments after -- are only for `backprop run`\n")
         return 2
+    _show_warnings()
     try:
         return _dispatch(ns, script_args)
     except BackpropError as exc:
@@ -159,10 +190,60 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+class _Warnings(logging.Handler):
+    """Warnings of the library (an ignored config key, an unreadable GPU) as `backprop: warning:`
+    lines on the stderr of the moment (tests swap sys.stderr between calls)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        sys.stderr.write(f"backprop: warning: {record.getMessage()}\n")
+
+
+def _show_warnings() -> None:
+    logger = logging.getLogger("backprop_mcp")
+    if not any(isinstance(h, _Warnings) for h in logger.handlers):
+        logger.addHandler(_Warnings(logging.WARNING))
+        logger.propagate = False
+
+
+def _explicit_config(raw: str) -> Path:
+    from backprop_mcp.config import read_file
+    from backprop_mcp.errors import ConfigError
+
+    path = Path(raw).expanduser().absolute()
+    try:
+        read_file(path)  # now, for every command: a file asked for by name must exist and be valid
+    except ConfigError as exc:
+        raise ConfigError(f"--config {exc}") from None
+    return path
+
+
+def _print_settings(settings: Any, origins: dict[str, str]) -> None:
+    from backprop_mcp.config import FIELDS, RUN_DEFAULTS
+
+    rows = [(f.key, f.name) for f in FIELDS] + [(k.key, k.name) for k in RUN_DEFAULTS]
+    width = max(len(key) for key, _ in rows)
+    lines = ["backprop: configuration (setting, value, where it came from):"]
+    for key, name in rows:
+        value = json.dumps(getattr(settings, name))
+        lines.append(f"  {key:<{width}}  {value}  ({_escape(origins.get(name, 'default'))})")
+    files = ", ".join(settings.sources) or "none"
+    lines.append(f"  config files read, lowest precedence first: {_escape(files)}")
+    sys.stderr.write("\n".join(lines) + "\n")
+
+
+def _escape(text: str) -> str:
+    # Paths come from the file system: a control character in one must not drive the terminal.
+    return "".join(c if c.isprintable() else json.dumps(c)[1:-1] for c in text)
+
+
 def _dispatch(ns: argparse.Namespace, script_args: list[str]) -> int:
     from backprop_mcp.service import RunRequest, Service
 
-    service = Service()
+    service = Service(config_file=_explicit_config(ns.config) if ns.config is not None else None)
+    if ns.verbose:
+        service.on_settings = _print_settings
+        if ns.command not in ("run", "resume") and not (ns.command == "status" and not ns.run_id):
+            service.settings()  # commands that read no settings still show them when asked
     out = ns.json
     if ns.command == "run":
         request = RunRequest(
@@ -174,6 +255,7 @@ def _dispatch(ns: argparse.Namespace, script_args: list[str]) -> int:
             python=ns.python,
             resume_from=ns.resume_from,
             options=_options(ns),
+            file_defaults=True,
         )
         if ns.dry_run:
             report = service.dry_run(request)
@@ -186,6 +268,17 @@ def _dispatch(ns: argparse.Namespace, script_args: list[str]) -> int:
             return 0
         record = service.start(request)
         return _after_start(service, record, detach=ns.detach, out=out)
+    if ns.command == "resume" and ns.dry_run:
+        preview = service.resume_dry_run(
+            ns.run_id, options=_options(ns), from_scratch=ns.from_scratch, python=ns.python, cwd=ns.cwd
+        )
+        if out:
+            _print_json(preview)
+        else:
+            from backprop_mcp.render import dry_run_text
+
+            print(dry_run_text(dict(preview)))
+        return 0
     if ns.command == "resume":
         record = service.resume(
             ns.run_id, options=_options(ns), from_scratch=ns.from_scratch, python=ns.python, cwd=ns.cwd

@@ -8,7 +8,9 @@ paths load config without paying for pydantic.
 
 from __future__ import annotations
 
+import difflib
 import json
+import logging
 import math
 import os
 import signal
@@ -18,11 +20,12 @@ from typing import Any, NamedTuple
 
 from backprop_mcp.errors import ConfigError
 
+log = logging.getLogger(__name__)
 PROJECT_FILES = ("backprop.config.json", ".backprop.json")
 USER_FILE = "config.json"
 STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP", "SIGUSR1", "SIGUSR2")
 FRAMEWORK_CHOICES = ("auto", "pytorch", "tensorflow", "jax", "none")
-PROBE_CHOICES = ("auto", "nvml", "nvidia-smi", "none", "static")
+PROBE_CHOICES = ("auto", "nvml", "nvidia-smi", "rocm", "none", "static")
 # The wall-clock cap defaults to this multiple of the time box: a run may spend up to twice its
 # box paused (hot GPU, busy machine) before it is stopped anyway.
 WALL_CAP_MULTIPLE = 3.0
@@ -348,7 +351,7 @@ FIELDS: tuple[Field, ...] = (
         "BACKPROP_GPU_PROBE",
         "--gpu-probe",
         _choice(PROBE_CHOICES),
-        "GPU probe: auto, nvml, nvidia-smi, none or static",
+        "GPU probe: auto, nvml, nvidia-smi, rocm (AMD, rocm-smi), none or static",
     ),
     Field(
         "gpu_min_free_vram_mb",
@@ -451,6 +454,56 @@ FIELDS_BY_NAME = {f.name: f for f in FIELDS}
 FIELDS_BY_KEY = {f.key: f for f in FIELDS}
 
 
+def _text(value: object, where: str) -> str:
+    if not isinstance(value, str) or not value.strip() or "\0" in value:
+        raise ConfigError(f"{where} must be a non-empty string, got {_show(value)}")
+    return value.strip()
+
+
+def _run_id(value: object, where: str) -> str:
+    from backprop_mcp.errors import UsageError
+    from backprop_mcp.store import check_run_id
+
+    if not isinstance(value, str):
+        raise ConfigError(f"{where} must be a run id string, got {_show(value)}")
+    try:
+        return check_run_id(value)
+    except UsageError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+class FileKey(NamedTuple):
+    """A seed key that only config files set: a default for one argument of `backprop run`."""
+
+    name: str
+    key: str
+    parse: Callable[[object, str], str]
+    is_path: bool  # resolved against the folder of the file that sets it
+    help: str
+
+
+RUN_DEFAULTS: tuple[FileKey, ...] = (
+    FileKey(
+        "default_script",
+        "trainingScriptPath",
+        _text,
+        True,
+        "the script `backprop run` starts when none is given",
+    ),
+    FileKey("default_run_id", "runId", _run_id, False, "the run id of `backprop run` without --run-id"),
+    FileKey(
+        "default_resume_from",
+        "resumeFrom",
+        _text,
+        True,
+        "the checkpoint of `backprop run` without --resume-from",
+    ),
+)
+RUN_DEFAULTS_BY_KEY = {k.key: k for k in RUN_DEFAULTS}
+# Settings that are not run options: never stored with a run, never taken from a stored run.
+_NOT_OPTIONS = frozenset({"sources", *(k.name for k in RUN_DEFAULTS)})
+
+
 # NamedTuples rather than dataclasses here and in the other modules on the CLI's fast paths:
 # importing `dataclasses` pulls in `inspect`, ~15 ms of every `backprop status`.
 class Settings(NamedTuple):
@@ -477,6 +530,12 @@ class Settings(NamedTuple):
     argv_compat: bool = False
     python: str | None = None
     allowed_roots: list[str] | None = None
+    default_script: str | None = None
+    """`trainingScriptPath` (absolute): what `backprop run` starts when no script is given."""
+    default_run_id: str | None = None
+    """`runId`: the run id of `backprop run` without --run-id."""
+    default_resume_from: str | None = None
+    """`resumeFrom` (absolute): the checkpoint of `backprop run` without --resume-from."""
     sources: tuple[str, ...] = ()
     """Config files read, lowest precedence first."""
 
@@ -487,7 +546,7 @@ class Settings(NamedTuple):
 
     def as_options(self) -> dict[str, Any]:
         """The settings as a JSON-ready dict (stored in the run record)."""
-        return {name: getattr(self, name) for name in self._fields if name != "sources"}
+        return {name: getattr(self, name) for name in self._fields if name not in _NOT_OPTIONS}
 
 
 def user_config_path(env: Mapping[str, str]) -> Path:
@@ -537,16 +596,51 @@ def read_file(path: Path) -> dict[str, Any]:
 def _flatten(data: dict[str, Any], prefix: str, path: Path, out: dict[str, Any]) -> None:
     for raw_key, value in data.items():
         key = f"{prefix}{raw_key}"
+        label = f'{path}: key "{key}"'
         if key in FIELDS_BY_KEY:
             spec = FIELDS_BY_KEY[key]
-            out[spec.name] = spec.parse(value, f'{path}: key "{key}"')
-        elif isinstance(value, dict) and any(k.startswith(f"{key}.") for k in FIELDS_BY_KEY):
+            out[spec.name] = spec.parse(value, label)
+        elif key in RUN_DEFAULTS_BY_KEY:
+            seed = RUN_DEFAULTS_BY_KEY[key]
+            parsed = seed.parse(value, label)
+            out[seed.name] = (
+                os.path.abspath(os.path.join(path.parent, os.path.expanduser(parsed)))
+                if seed.is_path
+                else parsed
+            )
+        elif any(k.startswith(f"{key}.") for k in FIELDS_BY_KEY):
+            if not isinstance(value, dict):
+                inner = ", ".join(k[len(key) + 1 :] for k in FIELDS_BY_KEY if k.startswith(f"{key}."))
+                raise ConfigError(f"{label} must be an object with the keys {inner}; got {_show(value)}")
             _flatten(value, f"{key}.", path, out)
         elif key.startswith("$") or key == "comment":
             continue  # "$schema" and comments are allowed and ignored
         else:
-            allowed = ", ".join(k for k in FIELDS_BY_KEY if k.startswith(prefix))
-            raise ConfigError(f'{path}: unknown key "{key}"; allowed keys are {allowed}')
+            _warn_unknown(path, key, prefix)
+
+
+def file_keys() -> list[str]:
+    """Every key a config file may set, nested ones dotted."""
+    return [*FIELDS_BY_KEY, *RUN_DEFAULTS_BY_KEY]
+
+
+def _warn_unknown(path: Path, key: str, prefix: str) -> None:
+    # Like the seed, an unknown key is ignored rather than refusing the whole file (a key of a
+    # newer version, a typo): the warning names it and the likely intended key. Logged, so the
+    # CLI prints it on stderr and the MCP server's stdout carries only the protocol.
+    close = difflib.get_close_matches(key, file_keys(), n=1, cutoff=0.75)
+    if close:
+        hint = f'did you mean "{close[0]}"?'
+    else:
+        allowed = [k for k in file_keys() if k.startswith(prefix)]
+        hint = f"allowed keys are {', '.join(allowed)}"
+    message = f'{path}: unknown key "{key}" ignored; {hint}'
+    if message not in _warned:
+        _warned.add(message)
+        log.warning("%s", message)
+
+
+_warned: set[str] = set()
 
 
 def from_env(env: Mapping[str, str]) -> dict[str, Any]:
@@ -580,30 +674,60 @@ def load_settings(
     *,
     source: str = "option",
     base: Mapping[str, object] | None = None,
+    config_file: Path | None = None,
 ) -> Settings:
     """Merge every layer into Settings. `base` (already-valid values, e.g. a stored run's options)
-    sits between the environment and the call's own options."""
+    sits between the environment and the call's own options. `config_file` (`--config`) takes the
+    place of the project file found from `cwd`."""
+    return resolve_settings(cwd, env, options, source=source, base=base, config_file=config_file)[0]
+
+
+def resolve_settings(
+    cwd: Path,
+    env: Mapping[str, str],
+    options: Mapping[str, object] | None = None,
+    *,
+    source: str = "option",
+    base: Mapping[str, object] | None = None,
+    config_file: Path | None = None,
+) -> tuple[Settings, dict[str, str]]:
+    """`load_settings`, with where each setting that is not a default came from (for --verbose)."""
     merged: dict[str, Any] = {}
+    origins: dict[str, str] = {}
     sources: list[str] = []
+
+    def layer(values: Mapping[str, Any], origin: Callable[[str], str]) -> None:
+        merged.update(values)
+        origins.update({name: origin(name) for name in values})
+
     user = user_config_path(env)
     if user.is_file():
-        merged.update(read_file(user))
+        layer(read_file(user), lambda _: f"user file {user}")
         sources.append(str(user))
-    project = find_project_file(cwd)
+    project = config_file if config_file is not None else find_project_file(cwd)
     if project is not None:
-        merged.update(read_file(project))
+        kind = "--config file" if config_file is not None else "project file"
+        layer(read_file(project), lambda _: f"{kind} {project}")
         sources.append(str(project))
-    merged.update(from_env(env))
+    layer(from_env(env), lambda name: f"environment variable {FIELDS_BY_NAME[name].env}")
     if base:
         # A stored run's options are checked again: a record from a version with wider ranges
         # must not carry a value past today's bounds into a new attempt.
-        for name, value in base.items():
-            if name in FIELDS_BY_NAME and (options or {}).get(name) is None:
-                spec = FIELDS_BY_NAME[name]
-                merged[name] = None if value is None else spec.parse(value, f"the run's stored {name}")
+        stored = {
+            name: None if value is None else FIELDS_BY_NAME[name].parse(value, f"the run's stored {name}")
+            for name, value in base.items()
+            if name in FIELDS_BY_NAME and (options or {}).get(name) is None
+        }
+        layer(stored, lambda _: "stored with the run")
     if options:
-        merged.update(parse_overrides(options, source))
-    return Settings()._replace(**merged, sources=tuple(sources))
+        overrides = parse_overrides(options, source)
+        layer(
+            overrides,
+            lambda name: (
+                f"option {FIELDS_BY_NAME[name].option}" if source == "option" else f"{source} {name}"
+            ),
+        )
+    return Settings()._replace(**merged, sources=tuple(sources)), origins
 
 
 def signal_number(name: str) -> int:

@@ -111,7 +111,13 @@ def contract_env(record: RunRecord, run_dir: Path, deadline: float | None) -> di
     if record["resume_from"]:
         env[contract.ENV_RESUME_FROM] = record["resume_from"]
     gpu = record["gpu"]
-    if gpu is not None:
+    if gpu is not None and options.get("gpu_probe") == "rocm":
+        # AMD: ROCr exposes only the chosen GPU (by the UUID rocm-smi gave, else by index); HIP's
+        # and CUDA's indices count within what ROCr exposes, so 0 is that GPU. Both are set, and
+        # equal, because an inherited one would apply on top and PyTorch refuses the two differing.
+        env["ROCR_VISIBLE_DEVICES"] = gpu["uuid"] if gpu["uuid"].startswith("GPU-") else str(gpu["index"])
+        env["HIP_VISIBLE_DEVICES"] = env["CUDA_VISIBLE_DEVICES"] = "0"
+    elif gpu is not None:
         # By UUID, in PCI order: indices differ between nvidia-smi and CUDA's default ordering.
         env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
         env["CUDA_VISIBLE_DEVICES"] = gpu["uuid"]

@@ -139,7 +139,7 @@ class SystemSnapshot(TypedDict):
     ram_available_gb: float | None
     """RAM available to new processes in GB (psutil 'available', not 'free')."""
     gpu_probe: str
-    """Probe that produced the GPU list: nvml, nvidia-smi, static or none."""
+    """Probe that produced the GPU list: nvml, nvidia-smi, rocm-smi, static or none."""
     gpus: list[GpuInfo] | None
     """GPUs seen; None when the GPU state is unknown (the probe failed)."""
     gpu_error: str | None

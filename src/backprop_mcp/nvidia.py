@@ -135,6 +135,31 @@ def parse_compute_apps_csv(text: str) -> dict[str, list[GpuProcess]]:
 # --- GPU sources -------------------------------------------------------------------------------
 
 
+def run_tool(name: str, argv: list[str], timeout: float) -> tuple[subprocess.Popen[str], str, str]:
+    """Run a GPU tool (no shell) for at most `timeout` seconds: (process, stdout, stderr).
+    Raises ProbeError when it cannot start or does not answer in time (it is then killed)."""
+    try:
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            encoding="utf-8",
+            errors="replace",
+        )
+    except OSError as exc:
+        raise ProbeError(f"cannot run {argv[0]}: {exc.strerror or exc}") from None
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.communicate(timeout=NVIDIA_SMI_KILL_WAIT_SECONDS)
+        raise ProbeError(f"{name} did not answer within {timeout:g} s") from None
+    return proc, out, err
+
+
 class NvidiaSmiGpus:
     """GPUs read by running `nvidia-smi` (no shell), each call bounded by `timeout` seconds."""
 
@@ -145,25 +170,7 @@ class NvidiaSmiGpus:
         self.timeout = timeout
 
     def _query(self, args: tuple[str, ...]) -> str:
-        try:
-            proc = subprocess.Popen(
-                [self.executable, *args],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-                encoding="utf-8",
-                errors="replace",
-            )
-        except OSError as exc:
-            raise ProbeError(f"cannot run {self.executable}: {exc.strerror or exc}") from None
-        try:
-            out, err = proc.communicate(timeout=self.timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.communicate(timeout=NVIDIA_SMI_KILL_WAIT_SECONDS)
-            raise ProbeError(f"nvidia-smi did not answer within {self.timeout:g} s") from None
+        proc, out, err = run_tool("nvidia-smi", [self.executable, *args], self.timeout)
         if proc.returncode != 0:
             said = next((ln.strip() for ln in (out + "\n" + err).splitlines() if ln.strip()), "")
             raise ProbeError(f"nvidia-smi exited with status {proc.returncode}: {said[:200]}")

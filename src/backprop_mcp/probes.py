@@ -1,12 +1,13 @@
-"""The probe boundary: what the governor can see of this machine's CPU, RAM and NVIDIA GPUs.
+"""The probe boundary: what the governor can see of this machine's CPU, RAM and GPUs.
 
-`make_probe` picks the probe; GPU readers live in `backprop_mcp.nvidia` and the static probe for
+`make_probe` picks the probe; GPU readers live in `backprop_mcp.nvidia` (NVIDIA),
+`backprop_mcp.rocm` (AMD, `--gpu-probe rocm`) and the static probe for
 tests and `--dry-run` in `backprop_mcp.static_probe` (both imported lazily from here). Setting
 `BACKPROP_STATIC_PROBE=/path/to/snapshot.json` makes `make_probe` return a `StaticProbe` reading
 that file on every snapshot, whatever probe kind was asked for.
 
 A failing GPU probe never raises out of `snapshot()`: it yields `gpus=None` with `gpu_error` set
-(logged once per process), and `gpu_host` says whether the machine looks like it has NVIDIA GPUs,
+(logged once per process), and `gpu_host` says whether the machine looks like it has GPUs,
 so that the governor can fail closed.
 """
 
@@ -32,7 +33,7 @@ from backprop_mcp.models import GpuInfo, SystemSnapshot
 log = logging.getLogger(__name__)
 
 ENV_STATIC_PROBE = "BACKPROP_STATIC_PROBE"
-PROBE_KINDS = ("auto", "nvml", "nvidia-smi", "none", "static")
+PROBE_KINDS = ("auto", "nvml", "nvidia-smi", "rocm", "none", "static")
 
 # Spans ten scheduler ticks (USER_HZ=100) per CPU, so the figure is a real measurement, yet keeps
 # `backprop status` interactive when no recent sample is cached.
@@ -241,6 +242,11 @@ def looks_like_gpu_host(nvidia_smi: str | None = None) -> bool:
     return Path("/dev/nvidia0").exists() or (nvidia_smi or shutil.which("nvidia-smi")) is not None
 
 
+def looks_like_amd_gpu_host(rocm_smi: str | None) -> bool:
+    """True when this machine appears to have AMD GPUs for ROCm (the KFD device, or rocm-smi)."""
+    return Path("/dev/kfd").exists() or rocm_smi is not None
+
+
 # --- probes ------------------------------------------------------------------------------------
 
 
@@ -315,16 +321,19 @@ def make_probe(
     cpu_cache: Path | None,
     static_path: Path | None = None,
     nvidia_smi_timeout: float | None = None,
+    rocm_smi_timeout: float | None = None,
 ) -> SystemProbe:
-    """The probe for `kind`: auto, nvml, nvidia-smi, none or static.
+    """The probe for `kind`: auto, nvml, nvidia-smi, rocm, none or static.
 
     `cpu_cache` is the CPU sample cache file for short-lived commands; None gives a live
     `CpuSampler` (for the supervisor). `static` reads `BACKPROP_STATIC_PROBE`, else `static_path`;
     the variable, when set, selects the static probe whatever `kind` says. `auto` is NVML if it
     imports and initialises, else nvidia-smi if on PATH, else no GPU probe on a machine without
     NVIDIA GPUs and "GPU state unknown" on one with them. `nvidia_smi_timeout` shrinks
-    `NVIDIA_SMI_TIMEOUT_SECONDS` (for tests). Raises ConfigError for an unknown kind or an invalid
-    static snapshot file.
+    `NVIDIA_SMI_TIMEOUT_SECONDS` and `rocm_smi_timeout` `ROCM_SMI_TIMEOUT_SECONDS` (for tests).
+    `rocm` reads AMD GPUs with rocm-smi; `auto` never does (the GPU a run is pinned to is given in
+    NVIDIA's variables unless the probe is `rocm`). Raises ConfigError for an unknown kind or an
+    invalid static snapshot file.
     """
     if kind not in PROBE_KINDS:
         raise ConfigError(f"unknown GPU probe {kind!r}; allowed: {', '.join(PROBE_KINDS)}")
@@ -346,7 +355,15 @@ def make_probe(
     smi = shutil.which("nvidia-smi")
     gpu_host = looks_like_gpu_host(smi)
     gpu: GpuSource | None = None
-    if kind == "nvml":
+    if kind == "rocm":
+        from backprop_mcp import rocm
+
+        rocm_smi = shutil.which("rocm-smi")
+        wait = rocm.ROCM_SMI_TIMEOUT_SECONDS if rocm_smi_timeout is None else rocm_smi_timeout
+        gpu = rocm.RocmSmiGpus(rocm_smi, timeout=wait) if rocm_smi else None
+        gpu = gpu or nvidia.UnavailableGpus("rocm-smi", "rocm-smi not found on PATH")
+        gpu_host = gpu_host or looks_like_amd_gpu_host(rocm_smi)
+    elif kind == "nvml":
         gpu = nvidia.NvmlGpus()
     elif kind == "nvidia-smi":
         gpu = nvidia.NvidiaSmiGpus(smi, timeout=timeout) if smi else None

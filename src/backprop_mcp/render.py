@@ -170,6 +170,13 @@ def seconds_until(iso: str | None, now: float | None = None) -> float | None:
     return None if at is None else at - (time.time() if now is None else now)
 
 
+def _resume_line(environment: dict[str, str]) -> list[str]:
+    attempt, checkpoint = environment.get("BACKPROP_ATTEMPT", "1"), environment.get("BACKPROP_RESUME_FROM")
+    if attempt == "1" and checkpoint is None:
+        return []
+    return [f"attempt    {attempt}, from {checkpoint or 'scratch (no checkpoint)'}"]
+
+
 def dry_run_text(report: dict[str, Any]) -> str:
     import shlex
 
@@ -177,6 +184,7 @@ def dry_run_text(report: dict[str, Any]) -> str:
         f"command    {shlex.join(report['command'])}",
         f"cwd        {report['cwd']}",
         f"python     {report['python']} ({report['python_source']})",
+        *_resume_line(report["environment"]),
         "environment (added to the inherited one):",
         *[f"  {k}={v}" for k, v in report["environment"].items()],
         f"config     {', '.join(report['config_files']) or '(defaults, no config file)'}",

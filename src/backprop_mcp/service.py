@@ -9,13 +9,13 @@ import os
 import re
 import signal
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple, cast
 
 from backprop_mcp import governor, proctree
 from backprop_mcp.admission import Admission
-from backprop_mcp.config import Settings, load_settings
+from backprop_mcp.config import Settings, resolve_settings
 from backprop_mcp.errors import (
     NoCheckpoint,
     PathNotAllowed,
@@ -77,7 +77,7 @@ class RunRequest(NamedTuple):
     error messages ("option" for the CLI, "argument" for MCP tools).
     """
 
-    script: str
+    script: str | None
     args: Sequence[str] = ()
     name: str | None = None
     run_id: str | None = None
@@ -86,6 +86,9 @@ class RunRequest(NamedTuple):
     resume_from: str | None = None
     options: Mapping[str, object] | None = None
     source: str = "option"
+    file_defaults: bool = False
+    """Take a missing script, run id and resume_from from the config files' `trainingScriptPath`,
+    `runId` and `resumeFrom` (the seed's keys; the CLI's `backprop run`, never MCP arguments)."""
 
 
 class Service:
@@ -97,10 +100,15 @@ class Service:
         *,
         env: Mapping[str, str] | None = None,
         cwd: Path | None = None,
+        config_file: Path | None = None,
     ) -> None:
         self.env: Mapping[str, str] = dict(os.environ) if env is None else env
         self.store = Store(home or default_home(dict(self.env)))
         self.cwd = cwd or Path.cwd()
+        self.config_file = config_file
+        """An explicit config file (`--config`), read instead of the project file."""
+        self.on_settings: Callable[[Settings, dict[str, str]], None] | None = None
+        """Called with every resolved configuration and the origin of each setting (--verbose)."""
 
     # -- starting ---------------------------------------------------------------------------------
 
@@ -112,7 +120,12 @@ class Service:
         base: Mapping[str, object] | None = None,
         cwd: Path | None = None,
     ) -> Settings:
-        return load_settings(cwd or self.cwd, self.env, options, source=source, base=base)
+        settings, origins = resolve_settings(
+            cwd or self.cwd, self.env, options, source=source, base=base, config_file=self.config_file
+        )
+        if self.on_settings is not None:
+            self.on_settings(settings, origins)
+        return settings
 
     def _prepare(
         self, request: RunRequest, allowed_roots: Sequence[Path] | None
@@ -121,10 +134,23 @@ class Service:
         if not cwd.is_absolute():
             cwd = self.cwd / cwd
         if not cwd.is_dir():
-            if Path(request.script).expanduser().is_absolute():
+            if request.script and Path(request.script).expanduser().is_absolute():
                 _resolve_script(request.script, cwd)  # a missing script is the error to report first
             raise UsageError(f"working directory {str(cwd)!r} does not exist or is not a folder")
         settings = self.settings(request.options, request.source, cwd=cwd)
+        if request.file_defaults:
+            request = request._replace(
+                script=request.script if request.script is not None else settings.default_script,
+                run_id=request.run_id if request.run_id is not None else settings.default_run_id,
+                resume_from=request.resume_from
+                if request.resume_from is not None
+                else settings.default_resume_from,
+            )
+        if request.script is None:
+            raise UsageError(
+                "no training script given: name one (`backprop run train.py`) or set "
+                '"trainingScriptPath" in backprop.config.json'
+            )
         script = _resolve_script(request.script, cwd)
         roots = (
             list(allowed_roots)
@@ -218,6 +244,9 @@ class Service:
     def dry_run(self, request: RunRequest, *, allowed_roots: Sequence[Path] | None = None) -> DryRun:
         """What `start` would do, without starting anything."""
         record, settings = self._prepare(request, allowed_roots)
+        return self._dry_run_of(record, settings)
+
+    def _dry_run_of(self, record: RunRecord, settings: Settings) -> DryRun:
         decision = self._decide(settings)
         record["gpu"] = decision["gpu"] if settings.use_gpu else None
         deadline = time.time() + settings.max_run_minutes * 60
@@ -245,8 +274,10 @@ class Service:
         cwd: str | None = None,
         source: str = "option",
         allowed_roots: Sequence[Path] | None = None,
+        preview: Callable[[DryRun], None] | None = None,
     ) -> RunRecord:
-        """Start attempt N+1 of a finished run from its newest existing checkpoint."""
+        """Start attempt N+1 of a finished run from its newest existing checkpoint. With `preview`,
+        start nothing and change nothing: it gets what the attempt would do (see `resume_dry_run`)."""
         record = self.get(run_id)
         if allowed_roots is not None:
             check_allowed(Path(record["script"]), allowed_roots)
@@ -306,6 +337,9 @@ class Service:
                 }
             )
             record["attempts"].append(new_attempt(attempt, checkpoint))
+            if preview is not None:
+                preview(self._dry_run_of(record, settings))
+                return self.store.read(run_id)
             (self.store.run_dir(run_id) / "supervisor.pid").unlink(missing_ok=True)
             self.store.write(record)
             self.store.append_event(
@@ -313,6 +347,33 @@ class Service:
             )
             self._launch(run_id)
         return self.store.read(run_id)
+
+    def resume_dry_run(
+        self,
+        run_id: str,
+        *,
+        options: Mapping[str, object] | None = None,
+        from_scratch: bool = False,
+        args: list[str] | None = None,
+        python: str | None = None,
+        cwd: str | None = None,
+        source: str = "option",
+        allowed_roots: Sequence[Path] | None = None,
+    ) -> DryRun:
+        """What `resume` would do (the same checks and errors), without changing the record."""
+        previews: list[DryRun] = []
+        self.resume(
+            run_id,
+            options=options,
+            from_scratch=from_scratch,
+            args=args,
+            python=python,
+            cwd=cwd,
+            source=source,
+            allowed_roots=allowed_roots,
+            preview=previews.append,
+        )
+        return previews[0]
 
     # -- reading ----------------------------------------------------------------------------------
 

@@ -110,6 +110,11 @@ CLI_CASES: list[tuple[list[str], int, str]] = [
     (["list", "--status", "happy"], 2, "unknown status 'happy'"),
     (["list", "--cursor", "-1"], 2, "invalid cursor"),
     (["list", "--cursor", "abc"], 2, "invalid cursor"),
+    (["list", "--cursor", "²"], 2, "invalid cursor"),  # isdigit() says yes, int() says no
+    (["list", "--cursor", "9" * 5000], 2, "invalid cursor"),  # beyond int()'s digit limit
+    (["run", SCRIPT, "--run-id", "a\n"], 2, "invalid run id"),  # `$` matches before a final newline
+    (["status", "a\n"], 2, "invalid run id"),
+    (["logs", "a\n", "-f"], 2, "invalid run id"),
     (["logs", "ghost"], 2, "no run with id"),
     (["logs", "x", "--tail", "ten"], 2, "invalid int value"),
     (["stop", "ghost"], 2, "no run with id"),
@@ -395,6 +400,9 @@ MCP_CASES: list[tuple[str, dict[str, Any], str]] = [
     ("list_experiments", {"limit": "abc"}, "limit"),
     ("list_experiments", {"status": "happy"}, "status"),
     ("list_experiments", {"cursor": "-1"}, "cursor"),
+    ("list_experiments", {"cursor": "²"}, "invalid cursor"),
+    ("run_training", {"script": SCRIPT, "run_id": "a\n"}, "run_id"),
+    ("get_status", {"run_id": "a\n"}, "run_id"),
     ("stop_run", {"run_id": "ghost"}, "no run with id"),
     ("stop_run", {}, "run_id"),
     ("get_logs", {"run_id": "ghost"}, "no run with id"),

@@ -315,7 +315,7 @@ def test_the_cli_runs_in_the_foreground_and_exits_with_the_documented_codes(
         str(FIXTURES / "counts_and_exits.py"),
         "--no-queue",
         "--min-free-ram",
-        "100000",
+        "60000",
         cwd=tmp_path,
     )
     assert rejected.returncode == 3

@@ -47,7 +47,8 @@ LOCK_POLL_SECONDS = 0.005
 PID_START_TOLERANCE_SECONDS = 0.005
 
 _VERSION = 1
-_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+# Used with fullmatch: `$` would also match before a final newline, letting "id\n" through.
+_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 
 
 class _Ticket(TypedDict):
@@ -101,7 +102,7 @@ def process_alive(pid: int, started: float) -> bool:
 
 def _check_run_id(run_id: str) -> None:
     # Run ids become file names here; refuse anything that could leave the folder.
-    if not _RUN_ID.match(run_id):
+    if not _RUN_ID.fullmatch(run_id):
         raise ValueError(f"invalid run id {run_id!r}")
 
 

@@ -60,8 +60,10 @@ _int.__name__ = "int"  # argparse names the type in its message: "invalid int va
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
+        from backprop_mcp.render import clean
+
         self.print_usage(sys.stderr)
-        self.exit(2, f"backprop: error: {message}\n")
+        self.exit(2, f"backprop: error: {clean(message)}\n")  # it may quote what was typed
 
 
 def _add_options(
@@ -184,7 +186,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _dispatch(ns, script_args)
     except BackpropError as exc:
-        sys.stderr.write(f"backprop: error: {exc}\n")
+        from backprop_mcp.render import clean
+
+        # Messages quote what was given (ids, paths, names): escaped, so they cannot forge lines.
+        hint = f"\n{clean(exc.hint)}" if exc.hint else ""
+        sys.stderr.write(f"backprop: error: {clean(exc.message)}{hint}\n")
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
@@ -309,21 +315,28 @@ def _dispatch(ns: argparse.Namespace, script_args: list[str]) -> int:
         if ns.follow:
             return _follow(service, ns.run_id, out=False, show_progress=False)
         tail = service.logs(ns.run_id, tail=ns.tail, attempt=ns.attempt)
-        _print_json(tail) if out else sys.stdout.write("".join(line + "\n" for line in tail["lines"]))
+        if out:
+            _print_json(tail)
+        else:
+            from backprop_mcp.render import clean_log
+
+            sys.stdout.write("".join(clean_log(line) + "\n" for line in tail["lines"]))
         return 0
     if ns.command == "stop":
         record = service.stop(ns.run_id, force=ns.force)
         if out:
             _print_json(record)
         else:
-            print(f"stop requested for {ns.run_id}; it is {record['status']}")
+            from backprop_mcp.render import clean
+
+            print(clean(f"stop requested for {ns.run_id}; it is {record['status']}"))
         return 0
     if ns.command == "compare":
         comparison = service.compare(ns.run_ids, metric=ns.metric)
         if out:
             _print_json(comparison)
         else:
-            from backprop_mcp.render import number
+            from backprop_mcp.render import clean, number
 
             metric = comparison["metric"]
             better = "lower" if comparison["lower_is_better"] else "higher"
@@ -331,25 +344,31 @@ def _dispatch(ns: argparse.Namespace, script_args: list[str]) -> int:
             for row in comparison["runs"]:
                 mark = "*" if row["run_id"] == comparison["top_run_id"] else " "
                 last = number(row["last_value"])
-                print(f"{mark} {row['run_id']:<40} {row['status']:<10} last {metric} {last}")
+                print(clean(f"{mark} {row['run_id']:<40} {row['status']:<10} last {metric} {last}"))
         return 0
     if ns.command == "import-legacy":
         imported = service.import_legacy(Path(ns.path) if ns.path else None)
         if out:
             _print_json(imported)
         else:
-            print(f"imported {len(imported['imported'])} run(s) from {imported['source']}")
+            from backprop_mcp.render import clean
+
+            print(clean(f"imported {len(imported['imported'])} run(s) from {imported['source']}"))
             for line in imported["skipped"]:
-                print(f"  skipped {line}")
+                print(clean(f"  skipped {line}"))
         return 0
     raise UsageError(f"unknown command {ns.command!r}")
 
 
 def _after_start(service: Any, record: Any, *, detach: bool, out: bool) -> int:
+    from backprop_mcp.render import clean
+
     if record["status"] == "rejected":
         if out:
             _print_json(record)
-        sys.stderr.write(f"backprop: run {record['run_id']} rejected: {record['status_detail']}\n")
+        sys.stderr.write(
+            clean(f"backprop: run {record['run_id']} rejected: {record['status_detail']}") + "\n"
+        )
         return EXIT_CODES["rejected"]
     if detach:
         if out:
@@ -381,9 +400,10 @@ def _follow(service: Any, run_id: str, *, out: bool, show_progress: bool) -> int
         stream.write("\nstopping gracefully (Ctrl-C again to kill)\n" if interrupts == 1 else "\nkilling\n")
 
     previous = signal.signal(signal.SIGINT, on_interrupt)
+    from backprop_mcp.runlog import LogFollower
+
     record = service.get(run_id)
-    attempt, offset = record["attempt"], 0
-    log_path = service.store.log_path(run_id, attempt)
+    follower = LogFollower(service.store.log_path(run_id, record["attempt"]))
     last_state: tuple[str, str | None] | None = None
     last_plain = 0.0
     try:
@@ -393,17 +413,15 @@ def _follow(service: Any, run_id: str, *, out: bool, show_progress: bool) -> int
             if state != last_state:
                 last_state = state
                 detail = f": {record['status_detail']}" if record["status_detail"] else ""
-                stream.write(("\r\x1b[K" if tty else "") + f"[{run_id}] {record['status']}{detail}\n")
-            if log_path.exists():
-                with log_path.open("rb") as handle:
-                    handle.seek(offset)
-                    chunk = handle.read(1 << 20)
-                cut = chunk.rfind(b"\n") + 1
-                offset += cut
-                for line in chunk[:cut].splitlines():
-                    if not show_progress or not parse_line(line).events:
-                        stream.write(("\r\x1b[K" if tty else "") + line.decode("utf-8", "replace") + "\n")
-            if record["status"] in TERMINAL_STATES:
+                header = render.clean(f"[{run_id}] {record['status']}{detail}")
+                stream.write(("\r\x1b[K" if tty else "") + header + "\n")
+            # Once the run has ended its log is complete: read it to the end, last unended line too.
+            ended = record["status"] in TERMINAL_STATES
+            for raw in follower.lines(final=ended):
+                if not show_progress or not parse_line(raw).events:
+                    text = render.clean_log(raw.decode("utf-8", "replace").removesuffix("\r"))
+                    stream.write(("\r\x1b[K" if tty else "") + text + "\n")
+            if ended:
                 break
             if show_progress and record["status"] == "running" and record["step"] is not None:
                 left = render.seconds_until(record["deadline"])
@@ -416,6 +434,7 @@ def _follow(service: Any, run_id: str, *, out: bool, show_progress: bool) -> int
             stream.flush()
             time.sleep(FOLLOW_POLL_SECONDS)
     finally:
+        follower.close()
         signal.signal(signal.SIGINT, previous)
     if tty:
         stream.write("\r\x1b[K")

@@ -7,6 +7,7 @@ and rose again is shown at its last loss. A true best needs a history of every v
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from collections.abc import Sequence
@@ -65,8 +66,19 @@ def duration(record: RunRecord) -> float | None:
 
 
 def metric_of(entry: dict[str, Any], metric: str) -> float | None:
-    """A metric's value in a record ('loss' is also a top-level field)."""
-    if metric == "loss" and isinstance(entry.get("loss"), int | float):
-        return float(entry["loss"])
-    value = (entry.get("metrics") or {}).get(metric)
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+    """A metric's value in a record ('loss' is also a top-level field); anything but a finite
+    number counts as absent."""
+    if metric == "loss" and (loss := _finite(entry.get("loss"))) is not None:
+        return loss
+    metrics = entry.get("metrics")
+    return _finite(metrics.get(metric)) if isinstance(metrics, dict) else None
+
+
+def _finite(value: Any) -> float | None:
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond any float
+        return None
+    return number if math.isfinite(number) else None

@@ -10,7 +10,7 @@ construction.
 
 from __future__ import annotations
 
-from typing import Any, Literal, cast
+from typing import Any, Literal, NotRequired, cast
 
 # pydantic needs typing_extensions.TypedDict on Python < 3.12 to read nested TypedDicts.
 from typing_extensions import TypedDict
@@ -288,7 +288,7 @@ class RunRow(TypedDict):
     name: str | None
     """Name."""
     status: str
-    """State."""
+    """State; "unknown" when this backprop cannot read the run's record (see `note`)."""
     attempt: int
     """Attempt number."""
     created_at: str
@@ -305,6 +305,9 @@ class RunRow(TypedDict):
     """Script path."""
     termination_reason: str | None
     """Why it ended."""
+    note: NotRequired[str]
+    """Present only on a run whose record this backprop cannot read (status "unknown"): why, e.g. a
+    record written by a newer backprop."""
 
 
 class RunPage(TypedDict):

@@ -30,7 +30,8 @@ GPU_QUERY = (
     "--format=csv,noheader,nounits",
 )
 APPS_QUERY = ("--query-compute-apps=gpu_uuid,pid,used_memory", "--format=csv,noheader,nounits")
-_NUMBER = re.compile(r"^([-+]?\d+(?:\.\d+)?)\s*(?:[A-Za-z%]+)?$")
+# Used with fullmatch (`$` also matches before a final newline); ASCII digits only, as float() reads.
+_NUMBER = re.compile(r"([-+]?[0-9]+(?:\.[0-9]+)?)\s*(?:[A-Za-z%]+)?")
 _MISSING_WORDS = frozenset({"", "n/a", "na", "not supported", "unknown", "none"})
 
 
@@ -62,7 +63,7 @@ def _missing(field: str) -> bool:
 def _number(field: str, number: int, line: str, what: str) -> float | None:
     if _missing(field):
         return None
-    match = _NUMBER.match(field)
+    match = _NUMBER.fullmatch(field)
     if match is None:
         raise _bad(number, line, f"{what} is not a number")
     return float(match.group(1))

@@ -1,11 +1,44 @@
-"""Human-readable rendering of records, rows and status for the CLI (no decisions here)."""
+"""Human-readable rendering of records, rows and status for the CLI (no decisions here), and the
+one escaping of what reaches a terminal (`clean`)."""
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any
 
 from backprop_mcp.models import Decision, RunRecord, RunRow, SystemStatus
+
+# What must never reach a terminal raw from stored or user-given text: C0 controls (a newline
+# forges a row, ESC starts escape codes that set the title or rewrite the screen), DEL, C1 controls
+# (U+009B is a one-character CSI), and the Unicode marks that reorder (bidi overrides and isolates)
+# or break (line and paragraph separators) what is shown.
+_BIDI_AND_SEPARATORS = "\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069"
+_UNSAFE = re.compile(f"[\x00-\x1f\x7f-\x9f{_BIDI_AND_SEPARATORS}]")
+# A script's log lines keep their tabs (columns of numbers); everything else above is escaped.
+_UNSAFE_IN_LOG = re.compile(f"[\x00-\x08\x0a-\x1f\x7f-\x9f{_BIDI_AND_SEPARATORS}]")
+_NAMED = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
+
+
+def _escaped(match: re.Match[str]) -> str:
+    char = match.group()
+    code = ord(char)
+    return _NAMED.get(char) or (f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}")
+
+
+def clean(text: object) -> str:
+    """`text` as one safe terminal line: every control character shown as an escape (\\n, \\x1b)."""
+    return _UNSAFE.sub(_escaped, str(text))
+
+
+def clean_log(text: str) -> str:
+    """A script's log line for a terminal: like `clean`, but tabs are kept."""
+    return _UNSAFE_IN_LOG.sub(_escaped, text)
+
+
+def _lines(lines: list[str]) -> str:
+    # Each line is of our making; escaping it whole escapes every field in it.
+    return "\n".join(clean(line) for line in lines)
 
 
 def duration(seconds: float | None) -> str:
@@ -51,7 +84,7 @@ def progress_line(record: RunRecord, time_left: float | None, *, with_bar: bool)
         parts.append(f"ETA {duration(record['eta_seconds'])}")
     if time_left is not None:
         parts.append(f"box {duration(time_left)} left")
-    return "  ".join(parts)
+    return clean("  ".join(parts))
 
 
 def record_text(record: RunRecord, now: float | None = None) -> str:
@@ -93,7 +126,7 @@ def record_text(record: RunRecord, now: float | None = None) -> str:
                 for a in record["attempts"]
             )
         )
-    return "\n".join(lines)
+    return _lines(lines)
 
 
 def table(rows: list[RunRow]) -> str:
@@ -101,15 +134,18 @@ def table(rows: list[RunRow]) -> str:
         return "no runs"
     head = ("RUN ID", "NAME", "STATUS", "ATT", "STEP", "LOSS", "CREATED", "REASON")
     body = [
-        (
-            r["run_id"],
-            r["name"] or "",
-            r["status"],
-            str(r["attempt"]),
-            step_text(r["step"], r["total"]),
-            number(r["loss"]),
-            r["created_at"][:19].replace("T", " "),
-            r["termination_reason"] or "",
+        tuple(
+            clean(cell)
+            for cell in (
+                r["run_id"],
+                r["name"] or "",
+                r["status"],
+                str(r["attempt"]),
+                step_text(r["step"], r["total"]),
+                number(r["loss"]),
+                r["created_at"][:19].replace("T", " "),
+                r["termination_reason"] or r.get("note") or "",
+            )
         )
         for r in rows
     ]
@@ -127,7 +163,7 @@ def decision_text(decision: Decision) -> str:
         lines.append(
             f"  GPU chosen: {decision['gpu']['index']} {decision['gpu']['name']} ({decision['gpu']['uuid']})"
         )
-    return "\n".join(lines)
+    return _lines(lines)
 
 
 def status_text(status: SystemStatus) -> str:
@@ -159,8 +195,7 @@ def status_text(status: SystemStatus) -> str:
     ]
     lines.append(f"queued     {len(status['queued_runs'])}")
     lines += [f"  {i}. {r['run_id']}" for i, r in enumerate(status["queued_runs"], 1)]
-    lines.append(decision_text(status["verdict"]))
-    return "\n".join(lines)
+    return _lines(lines) + "\n" + decision_text(status["verdict"])
 
 
 def seconds_until(iso: str | None, now: float | None = None) -> float | None:
@@ -188,7 +223,5 @@ def dry_run_text(report: dict[str, Any]) -> str:
         "environment (added to the inherited one):",
         *[f"  {k}={v}" for k, v in report["environment"].items()],
         f"config     {', '.join(report['config_files']) or '(defaults, no config file)'}",
-        decision_text(report["decision"]),
-        "nothing was started (--dry-run)",
     ]
-    return "\n".join(lines)
+    return _lines(lines) + "\n" + decision_text(report["decision"]) + "\nnothing was started (--dry-run)"

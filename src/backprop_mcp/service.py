@@ -21,6 +21,7 @@ from backprop_mcp.errors import (
     PathNotAllowed,
     RunNotFound,
     RunStateError,
+    StoreCorrupt,
     StoreError,
     UsageError,
 )
@@ -58,11 +59,14 @@ from backprop_mcp.store import (
     now_iso,
     parse_iso,
 )
+from backprop_mcp.stored import UNKNOWN_STATUS
 
 # A run whose supervisor has not yet written its pid is "launching", not lost, for this long:
 # the gap between creating the record and the supervisor's first write is normally ~0.1 s.
 LAUNCH_GRACE_SECONDS = 30.0
 MAX_LIST_LIMIT = 1000
+# A page cursor is an offset: ASCII digits, short enough that int() takes it at once.
+_CURSOR_RE = re.compile(r"[0-9]{1,18}")
 MAX_LOG_TAIL = 10_000
 # Log lines returned are cut to this many characters: a tail must stay bounded in size.
 MAX_LOG_LINE_CHARS = 2000
@@ -470,27 +474,30 @@ class Service:
             raise UsageError(f"limit must be a whole number from 1 to {MAX_LIST_LIMIT}, got {limit!r}")
         offset = 0
         if cursor is not None:
-            if not cursor.isdigit():
+            # ASCII digits only, and few of them: str.isdigit() also takes "²", which int() refuses.
+            if not isinstance(cursor, str) or not _CURSOR_RE.fullmatch(cursor):
                 raise UsageError(f"invalid cursor {cursor!r}; pass the next_cursor of a previous page")
             offset = int(cursor)
-        page = self._page(status, name, limit, offset)
-        if page is None:
-            # A full scan saw fewer runs than the store holds: a starter died between creating a
-            # run and indexing it. Rebuild the index from the run folders and list again.
+        page, complete = self._page(status, name, limit, offset)
+        if not complete or self.store.index_damaged:
+            # A full scan saw another number of runs than the store holds (a starter died between
+            # creating a run and indexing it; a record was moved aside), or the index had a bad
+            # line. Rebuild it from the run folders, which gives every run folder a row, and list
+            # again trusting that: one rebuild, never one per call, and never "no runs" when there are.
             self.store.rebuild_index()
-            page = self._page(status, name, limit, offset) or RunPage(
-                runs=[], next_cursor=None, total_matching=0
-            )
+            page, _ = self._page(status, name, limit, offset)
         return page
 
-    def _page(self, status: str | None, name: str | None, limit: int, offset: int) -> RunPage | None:
+    def _page(self, status: str | None, name: str | None, limit: int, offset: int) -> tuple[RunPage, bool]:
+        """A page, and False when a full scan saw another number of runs than the store holds."""
         runs: list[RunRow] = []
         matched = 0
         indexed_runs = 0
         more = False
         for indexed in self.store.index_rows():
             indexed_runs += 1
-            row = self._fresh_row(indexed) if indexed.get("status") in ACTIVE_STATES else indexed
+            stale = indexed["status"] in ACTIVE_STATES or indexed["status"] == UNKNOWN_STATUS
+            row = self._fresh_row(indexed) if stale else indexed
             if status is not None and row.get("status") != status:
                 continue
             if name is not None and not fnmatch.fnmatchcase(row.get("name") or "", name):
@@ -503,15 +510,17 @@ class Service:
                 break
             row.pop("new", None)  # the index's creation marker; the rest is a RunRow
             runs.append(cast(RunRow, row))
-        if not more and indexed_runs != self.store.count_runs():
-            return None
+        complete = more or indexed_runs == self.store.count_runs()
         next_cursor = str(offset + limit) if more else None
-        return RunPage(runs=runs, next_cursor=next_cursor, total_matching=None if more else matched)
+        return RunPage(runs=runs, next_cursor=next_cursor, total_matching=None if more else matched), complete
 
     def _fresh_row(self, row: dict[str, Any]) -> dict[str, Any]:
         # Live rows come from the record itself: it has the current step and the liveness check.
+        # So do "unknown" ones, in case the record has become readable (permissions fixed).
         try:
             return dict(row_of(self.get(row["run_id"])))
+        except StoreCorrupt as exc:  # moved aside just now: the next listing rebuilds the index
+            return {**row, "status": UNKNOWN_STATUS, "note": exc.message}
         except (StoreError, RunNotFound, UsageError):
             return row
 

@@ -27,14 +27,16 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeGuard
 
 from backprop_mcp.errors import RunNotFound, StoreCorrupt, StoreError, UsageError
 from backprop_mcp.models import SCHEMA_VERSION, RunRecord, RunRow, row_of
+from backprop_mcp.stored import Invalid, check_record, check_row, salvage_row, stored_version
 
 log = logging.getLogger(__name__)
 
-RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# Used with fullmatch: `$` would also match before a final newline, letting "id\n" through.
+RUN_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 # Compact the index when it holds this many times more lines than runs (plus slack), so listing
 # stays proportional to the number of runs rather than to the number of state changes ever made.
 COMPACT_RATIO = 4
@@ -53,9 +55,14 @@ def default_home(env: os._Environ[str] | dict[str, str]) -> Path:
     return Path(platformdirs.user_data_dir("backprop-mcp", appauthor=False))
 
 
+def valid_run_id(run_id: object) -> TypeGuard[str]:
+    """1-128 letters, digits, '-', '_' or '.', starting with a letter or digit, no '..'."""
+    return isinstance(run_id, str) and RUN_ID_RE.fullmatch(run_id) is not None and ".." not in run_id
+
+
 def check_run_id(run_id: str) -> str:
     """A run id is 1-128 letters, digits, '-', '_' or '.', not starting with a separator."""
-    if not isinstance(run_id, str) or not RUN_ID_RE.match(run_id) or ".." in run_id:
+    if not valid_run_id(run_id):
         raise UsageError(
             f"invalid run id {run_id!r}: use 1-128 letters, digits, '-', '_' or '.', "
             "starting with a letter or digit (no '/', no '..')"
@@ -154,6 +161,8 @@ class Store:
         self.index_path = home / "index.jsonl"
         self.index_lock = home / "index.lock"
         self.governor_dir = home / "governor"
+        # Set when a listing skipped a bad index line: the caller rebuilds the index once.
+        self.index_damaged = False
 
     def ensure(self) -> Store:
         """Create the folders (0700) if needed."""
@@ -208,35 +217,50 @@ class Store:
             raise
 
     def read(self, run_id: str) -> RunRecord:
-        """The stored record; a corrupt one is moved aside and reported."""
+        """The stored record, checked; an invalid one is moved aside and reported (StoreCorrupt),
+        one of a newer schema is left alone and reported (StoreError)."""
         path = self.record_path(run_id)
+        return self._decode(run_id, path, self._read_bytes(run_id, path))
+
+    def _read_bytes(self, run_id: str, path: Path) -> bytes:
         try:
-            raw = path.read_bytes()
+            return path.read_bytes()
         except FileNotFoundError:
             raise RunNotFound(
                 f"no run with id {run_id!r}",
                 hint="list runs with `backprop list` (or the list_experiments tool)",
             ) from None
+        except IsADirectoryError:
+            raise self._corrupt(run_id, path, "it is a folder, not a file") from None
         except OSError as exc:
             raise _storage_error("read", path, exc) from None
-        return self._decode(run_id, path, raw)
 
     def _decode(self, run_id: str, path: Path, raw: bytes) -> RunRecord:
         try:
             data = json.loads(raw)
-            ok = isinstance(data, dict) and data.get("run_id") == run_id
         except (ValueError, RecursionError):
-            ok = False
-        if not ok:
-            aside = self.quarantine(path)
-            raise StoreCorrupt(f"the record of run {run_id!r} was corrupt; it was moved to {aside}")
-        version = data.get("schema_version")
-        if version != SCHEMA_VERSION:
+            data, why = None, "it is not valid JSON"
+        else:
+            ours = isinstance(data, dict) and data.get("run_id") == run_id
+            why = "" if ours else "it is not this run's record"
+        version = stored_version(data)
+        if not why and version is not None and version > SCHEMA_VERSION:
+            # Written by a newer backprop: not damage, so it stays where it is.
             raise StoreError(
-                f"run {run_id!r} has record schema {version!r}; this backprop reads schema {SCHEMA_VERSION}",
+                f"run {run_id!r} was written by a newer backprop (record schema {version}; "
+                f"this one reads schema {SCHEMA_VERSION})",
                 hint="upgrade backprop-mcp to read it",
             )
-        return cast(RunRecord, data)
+        if not why:
+            try:
+                return check_record(data)
+            except Invalid as exc:
+                why = str(exc)
+        raise self._corrupt(run_id, path, why)
+
+    def _corrupt(self, run_id: str, path: Path, why: str) -> StoreCorrupt:
+        aside = self.quarantine(path)
+        return StoreCorrupt(f"the record of run {run_id!r} was corrupt; it was moved to {aside} ({why})")
 
     def quarantine(self, path: Path) -> Path:
         """Move a corrupt file aside (kept for inspection) and warn."""
@@ -279,19 +303,26 @@ class Store:
         with file_lock(self.run_dir(run_id) / "lock"):
             yield
 
-    def count_runs(self) -> int:
-        """Run folders holding a record (one scandir; cheap next to reading their records)."""
+    def _run_folders(self) -> Iterator[str]:
+        """Names of the run folders holding a record (of any kind: the reader judges it).
+
+        `count_runs` and `all_run_ids` share this, so a rebuilt index always holds as many runs as
+        are counted and listing converges after one rebuild.
+        """
         try:
             with os.scandir(self.runs) as entries:
-                return sum(1 for e in entries if os.path.exists(os.path.join(e.path, "run.json")))
+                for entry in entries:
+                    if valid_run_id(entry.name) and os.path.exists(os.path.join(entry.path, "run.json")):
+                        yield entry.name
         except FileNotFoundError:
-            return 0
+            return
+
+    def count_runs(self) -> int:
+        """Run folders holding a record (one scandir; cheap next to reading their records)."""
+        return sum(1 for _ in self._run_folders())
 
     def all_run_ids(self) -> list[str]:
-        try:
-            return sorted(p.name for p in self.runs.iterdir() if (p / "run.json").is_file())
-        except FileNotFoundError:
-            return []
+        return sorted(self._run_folders())
 
     # -- index ----------------------------------------------------------------------------------
 
@@ -320,30 +351,54 @@ class Store:
         yielded: set[str] = set()
         for line in _reverse_lines(self.index_path):
             try:
-                row = json.loads(line)
-                run_id = row["run_id"]
-            except (ValueError, KeyError, TypeError):
-                log.warning("skipping a corrupt line in %s", self.index_path)
+                data = json.loads(line)
+                row: dict[str, Any] = dict(check_row(data, valid_run_id))
+            except (ValueError, RecursionError) as exc:  # Invalid is a ValueError
+                self.index_damaged = True
+                log.warning("skipping a bad line in %s: %s", self.index_path, str(exc)[:200])
                 continue
+            run_id = row["run_id"]
             latest.setdefault(run_id, row)
             # A creation row can appear twice (an append racing a rebuild): list each run once.
-            if row.get("new") and run_id not in yielded:
+            if data.get("new") is True and run_id not in yielded:
                 yielded.add(run_id)
-                yield latest[run_id]
+                yield dict(latest[run_id])
 
     def rebuild_index(self) -> int:
-        """Rewrite the index from the run folders (after corruption, or to compact it)."""
+        """Rewrite the index from the run folders (after corruption, or to compact it).
+
+        Every run folder that still holds a record gets a row: a record this build cannot read (a
+        newer schema, no permission) gets a row of status "unknown" saying why, so it is listed,
+        not dropped, and the next listing finds the index complete.
+        """
         rows: list[RunRow] = []
         for run_id in self.all_run_ids():
             try:
                 rows.append(row_of(self.read(run_id)))
+            except (StoreCorrupt, RunNotFound) as exc:
+                log.warning("%s", exc)  # moved aside or gone: no longer a run folder
             except StoreError as exc:
                 log.warning("%s", exc)
+                rows.append(self.unreadable_row(run_id, exc.message))
+        self.index_damaged = False
         rows.sort(key=lambda r: r["created_at"])
         data = "".join(json.dumps({**r, "new": True}, allow_nan=False) + "\n" for r in rows)
         with file_lock(self.index_lock):
             atomic_write(self.index_path, data.encode("utf-8"))
         return len(rows)
+
+    def unreadable_row(self, run_id: str, why: str) -> RunRow:
+        """The listing row of a run whose record exists but cannot be read by this build."""
+        path = self.record_path(run_id)
+        try:
+            data = json.loads(path.read_bytes())
+        except (OSError, ValueError, RecursionError):
+            data = None
+        try:
+            created = now_iso(path.stat().st_mtime)
+        except OSError:
+            created = now_iso(0)
+        return salvage_row(data, run_id, created, why)
 
     def maybe_compact(self) -> None:
         """Compact the index when it has grown far beyond one line per run; skip if busy.
@@ -364,10 +419,10 @@ class Store:
             order: list[str] = []
             for line in _all_lines(self.index_path):
                 try:
-                    row = json.loads(line)
-                    run_id = row["run_id"]
-                except (ValueError, KeyError, TypeError):
+                    checked = check_row(json.loads(line), valid_run_id)
+                except (ValueError, RecursionError):
                     continue
+                run_id, row = checked["run_id"], dict(checked)
                 if run_id not in latest:
                     order.append(run_id)
                 latest[run_id] = row

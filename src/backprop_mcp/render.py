@@ -54,6 +54,11 @@ def progress_line(record: RunRecord, time_left: float | None, *, with_bar: bool)
     return "  ".join(parts)
 
 
+def config_files_text(files: list[str]) -> str:
+    """The config files that applied, or that none did."""
+    return ", ".join(files) or "(defaults, no config file)"
+
+
 def record_text(record: RunRecord, now: float | None = None) -> str:
     lines = [
         f"run        {record['run_id']}" + (f"  ({record['name']})" if record["name"] else ""),
@@ -72,6 +77,8 @@ def record_text(record: RunRecord, now: float | None = None) -> str:
         f"time box   {record['max_run_minutes']:g} min"
         + (f", deadline {record['deadline']}" if record["deadline"] else "")
     )
+    if "config_files" in record:  # absent from records written before it was kept
+        lines.append(f"config     {config_files_text(record['config_files'])}")
     if record["paused_seconds"]:
         lines.append(f"paused     {duration(record['paused_seconds'])} (not charged to the box)")
     if record["cuda_visible_devices"] is not None:
@@ -179,7 +186,7 @@ def dry_run_text(report: dict[str, Any]) -> str:
         f"python     {report['python']} ({report['python_source']})",
         "environment (added to the inherited one):",
         *[f"  {k}={v}" for k, v in report["environment"].items()],
-        f"config     {', '.join(report['config_files']) or '(defaults, no config file)'}",
+        f"config     {config_files_text(report['config_files'])}",
         decision_text(report["decision"]),
         "nothing was started (--dry-run)",
     ]

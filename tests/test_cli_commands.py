@@ -158,11 +158,18 @@ def test_the_interpreter_choice_is_recorded(service: Service, tmp_path: Path) ->
         assert wait_for_end(service, run["run_id"])["status"] == "completed"
 
 
-def test_a_missing_interpreter_fails_the_run_with_start_failed(service: Service) -> None:
-    record = service.start(RunRequest(script=str(FIXTURES / "counts_and_exits.py"), python="/no/such/python"))
+def test_an_interpreter_that_cannot_start_fails_the_run_with_start_failed(
+    service: Service, tmp_path: Path
+) -> None:
+    # A missing one is refused up front (tests/test_path_options.py); one that exists but is not
+    # a program gets as far as the supervisor's exec.
+    python = tmp_path / "not-a-program"
+    python.write_text("neither a binary nor a #! line\n", encoding="utf-8")
+    python.chmod(0o755)
+    record = service.start(RunRequest(script=str(FIXTURES / "counts_and_exits.py"), python=str(python)))
     final = wait_for_end(service, record["run_id"])
     assert (final["status"], final["termination_reason"]) == ("failed", "start_failed")
-    assert "/no/such/python" in (final["status_detail"] or "")
+    assert str(python) in (final["status_detail"] or "")
 
 
 def test_the_framework_is_detected_from_imports(service: Service, tmp_path: Path) -> None:

@@ -199,9 +199,26 @@ def test_the_tiny_example_refuses_a_checkpoint_from_another_configuration(tmp_pa
 
 
 def test_the_example_config_uses_the_seed_keys() -> None:
-    config = json.loads((ROOT / "examples" / "backprop.config.json").read_text(encoding="utf-8"))
+    config = json.loads((ROOT / "examples" / "backprop.config.example.json").read_text(encoding="utf-8"))
     assert set(config) <= {"maxRunMinutes", "maxParallel", "gpuMemoryLimit", "minFreeRamGB", "gpu"}
     assert set(config["gpu"]) <= {"probe", "minFreeVramMB", "maxTempC"}
+
+
+def test_no_config_file_in_examples_changes_the_defaults_an_example_run_gets(tmp_path: Path) -> None:
+    """Issue 9, item 23: run from examples/ (as MCP does, in the script's folder), an example got
+    examples/backprop.config.json's 30-minute box where the README promises 10."""
+    from backprop_mcp.config import PROJECT_FILES
+    from backprop_mcp.service import RunRequest, Service
+    from tests.helpers import isolated_env
+
+    assert not [name for name in PROJECT_FILES if (ROOT / "examples" / name).exists()]
+    env = isolated_env(tmp_path / "home")
+    service = Service(Path(env["BACKPROP_HOME"]), env=env, cwd=ROOT / "examples")
+    dry = service.dry_run(RunRequest(script=str(TINY)), allowed_roots=[ROOT / "examples"])
+    inside_repo = [f for f in dry["config_files"] if Path(f).is_relative_to(ROOT)]
+    assert inside_repo == []
+    if not dry["config_files"]:  # a config file above the checkout (not ours) may set its own box
+        assert dry["options"]["max_run_minutes"] == 10
 
 
 TORCH_COMPARE = """

@@ -17,8 +17,9 @@ import anyio
 import psutil
 import pytest
 
+from backprop_mcp.confine import check_allowed
 from backprop_mcp.errors import PathNotAllowed, UsageError
-from backprop_mcp.service import RunRequest, Service, check_allowed
+from backprop_mcp.service import RunRequest, Service
 from tests.fault_helpers import assert_nothing_survives, modes, start, supervisor_pid
 from tests.helpers import FIXTURES, cli, cli_json, wait_for_end, wait_for_log
 
@@ -158,8 +159,8 @@ def test_shell_metacharacters_in_names_arguments_and_paths_are_inert(
         "--json",
         cwd=tmp_path,
     )
-    failed = json.loads(bad_python.stdout)
-    assert (failed["status"], failed["termination_reason"]) == ("failed", "start_failed")
+    # Refused before anything starts: no such interpreter on PATH, and never a shell.
+    assert bad_python.returncode == 2 and "interpreter" in bad_python.stderr
     created = [p.name for p in tmp_path.rglob("pwned*")] + [p.name for p in Path.cwd().glob("pwned*")]
     assert created == [] and not (weird / "out").exists()
 

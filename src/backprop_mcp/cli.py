@@ -361,8 +361,13 @@ def _dispatch(ns: argparse.Namespace, script_args: list[str]) -> int:
 
 
 def _after_start(service: Any, record: Any, *, detach: bool, out: bool) -> int:
-    from backprop_mcp.render import clean
+    from backprop_mcp.render import clean, config_files_text
 
+    if not out:
+        # Say which config files set this run's options (a folder's backprop.config.json can
+        # change the time box); on stderr with --detach, whose stdout is the run id alone.
+        stream = sys.stderr if detach else sys.stdout
+        stream.write(f"config: {clean(config_files_text(record.get('config_files') or []))}\n")
     if record["status"] == "rejected":
         if out:
             _print_json(record)

@@ -96,9 +96,11 @@ def client_roots(uris: Iterable[str]) -> tuple[Path, ...]:
 def locate_script(script: str, cwd: str | None, roots: Roots, server_cwd: Path) -> tuple[str, str]:
     """(script, working directory) for a run: a relative script is taken from `cwd` when given,
     else from the first allowed root; the working directory defaults to the script's folder."""
-    path = Path(script).expanduser()
+    # os.path.expanduser, not Path's: an unknown "~user" stays as given instead of raising. Only
+    # names are joined here; nothing is looked at before the service checks the roots.
+    path = Path(os.path.expanduser(script))
     if not path.is_absolute():
-        base = Path(cwd).expanduser() if cwd else (roots.paths[0] if roots.paths else server_cwd)
+        base = Path(os.path.expanduser(cwd)) if cwd else (roots.paths[0] if roots.paths else server_cwd)
         path = (base if base.is_absolute() else server_cwd / base) / path
     return str(path), cwd if cwd else str(path.parent)
 

@@ -96,6 +96,14 @@ Gpus = Annotated[
 GpuMemory = Annotated[str | None, Field(description=_help("gpu_memory_limit"), max_length=16)]
 Status = Annotated[RunState | None, Field(description="Only runs in this state.")]
 
+# The tools' arguments that name a path, and the field of `service.RunRequest` each one becomes:
+# the service checks those fields against the allowed roots (`confine.REQUEST_PATHS`) before it
+# looks at any of them. tests/test_security.py fails on a string argument that is in neither this
+# map nor its own list of arguments that are not paths.
+PATH_ARGUMENTS: dict[str, dict[str, str]] = {
+    "run_training": {"script": "script", "cwd": "cwd", "python": "python", "resume_from": "resume_from"},
+}
+
 READ_ONLY = ToolAnnotations(read_only_hint=True, idempotent_hint=True, open_world_hint=False)
 
 
@@ -133,7 +141,8 @@ def build_tools(app: App) -> list[Tool]:
             str | None,
             Field(
                 description="Working directory of the script (default: the "
-                "script's folder); relative checkpoint paths resolve here.",
+                "script's folder); relative checkpoint paths resolve here. It must lie inside "
+                "the allowed roots.",
                 max_length=4096,
             ),
         ] = None,
@@ -142,7 +151,8 @@ def build_tools(app: App) -> list[Tool]:
             Field(
                 description="Interpreter to run the script with (default: "
                 "the configured one, else an active virtualenv's, else "
-                "backprop's own).",
+                "backprop's own). Given here, it must lie inside the allowed roots (a virtualenv "
+                "there, e.g. .venv/bin/python, is fine) or be the configured one.",
                 max_length=4096,
             ),
         ] = None,
@@ -150,7 +160,7 @@ def build_tools(app: App) -> list[Tool]:
             str | None,
             Field(
                 description="A checkpoint file to start from; the "
-                "script receives it as BACKPROP_RESUME_FROM.",
+                "script receives it as BACKPROP_RESUME_FROM. It must lie inside the allowed roots.",
                 max_length=4096,
             ),
         ] = None,

@@ -268,6 +268,9 @@ class RunRecord(TypedDict):
     """Position in the machine-wide queue while queued (1 = next)."""
     options: dict[str, Any]
     """Run options: grace_seconds, stop_signal, checkpoint_every_minutes, limits, and so on."""
+    config_files: NotRequired[list[str]]
+    """Config files that applied to the current attempt, lowest precedence first (absent from
+    records written before it was kept)."""
     bad_event_lines: int
     """Lines that looked like events but were not valid (logged and skipped)."""
     supervisor_pid: int | None
@@ -520,6 +523,7 @@ def new_record(*, run_id: str, script: str, created_at: str, **fields: Any) -> R
         paused_seconds=0.0,
         queue_position=None,
         options={},
+        config_files=[],
         bad_event_lines=0,
         supervisor_pid=None,
         supervisor_started=None,

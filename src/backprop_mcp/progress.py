@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 from backprop_mcp.events import CheckpointEvent, DoneEvent, Event, MetricEvent, ProgressEvent
 from backprop_mcp.models import Checkpoint, RunRecord
@@ -88,9 +90,14 @@ class Progress:
         return {"type": "checkpoint", **entry}
 
 
-def newest_existing_checkpoint(record: RunRecord) -> str | None:
-    """The newest reported checkpoint that still exists on disk."""
+def newest_existing_checkpoint(
+    record: RunRecord, usable: Callable[[Path], Path | None] | None = None
+) -> str | None:
+    """The newest reported checkpoint that still exists on disk. With `usable` (through MCP: where
+    a path leads when it stays inside the allowed roots, else None), a checkpoint it refuses is
+    skipped without being looked at."""
     for entry in reversed(record["checkpoints"]):
-        if os.path.exists(entry["path"]):
+        where = Path(entry["path"]) if usable is None else usable(Path(entry["path"]))
+        if where is not None and os.path.exists(where):
             return entry["path"]
     return None

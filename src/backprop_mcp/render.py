@@ -87,6 +87,11 @@ def progress_line(record: RunRecord, time_left: float | None, *, with_bar: bool)
     return clean("  ".join(parts))
 
 
+def config_files_text(files: list[str]) -> str:
+    """The config files that applied, or that none did."""
+    return ", ".join(files) or "(defaults, no config file)"
+
+
 def record_text(record: RunRecord, now: float | None = None) -> str:
     lines = [
         f"run        {record['run_id']}" + (f"  ({record['name']})" if record["name"] else ""),
@@ -105,6 +110,8 @@ def record_text(record: RunRecord, now: float | None = None) -> str:
         f"time box   {record['max_run_minutes']:g} min"
         + (f", deadline {record['deadline']}" if record["deadline"] else "")
     )
+    if "config_files" in record:  # absent from records written before it was kept
+        lines.append(f"config     {config_files_text(record['config_files'])}")
     if record["paused_seconds"]:
         lines.append(f"paused     {duration(record['paused_seconds'])} (not charged to the box)")
     if record["cuda_visible_devices"] is not None:
@@ -222,6 +229,6 @@ def dry_run_text(report: dict[str, Any]) -> str:
         *_resume_line(report["environment"]),
         "environment (added to the inherited one):",
         *[f"  {k}={v}" for k, v in report["environment"].items()],
-        f"config     {', '.join(report['config_files']) or '(defaults, no config file)'}",
+        f"config     {config_files_text(report['config_files'])}",
     ]
     return _lines(lines) + "\n" + decision_text(report["decision"]) + "\nnothing was started (--dry-run)"

@@ -4,21 +4,23 @@ the one API that the CLI and the MCP server both call."""
 from __future__ import annotations
 
 import fnmatch
+import functools
 import json
 import os
 import re
+import shutil
 import signal
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple, cast
 
-from backprop_mcp import governor, proctree
+from backprop_mcp import confine, governor, proctree
 from backprop_mcp.admission import Admission
 from backprop_mcp.config import Settings, resolve_settings
+from backprop_mcp.confine import check_allowed
 from backprop_mcp.errors import (
     NoCheckpoint,
-    PathNotAllowed,
     RunNotFound,
     RunStateError,
     StoreCorrupt,
@@ -134,9 +136,17 @@ class Service:
     def _prepare(
         self, request: RunRequest, allowed_roots: Sequence[Path] | None
     ) -> tuple[RunRecord, Settings]:
-        cwd = Path(request.cwd).expanduser() if request.cwd else self.cwd
-        if not cwd.is_absolute():
-            cwd = self.cwd / cwd
+        cwd = self._absolute(request.cwd) if request.cwd else self.cwd
+        if allowed_roots is not None:
+            # Before anything looks at these paths: a refusal must not depend on what exists.
+            confine.check_request(
+                request._asdict(),
+                cwd,
+                allowed_roots,
+                lambda: confine.configured_interpreters(
+                    self.settings(request.options, request.source, cwd=cwd).python, self.env
+                ),
+            )
         if not cwd.is_dir():
             if request.script and Path(request.script).expanduser().is_absolute():
                 _resolve_script(request.script, cwd)  # a missing script is the error to report first
@@ -175,7 +185,8 @@ class Service:
             if not resume_path.exists():
                 raise UsageError(f"checkpoint to resume from does not exist: {resume_path}")
             resume_from = str(resume_path)
-        python, python_source = choose_python(request.python, settings, self.env)
+        given_python = _check_python(request.python, cwd, self.env)
+        python, python_source = choose_python(given_python, settings, self.env)
         record = new_record(
             run_id=run_id,
             script=str(script),
@@ -192,6 +203,7 @@ class Service:
             attempts=[new_attempt(1, resume_from)],
             resume_from=resume_from,
             options=settings.as_options(),
+            config_files=list(settings.sources),
         )
         return record, settings
 
@@ -221,6 +233,11 @@ class Service:
             record["run_id"],
             {"type": "created", "status": record["status"], "detail": record["status_detail"]},
         )
+
+    def _absolute(self, path: str) -> Path:
+        """A path option as the caller means it: relative to the caller's working directory."""
+        given = Path(os.path.expanduser(path))
+        return given if given.is_absolute() else self.cwd / given
 
     def _launch(self, run_id: str) -> None:
         from backprop_mcp.probes import prime_cpu_cache
@@ -283,8 +300,23 @@ class Service:
         """Start attempt N+1 of a finished run from its newest existing checkpoint. With `preview`,
         start nothing and change nothing: it gets what the attempt would do (see `resume_dry_run`)."""
         record = self.get(run_id)
+        new_cwd = Path(record["cwd"]) if cwd is None else self._absolute(cwd)
         if allowed_roots is not None:
-            check_allowed(Path(record["script"]), allowed_roots)
+            # The stored paths too: the roots may have changed since, or the run was started by
+            # an older version that did not check them.
+            confine.check_request(
+                {
+                    "cwd": cwd or record["cwd"],
+                    "script": record["script"],
+                    "python": python or confine.stored_python(record),
+                },
+                new_cwd,
+                allowed_roots,
+                lambda: confine.configured_interpreters(self.settings(cwd=new_cwd).python, self.env),
+            )
+        if cwd is not None and not new_cwd.is_dir():
+            raise UsageError(f"working directory {str(new_cwd)!r} does not exist or is not a folder")
+        python = _check_python(python, new_cwd, self.env)
         with self.store.run_lock(run_id):
             record = self.get(run_id)
             if record["status"] in ACTIVE_STATES:
@@ -294,20 +326,37 @@ class Service:
                 )
             from backprop_mcp.progress import newest_existing_checkpoint
 
-            checkpoint = None if from_scratch else newest_existing_checkpoint(record)
+            usable = None
+            if allowed_roots is not None:
+                # Through MCP a checkpoint the script reported is looked at only inside the roots
+                # or the run's own folder (BACKPROP_CHECKPOINT_DIR lies in it).
+                own = [*allowed_roots, self.store.run_dir(run_id)]
+                usable = functools.partial(confine.confined, roots=own)
+            checkpoint = None if from_scratch else newest_existing_checkpoint(record, usable)
             if checkpoint is None and not from_scratch:
                 known = len(record["checkpoints"])
+                hidden = sum(1 for c in record["checkpoints"] if usable and usable(Path(c["path"])) is None)
                 why = (
                     f"none of its {known} reported checkpoints exists any more"
                     if known
                     else "the script never reported a checkpoint"
                 )
+                if hidden:
+                    # Said without looking at them: whether they exist is not ours to tell.
+                    why = (
+                        f"{hidden} of its {known} reported checkpoints lie outside the allowed roots "
+                        "and the run's folder, so they were not looked at"
+                        + (
+                            f", and none of the other {known - hidden} exists any more"
+                            if known > hidden
+                            else ""
+                        )
+                    )
                 raise NoCheckpoint(
                     f"run {run_id} has no checkpoint to resume from: {why}",
                     hint="start the next attempt from the beginning with --from-scratch "
                     "(from_scratch=true in the MCP tool)",
                 )
-            new_cwd = Path(cwd) if cwd else Path(record["cwd"])
             settings = self.settings(options, source, base=record["options"], cwd=new_cwd)
             if python:
                 record["python"], record["python_source"] = python, "option"
@@ -335,6 +384,7 @@ class Service:
                     "paused_seconds": 0.0,
                     "queue_position": None,
                     "options": settings.as_options(),
+                    "config_files": list(settings.sources),
                     "supervisor_pid": None,
                     "supervisor_started": None,
                     "script_pid": None,
@@ -565,17 +615,27 @@ class Service:
         return import_experiments(self, source)
 
 
-def check_allowed(script: Path, roots: Sequence[Path]) -> None:
-    """A script must resolve (after symlinks and '..') inside one of the allowed roots."""
-    real = Path(os.path.realpath(script))
-    resolved = [Path(os.path.realpath(r)) for r in roots]
-    if not any(real == r or real.is_relative_to(r) for r in resolved):
-        shown = ", ".join(str(r) for r in resolved) or "(none configured)"
-        raise PathNotAllowed(
-            f"script {str(script)!r} resolves to {str(real)!r}, outside the allowed roots: {shown}",
-            hint="add its folder to the allowed roots: the client's roots, `backprop-mcp --root DIR`, "
-            'BACKPROP_ALLOWED_ROOTS or "allowedRoots" in backprop.config.json',
-        )
+def _check_python(python: str | None, cwd: Path, env: Mapping[str, str]) -> str | None:
+    """An interpreter given as an option or argument, checked before anything is stored: a path
+    (relative to the script's working directory, as the script's own paths are) must be an
+    executable file, a bare name must be found on PATH. Returns what to store."""
+    if python is None:
+        return None
+    if not python.strip() or "\0" in python:
+        raise UsageError("the interpreter (--python) is empty or contains a NUL byte")
+    if os.sep not in python and not (os.altsep and os.altsep in python):
+        if shutil.which(python, path=env.get("PATH", os.defpath)) is None:
+            raise UsageError(
+                f"interpreter {python!r} was not found on PATH; give its path, "
+                "e.g. --python .venv/bin/python or --python /usr/bin/python3"
+            )
+        return python
+    path = cwd / os.path.expanduser(python)
+    if not path.is_file():
+        raise UsageError(f"interpreter {str(path)!r} does not exist or is not a file")
+    if not os.access(path, os.X_OK):
+        raise UsageError(f"interpreter {str(path)!r} is not executable")
+    return str(path)
 
 
 def _resolve_script(script: str, cwd: Path) -> Path:

@@ -340,7 +340,7 @@ def _dispatch(ns: argparse.Namespace, script_args: list[str]) -> int:
 
             metric = comparison["metric"]
             better = "lower" if comparison["lower_is_better"] else "higher"
-            print(f"ranked by the last reported {metric} ({better} is better)")
+            print(clean(f"ranked by the last reported {metric} ({better} is better)"))
             for row in comparison["runs"]:
                 mark = "*" if row["run_id"] == comparison["top_run_id"] else " "
                 last = number(row["last_value"])

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from backprop_mcp.governor import PROMISE_WINDOW_SECONDS, default_limits, evaluate, pause_verdict
+from backprop_mcp.governor import (
+    CPU_RESUME_MARGIN_PERCENT,
+    PROMISE_WINDOW_SECONDS,
+    default_limits,
+    evaluate,
+    pause_verdict,
+    resume_threshold,
+)
 from backprop_mcp.models import ActiveRun, GpuInfo, Limits, SystemSnapshot
 
 NOW = 1_700_000_000.0
@@ -499,3 +506,56 @@ def test_a_busy_run_is_not_paused_for_its_own_cpu_load() -> None:
         None,
     )
     assert pause_verdict(snapshot, limits(), gpu_uuid="GPU-0", paused=False, own_cpu_percent=0.0)[0] is True
+
+
+# --- hysteresis over the whole range of limits (issue 9, item 10) ------------------------------
+
+# CPU limits over (0, 100]: the small ones are where the fixed 10-point margin reached zero.
+CPU_LIMITS = [0.001, 0.5, 1.0, 5.0, 9.99, 10.0, 10.01, 15.0, 20.0, 50.0, 90.0, 99.9, 100.0]
+# GPU limits with margins from none to far more than the limit itself.
+GPU_CASES = [
+    (temp, margin)
+    for temp in (0.5, 1.0, 5.0, 10.0, 40.0, 85.0, 100.0, 150.0)
+    for margin in (0.0, 0.1, 1.0, 5.0, 10.0, 85.0, 200.0)
+]
+
+
+@pytest.mark.parametrize("limit", CPU_LIMITS)
+def test_the_cpu_resume_threshold_is_above_zero_and_below_the_limit(limit: float) -> None:
+    threshold = resume_threshold(limit, CPU_RESUME_MARGIN_PERCENT)
+    assert 0 < threshold < limit
+
+
+@pytest.mark.parametrize(("limit", "margin"), GPU_CASES)
+def test_the_gpu_resume_threshold_is_above_zero_and_below_the_limit(limit: float, margin: float) -> None:
+    threshold = resume_threshold(limit, margin)
+    assert 0 < threshold < limit
+
+
+@pytest.mark.parametrize(
+    ("limit", "margin", "threshold"),
+    [(90.0, 10.0, 80.0), (20.0, 10.0, 10.0), (10.0, 10.0, 5.0), (85.0, 5.0, 80.0), (6.0, 10.0, 3.0)],
+)
+def test_the_configured_margin_holds_until_it_would_take_half_the_limit(
+    limit: float, margin: float, threshold: float
+) -> None:
+    assert resume_threshold(limit, margin) == pytest.approx(threshold)
+
+
+@pytest.mark.parametrize("limit", CPU_LIMITS)
+def test_a_run_paused_for_cpu_load_resumes_once_the_machine_is_idle(limit: float) -> None:
+    busy = snap(cpu=min(limit * 2 + 1, 100.0), gpus=[])
+    idle = snap(cpu=0.0, gpus=[])
+    paused, _ = pause_verdict(busy, limits(cpu=limit), gpu_uuid=None, paused=False, own_cpu_percent=0.0)
+    assert paused or limit == 100.0  # a 100% limit is never exceeded
+    assert pause_verdict(idle, limits(cpu=limit), gpu_uuid=None, paused=True, own_cpu_percent=0.0) == (
+        False,
+        None,
+    )
+
+
+@pytest.mark.parametrize(("limit", "margin"), GPU_CASES)
+def test_a_run_paused_for_heat_resumes_once_its_gpu_is_cool(limit: float, margin: float) -> None:
+    cold = snap(cpu=0.0, gpus=[gpu(0, temp=0.0)])
+    bounds = Limits(**{**limits(temp=limit), "gpu_resume_below_c": margin})
+    assert pause_verdict(cold, bounds, gpu_uuid="GPU-0", paused=True, own_cpu_percent=0.0) == (False, None)

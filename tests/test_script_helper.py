@@ -45,7 +45,9 @@ def _events(out: str) -> list[dict[str, Any]]:
 
 
 def test_the_helpers_names_equal_the_contracts() -> None:
-    names = [name for name in dir(contract) if name.startswith(("ENV_", "EVENT_")) and name != "EVENTS"]
+    names = [
+        name for name in dir(contract) if name.startswith(("ENV_", "EVENT_", "EXIT_")) and name != "EVENTS"
+    ]
     assert names
     for name in names:
         assert getattr(script, name) == getattr(contract, name), name
@@ -252,10 +254,40 @@ def test_bad_environment_values_fall_back_to_defaults_with_a_note(
 
 
 def test_should_stop_turns_true_within_the_margin_of_the_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
+    script._state.started = time.time() - 595  # ten minutes into a ten-minute box, less 5 s
     monkeypatch.setenv(contract.ENV_DEADLINE, str(time.time() + 5))
     assert script.should_stop() is True
     assert script.should_stop(margin_seconds=1) is False
     assert script.stop_exit_code() == 124
+
+
+@pytest.mark.parametrize(
+    ("box", "margin"),
+    [(3.0, 0.3), (18.0, 1.8), (60.0, 6.0), (100.0, 10.0), (600.0, 10.0), (86400.0, 10.0)],
+)
+def test_the_stop_margin_is_a_tenth_of_the_box_at_most_ten_seconds(
+    monkeypatch: pytest.MonkeyPatch, box: float, margin: float
+) -> None:
+    now = time.time()
+    script._state.started = now
+    monkeypatch.setenv(contract.ENV_DEADLINE, str(now + box))
+    assert script.stop_margin() == pytest.approx(margin, abs=1e-3)
+
+
+def test_a_short_box_is_not_cut_in_half(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The case: an 18 s box stopped after 9 s with a fixed 10 s margin.
+    now = time.time()
+    script._state.started = now - 9
+    monkeypatch.setenv(contract.ENV_DEADLINE, str(now + 9))
+    assert script.should_stop() is False
+    script._state.started = now - 16.5
+    monkeypatch.setenv(contract.ENV_DEADLINE, str(now + 1.5))
+    assert script.should_stop() is True
+
+
+def test_without_a_deadline_there_is_no_margin_and_no_stop() -> None:
+    assert script.stop_margin() is None
+    assert script.should_stop() is False
 
 
 def test_should_checkpoint_follows_the_interval_and_restarts_after_a_checkpoint(

@@ -41,3 +41,6 @@ EVENT_DONE = "done"
 EVENTS = (EVENT_PROGRESS, EVENT_METRIC, EVENT_CHECKPOINT, EVENT_DONE)
 
 FRAMEWORKS = ("pytorch", "tensorflow", "jax", "none")
+
+# The exit status of a script that stopped itself because its deadline was near (`timeout(1)`'s).
+EXIT_DEADLINE = 124

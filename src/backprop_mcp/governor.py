@@ -29,6 +29,13 @@ DEFAULT_GPU_RESUME_BELOW_C = 5.0
 # Two-second CPU samples of a busy machine jitter by several points; a paused run resumes only
 # when the other load is this far under the limit, for the same reason as above.
 CPU_RESUME_MARGIN_PERCENT = 10.0
+# The hysteresis is the configured margin, but at most this share of the limit, so the resume
+# threshold stays above zero: a 10% CPU limit resumes below 5%, not below 0% (which no machine
+# reaches, so the run never resumed), and a 6 C limit with a 10 C margin below 3 C.
+HYSTERESIS_MAX_SHARE = 0.5
+# ... and at least this share of it, so a run at the limit never flaps between paused and running,
+# even with a margin of 0 (a 85 C limit then resumes below 83.3 C).
+HYSTERESIS_MIN_SHARE = 0.02
 # Heat and load change over tens of seconds, and one nvidia-smi call costs up to ~0.3 s of CPU:
 # every 2 s reacts well inside the thermal margin while keeping the probe's own cost small.
 SAMPLE_INTERVAL_SECONDS = 2.0
@@ -242,6 +249,12 @@ def evaluate(
     return Decision(allowed=allowed, reasons=v.reasons, gpu=gpu if allowed else None, checks=v.checks)
 
 
+def resume_threshold(limit: float, margin: float) -> float:
+    """Below what a paused run resumes, for a pause `limit` > 0 and a hysteresis `margin` >= 0:
+    strictly between 0 and the limit (see `HYSTERESIS_MAX_SHARE` and `HYSTERESIS_MIN_SHARE`)."""
+    return limit - min(max(margin, limit * HYSTERESIS_MIN_SHARE), limit * HYSTERESIS_MAX_SHARE)
+
+
 def pause_verdict(
     snapshot: SystemSnapshot,
     limits: Limits,
@@ -255,17 +268,18 @@ def pause_verdict(
     Hysteresis: a running run pauses when its GPU is at or above `gpu_max_temp_c`, or when the
     machine's CPU load without the run's own share (`own_cpu_percent`, in percent of all cores)
     is above `max_cpu_percent`. A paused run resumes only when its GPU is below
-    `gpu_max_temp_c - gpu_resume_below_c` and the other load is below `max_cpu_percent -
-    CPU_RESUME_MARGIN_PERCENT`. Unknown readings never pause a running run (a probe hiccup must
-    not stop training), but an unknown GPU state keeps a paused run paused (fail closed: it may
-    have been paused for heat). A GPU without a temperature sensor is never a reason to pause.
+    `resume_threshold(gpu_max_temp_c, gpu_resume_below_c)` and the other load is below
+    `resume_threshold(max_cpu_percent, CPU_RESUME_MARGIN_PERCENT)`. Unknown readings never pause
+    a running run (a probe hiccup must not stop training), but an unknown GPU state keeps a paused
+    run paused (fail closed: it may have been paused for heat). A GPU without a temperature sensor
+    is never a reason to pause.
     """
     holds: list[str] = []
     if gpu_uuid is not None and limits["use_gpu"]:
         gpus = snapshot["gpus"]
         gpu = next((g for g in gpus if g["uuid"] == gpu_uuid), None) if gpus is not None else None
         limit = limits["gpu_max_temp_c"]
-        resume = limit - limits["gpu_resume_below_c"]
+        resume = resume_threshold(limit, limits["gpu_resume_below_c"])
         if gpu is None:
             if paused:
                 why = snapshot["gpu_error"] or "GPU not in the probe's list"
@@ -285,7 +299,7 @@ def pause_verdict(
         other = max(0.0, load - own_cpu_percent)
         mine = f" (this run's own {_fmt(own_cpu_percent)}% excluded)"
         most = limits["max_cpu_percent"]
-        resume_cpu = most - CPU_RESUME_MARGIN_PERCENT
+        resume_cpu = resume_threshold(most, CPU_RESUME_MARGIN_PERCENT)
         if not paused and other > most:
             o, m = _pair(other, most)
             holds.append(f"CPU load {o}% from other processes > {m}% allowed{mine}")

@@ -46,6 +46,7 @@ TerminationReason = Literal[
     "gpu_memory_limit",
     "supervisor_lost",
     "queue_timeout",
+    "queue_error",
     "rejected",
     "start_failed",
 ]
@@ -253,7 +254,7 @@ class RunRecord(TypedDict):
     """Signal that ended the script, e.g. SIGKILL."""
     termination_reason: str | None
     """Why the run ended: exit_zero, exit_nonzero, signal, deadline, wall_clock_cap, stop_requested,
-    gpu_memory_limit, supervisor_lost, queue_timeout, rejected or start_failed."""
+    gpu_memory_limit, supervisor_lost, queue_timeout, queue_error, rejected or start_failed."""
     attempts: list[AttemptSummary]
     """History of attempts, oldest first."""
     resume_from: str | None

@@ -6,6 +6,14 @@ from __future__ import annotations
 import signal
 from typing import NamedTuple
 
+from backprop_mcp.contract import EXIT_DEADLINE
+
+# A script that exits with EXIT_DEADLINE is taken at its word (it stopped itself for the deadline,
+# as the contract asks) once it has used at least this share of its time box: the helper's margin
+# is at most 10% of the box, and a script that picks its own margin still stops in the last part
+# of it. The same status an hour early is a failure with an odd exit code, not a timeout.
+DEADLINE_EXIT_MIN_SHARE = 0.5
+
 
 class Outcome(NamedTuple):
     """The truthful end of an attempt."""
@@ -16,11 +24,15 @@ class Outcome(NamedTuple):
     signal: str | None
 
 
-def classify(stop_reason: str | None, returncode: int | None) -> Outcome:
+def classify(stop_reason: str | None, returncode: int | None, *, box_used: float | None = None) -> Outcome:
     """Name the end of an attempt from why we stopped it (if we did) and how the script exited.
 
-    Our reason wins over the exit status: a script that exits 0 on SIGINT at the deadline still
-    ran out of time, and one killed for its GPU memory failed even if a handler exited cleanly.
+    `stop_reason` is given only when we acted on it (sent the stop signal or killed the script)
+    before the script exited on its own; a stop that came later changes nothing. Our reason wins
+    over the exit status: a script that exits 0 on SIGINT at the deadline still ran out of time,
+    and one killed for its GPU memory failed even if a handler exited cleanly. `box_used` is the
+    share of the time box the script had used when it exited: with it, exit status
+    `EXIT_DEADLINE` late in the box is a script that stopped itself for the deadline.
     """
     code: int | None = returncode
     sig: str | None = None
@@ -34,6 +46,8 @@ def classify(stop_reason: str | None, returncode: int | None) -> Outcome:
         return Outcome("failed", "gpu_memory_limit", code, sig)
     if sig is not None:
         return Outcome("failed", "signal", code, sig)
+    if code == EXIT_DEADLINE and box_used is not None and box_used >= DEADLINE_EXIT_MIN_SHARE:
+        return Outcome("timed_out", "deadline", code, sig)
     if code == 0:
         return Outcome("completed", "exit_zero", code, sig)
     return Outcome("failed", "exit_nonzero", code, sig)
@@ -49,6 +63,8 @@ def describe(outcome: Outcome, detail: str | None = None) -> str:
     if reason == "signal":
         return f"the script was killed by {outcome.signal}"
     if reason == "deadline":
+        if outcome.exit_code == EXIT_DEADLINE:
+            return f"the time box ended; the script stopped for it (exit {EXIT_DEADLINE})"
         return "the time box ended; the script was asked to stop"
     if reason == "wall_clock_cap":
         return "the wall-clock cap (paused time included) ended"

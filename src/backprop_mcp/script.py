@@ -58,16 +58,20 @@ EVENT_METRIC = "metric"
 EVENT_CHECKPOINT = "checkpoint_saved"
 EVENT_DONE = "done"
 
-# should_stop() turns true this long before the deadline, so the script can write a checkpoint
-# before the supervisor's stop signal arrives (the grace period after the signal, 30 s by
-# default, is then spare time rather than a race).
+# should_stop() turns true this share of the time box before the deadline, but never more than
+# STOP_MARGIN_SECONDS before it, so the script can write a checkpoint before the supervisor's stop
+# signal arrives (the grace period after the signal, 30 s by default, is then spare time rather
+# than a race). A share, so that a short box is not cut in half: an 18 s box stops 1.8 s early;
+# ten seconds is ample to save a checkpoint, so a long box loses no more than that.
+STOP_MARGIN_SHARE = 0.1
 STOP_MARGIN_SECONDS = 10.0
 
 # Outside backprop, checkpoints go here (relative to the working directory).
 DEFAULT_CHECKPOINT_DIR = "checkpoints"
 
 # Exit status for a script that stopped itself because the deadline was near: 124, as GNU
-# `timeout` uses, so "ran out of time" reads the same everywhere. A stop signal gives 128 + its number.
+# `timeout` uses, so "ran out of time" reads the same everywhere; backprop records it as
+# `timed_out` (reason `deadline`). A stop signal gives 128 + its number.
 EXIT_DEADLINE = 124
 
 _XLA_MEM_FRACTION = "XLA_PYTHON_CLIENT_MEM_FRACTION"
@@ -78,6 +82,9 @@ class _State:
 
     def __init__(self) -> None:
         self.stop_signum: int | None = None
+        # The time box is measured from here (the deadline minus the helper's import), the
+        # earliest moment a script can know about: it sets the default margin of should_stop().
+        self.started = time.time()
         # The interval of should_checkpoint() counts from start-up and from each reported checkpoint.
         self.last_checkpoint = time.monotonic()
         self.warned: set[str] = set()
@@ -231,12 +238,26 @@ def restore_default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-def should_stop(margin_seconds: float = STOP_MARGIN_SECONDS) -> bool:
-    """True once a stop signal arrived (see `install_stop_handler`) or the deadline is near."""
+def stop_margin() -> float | None:
+    """How long before the deadline `should_stop()` turns true by default: `STOP_MARGIN_SHARE` of
+    the time box (as seen from this module's import), at most `STOP_MARGIN_SECONDS`; None without
+    a deadline."""
+    end = deadline()
+    if end is None:
+        return None
+    return min(STOP_MARGIN_SECONDS, max(end - _state.started, 0.0) * STOP_MARGIN_SHARE)
+
+
+def should_stop(margin_seconds: float | None = None) -> bool:
+    """True once a stop signal arrived (see `install_stop_handler`) or the deadline is within
+    `margin_seconds` (default `stop_margin()`: 10% of the time box, at most 10 s)."""
     if _state.stop_signum is not None:
         return True
     left = time_left()
-    return left is not None and left < margin_seconds
+    if left is None:
+        return False
+    margin = stop_margin() if margin_seconds is None else margin_seconds
+    return margin is not None and left < margin
 
 
 def stop_exit_code() -> int:

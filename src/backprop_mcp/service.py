@@ -3,6 +3,7 @@ the one API that the CLI and the MCP server both call."""
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import functools
 import json
@@ -28,11 +29,13 @@ from backprop_mcp.errors import (
     UsageError,
 )
 from backprop_mcp.launch import (
+    abandon,
     choose_python,
     command,
     contract_env,
     detect_framework,
     limits_of,
+    release,
     spawn_supervisor,
 )
 from backprop_mcp.models import (
@@ -53,6 +56,7 @@ from backprop_mcp.models import (
 )
 from backprop_mcp.probes import make_probe
 from backprop_mcp.store import (
+    STOP_REQUEST_FILE,
     Store,
     _tail_lines,
     atomic_write,
@@ -66,6 +70,9 @@ from backprop_mcp.stored import UNKNOWN_STATUS
 # A run whose supervisor has not yet written its pid is "launching", not lost, for this long:
 # the gap between creating the record and the supervisor's first write is normally ~0.1 s.
 LAUNCH_GRACE_SECONDS = 30.0
+# A supervisor told to abandon its start exits as soon as its interpreter is up (well under a
+# second); this bounds the wait on a machine stalled for a long while before it is killed.
+ABANDON_WAIT_SECONDS = 30.0
 MAX_LIST_LIMIT = 1000
 # A page cursor is an offset: ASCII digits, short enough that int() takes it at once.
 _CURSOR_RE = re.compile(r"[0-9]{1,18}")
@@ -222,17 +229,29 @@ class Service:
                 )
                 self._create(record)
                 return record
-        self._create(record)
-        self._launch(record["run_id"])
+        since = self._create(record)
+        try:
+            self._launch(record["run_id"])
+        except BaseException:
+            self.store.remove_run(record["run_id"], since)
+            raise
         return self.store.read(record["run_id"])
 
-    def _create(self, record: RunRecord) -> None:
-        self.store.create(record)
-        self.store.index_append(row_of(record), new=True)
-        self.store.append_event(
-            record["run_id"],
-            {"type": "created", "status": record["status"], "detail": record["status_detail"]},
-        )
+    def _create(self, record: RunRecord) -> int:
+        """Store a new run, all of it or none of it (record, index row, first event); returns
+        where its index rows start, for `Store.remove_run` if the launch then fails."""
+        since = self.store.index_size()
+        self.store.create(record)  # an id already taken fails here, before anything is ours to undo
+        try:
+            self.store.index_append(row_of(record), new=True)
+            self.store.append_event(
+                record["run_id"],
+                {"type": "created", "status": record["status"], "detail": record["status_detail"]},
+            )
+        except BaseException:
+            self.store.remove_run(record["run_id"], since)
+            raise
+        return since
 
     def _absolute(self, path: str) -> Path:
         """A path option as the caller means it: relative to the caller's working directory."""
@@ -240,6 +259,8 @@ class Service:
         return given if given.is_absolute() else self.cwd / given
 
     def _launch(self, run_id: str) -> None:
+        """Start the run's supervisor, all or nothing: it is held (see `spawn_supervisor`) until
+        the pid file is written, and told to exit untouched if that fails."""
         from backprop_mcp.probes import prime_cpu_cache
 
         pid_file = self.store.run_dir(run_id) / "supervisor.pid"
@@ -250,10 +271,25 @@ class Service:
             proc = spawn_supervisor(self.store.home, run_id, self.env)
         except OSError as exc:
             raise StoreError(f"could not start the supervisor of run {run_id}: {exc}") from None
-        started = proctree.start_time(proc.pid)
-        # Through the store's atomic write: the file is 0600 like the rest of the store (write_text
-        # would follow the umask), and a reader never sees it half written.
-        atomic_write(pid_file, json.dumps({"pid": proc.pid, "started": started}).encode("utf-8"))
+        try:
+            started = proctree.start_time(proc.pid)
+            # Through the store's atomic write: the file is 0600 like the rest of the store
+            # (write_text would follow the umask), and a reader never sees it half written.
+            atomic_write(pid_file, json.dumps({"pid": proc.pid, "started": started}).encode("utf-8"))
+        except BaseException:
+            abandon(proc, ABANDON_WAIT_SECONDS)
+            raise
+        try:
+            release(proc)
+        except OSError:
+            # The pid file first: a supervisor without its go goes on only if that file names it.
+            pid_file.unlink(missing_ok=True)
+            abandon(proc, ABANDON_WAIT_SECONDS)
+            log = self.store.run_dir(run_id) / "supervisor.log"
+            raise StoreError(
+                f"the supervisor of run {run_id} ended as it started (exit status {proc.returncode})"
+                + _last_line(log)
+            ) from None
 
     def _decide(self, settings: Settings) -> Decision:
         self.store.ensure()
@@ -394,12 +430,16 @@ class Service:
             if preview is not None:
                 preview(self._dry_run_of(record, settings))
                 return self.store.read(run_id)
-            (self.store.run_dir(run_id) / "supervisor.pid").unlink(missing_ok=True)
-            self.store.write(record)
-            self.store.append_event(
-                run_id, {"type": "resumed", "attempt": attempt, "resume_from": checkpoint}
-            )
-            self._launch(run_id)
+            # All or nothing: if the new attempt cannot be recorded or launched, the run stays
+            # as it was (its record, history and index rows), ready for another resume.
+            with self.store.restorable(run_id):
+                (self.store.run_dir(run_id) / "supervisor.pid").unlink(missing_ok=True)
+                (self.store.run_dir(run_id) / STOP_REQUEST_FILE).unlink(missing_ok=True)
+                self.store.write(record)
+                self.store.append_event(
+                    run_id, {"type": "resumed", "attempt": attempt, "resume_from": checkpoint}
+                )
+                self._launch(run_id)
         return self.store.read(run_id)
 
     def resume_dry_run(
@@ -579,13 +619,29 @@ class Service:
         record = self.get(run_id)
         if record["status"] not in ACTIVE_STATES:
             raise RunStateError(f"run {run_id} has already ended ({record['status']}); nothing to stop")
-        supervisor = self._supervisor(record)
-        if supervisor is None:
+        # First the request in the run folder, then the signal to whatever supervisor is known by
+        # then: a supervisor reads this file after making its pid known, so a stop at any moment
+        # of a launch reaches it one way or the other (see `Supervisor.run`).
+        requested = self._request_stop(record, force)
+        supervisor = self._supervisor(self.store.read(run_id))
+        if supervisor is None and not requested:
             raise RunStateError(f"run {run_id} is still launching; try again in a moment")
-        if proctree.is_alive(*supervisor):
-            os.kill(supervisor[0], signal.SIGUSR1 if force else signal.SIGTERM)
+        if supervisor is not None and proctree.is_alive(*supervisor):
+            # Gone in between: it ended on its own, and the record says how.
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(supervisor[0], signal.SIGUSR1 if force else signal.SIGTERM)
+        with contextlib.suppress(StoreError):  # the stop is on its way; a full disk loses only this note
             self.store.append_event(run_id, {"type": "stop_requested", "force": force})
         return self.get(run_id)
+
+    def _request_stop(self, record: RunRecord, force: bool) -> bool:
+        request = {"attempt": record["attempt"], "force": force, "at": now_iso()}
+        path = self.store.run_dir(record["run_id"]) / STOP_REQUEST_FILE
+        try:
+            atomic_write(path, json.dumps(request).encode("utf-8"))
+        except StoreError:
+            return False
+        return True
 
     def logs(self, run_id: str, *, tail: int = 100, attempt: int | None = None) -> LogTail:
         """The last lines of a run's log (bounded)."""
@@ -656,6 +712,12 @@ def _new_run_id(name: str | None) -> str:
     import secrets
 
     return f"{slug}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(2)}"
+
+
+def _last_line(log: Path) -> str:
+    """ ": LAST LINE" of a supervisor's log, to say why it ended; empty when there is none."""
+    lines = [line.decode("utf-8", "replace").strip() for line in _tail_lines(log, 1)]
+    return f": {lines[-1][:MAX_LOG_LINE_CHARS]}" if lines and lines[-1] else ""
 
 
 def _age(iso: str) -> float:

@@ -7,6 +7,8 @@ Layout under the home folder (0700 folders, 0600 files):
     runs/<run_id>/events.jsonl    the run's history, append only
     runs/<run_id>/logs/attempt-N.log  combined stdout and stderr of each attempt
     runs/<run_id>/lock            flock for read-modify-write by processes other than the supervisor
+    runs/<run_id>/supervisor.pid  the supervisor's pid and start time, written by its starter
+    runs/<run_id>/stop-request.json  a stop asked for the current attempt (read by its supervisor)
     index.jsonl                   one row per change of a run's listing fields, newest last
     index.lock                    flock serialising index appends and compaction
     governor/                     the machine-wide queue and slots (see admission.py)
@@ -23,6 +25,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator
@@ -37,6 +40,8 @@ log = logging.getLogger(__name__)
 
 # Used with fullmatch: `$` would also match before a final newline, letting "id\n" through.
 RUN_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+# Where `stop` leaves its request, for a supervisor whose pid was not known yet when it came.
+STOP_REQUEST_FILE = "stop-request.json"
 # Compact the index when it holds this many times more lines than runs (plus slack), so listing
 # stays proportional to the number of runs rather than to the number of state changes ever made.
 COMPACT_RATIO = 4
@@ -216,6 +221,51 @@ class Store:
                 folder.rmdir()
             raise
 
+    def remove_run(self, run_id: str, index_since: int) -> None:
+        """Undo the creation of a run that never started: its folder and its index rows (those
+        appended at or after byte `index_since`). Best effort and quiet: it runs while an error is
+        already on its way to the caller, often on a full disk."""
+        shutil.rmtree(self.run_dir(run_id), ignore_errors=True)
+        with contextlib.suppress(StoreError):
+            self.drop_index_rows(run_id, index_since)
+
+    @contextlib.contextmanager
+    def restorable(self, run_id: str) -> Iterator[None]:
+        """Put the run back as it was if the block raises: its record, its history and its index
+        rows. Nothing in the undo needs free space (a hard link kept aside, a truncation, an
+        in-place rewrite that shrinks a file), so it also works when the disk just filled up."""
+        path = self.record_path(run_id)
+        kept = path.with_name(path.name + ".undo")
+        with contextlib.suppress(FileNotFoundError):
+            kept.unlink()  # left by a crash during an earlier resume
+        old: bytes | None = None
+        try:
+            os.link(path, kept)
+        except OSError:
+            try:
+                old = path.read_bytes()  # a file system without hard links: keep the bytes instead
+            except OSError as exc:
+                raise _storage_error("read", path, exc) from None
+        events = self.events_path(run_id)
+        events_size = events.stat().st_size if events.exists() else 0
+        index_since = self.index_size()
+        try:
+            yield
+        except BaseException:
+            with contextlib.suppress(OSError, StoreError):
+                if old is None:
+                    os.replace(kept, path)
+                else:
+                    atomic_write(path, old)
+            with contextlib.suppress(OSError):
+                os.truncate(events, events_size)
+            with contextlib.suppress(StoreError):
+                self.drop_index_rows(run_id, index_since)
+            raise
+        finally:
+            with contextlib.suppress(OSError):
+                kept.unlink()
+
     def read(self, run_id: str) -> RunRecord:
         """The stored record, checked; an invalid one is moved aside and reported (StoreCorrupt),
         one of a newer schema is left alone and reported (StoreError)."""
@@ -336,6 +386,40 @@ class Store:
         with file_lock(self.index_lock):
             append_line(self.index_path, entry)
 
+    def index_size(self) -> int:
+        """The index's length in bytes now; rows appended later start at or after it."""
+        try:
+            return self.index_path.stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def drop_index_rows(self, run_id: str, since: int) -> None:
+        """Remove the rows of `run_id` that start at or after byte `since` (the undo of a failed
+        start). The tail is rewritten in place under the index lock: it only ever shrinks, so it
+        needs no free space; a reader at that instant may skip a torn line, as after any crash."""
+        with file_lock(self.index_lock):
+            try:
+                fd = os.open(self.index_path, os.O_RDWR | os.O_CLOEXEC)
+            except FileNotFoundError:
+                return
+            except OSError as exc:
+                raise _storage_error("rewrite", self.index_path, exc) from None
+            try:
+                size = os.fstat(fd).st_size
+                # Compacted since, or not at a line start: filter the whole file instead.
+                if since > size or (since > 0 and os.pread(fd, 1, since - 1) != b"\n"):
+                    since = 0
+                tail = os.pread(fd, size - since, since)
+                kept = [line for line in tail.split(b"\n") if line.strip() and _row_run_id(line) != run_id]
+                data = b"".join(line + b"\n" for line in kept)
+                if len(data) != len(tail):
+                    os.pwrite(fd, data, since)
+                    os.ftruncate(fd, since + len(data))
+            except OSError as exc:
+                raise _storage_error("rewrite", self.index_path, exc) from None
+            finally:
+                os.close(fd)
+
     def index_rows(self) -> Iterator[dict[str, Any]]:
         """Yield each run's latest index row, scanning the index from its end.
 
@@ -428,6 +512,14 @@ class Store:
                 latest[run_id] = row
             data = "".join(json.dumps({**latest[r], "new": True}, allow_nan=False) + "\n" for r in order)
             atomic_write(self.index_path, data.encode("utf-8"))
+
+
+def _row_run_id(line: bytes) -> object:
+    try:
+        row = json.loads(line)
+    except (ValueError, RecursionError):
+        return None
+    return row.get("run_id") if isinstance(row, dict) else None
 
 
 def _all_lines(path: Path) -> list[bytes]:

@@ -8,8 +8,10 @@ It is the only writer of its run's record while it lives. Stdlib plus psutil onl
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
+import select
 import selectors
 import signal
 import subprocess
@@ -25,13 +27,21 @@ from backprop_mcp.admission import Admission
 from backprop_mcp.config import Settings
 from backprop_mcp.errors import BackpropError, StoreError
 from backprop_mcp.events import LineSplitter, ProgressEvent, is_plain_progress, parse_line
-from backprop_mcp.launch import command, contract_env, gpu_memory_limit_mb, limits_of
+from backprop_mcp.launch import (
+    AWAIT_GO_FLAG,
+    GO,
+    HELD_SIGNALS,
+    command,
+    contract_env,
+    gpu_memory_limit_mb,
+    limits_of,
+)
 from backprop_mcp.models import AttemptSummary, Decision, RunRecord, SystemSnapshot
 from backprop_mcp.outcome import classify, describe
 from backprop_mcp.probes import SystemProbe, make_probe
 from backprop_mcp.progress import Progress
 from backprop_mcp.runlog import RunLog
-from backprop_mcp.store import Store, now_iso
+from backprop_mcp.store import STOP_REQUEST_FILE, Store, now_iso
 
 log = logging.getLogger("backprop_mcp.supervisor")
 
@@ -60,6 +70,9 @@ FINAL_WRITE_SECONDS = 300.0
 FINAL_WRITE_RETRY_SECONDS = 2.0
 # Bad event lines noted in the supervisor log and the history (the rest are only counted).
 MAX_BAD_LINES_LOGGED = 20
+# How long a new supervisor waits for its starter's go: the starter writes a few small files in
+# between, so a minute means it hung or died; the pid file then decides (see `_await_go`).
+GO_WAIT_SECONDS = 60.0
 
 
 class Supervisor:
@@ -83,6 +96,8 @@ class Supervisor:
         self.selector = selectors.DefaultSelector()
         self.wake_r, self.wake_w = os.pipe()
         self.stop_reason: str | None = None  # stop_requested, deadline, wall_clock_cap, gpu_memory_limit
+        self.stop_acted = False  # the stop signal (or a kill) was sent while the script still ran
+        self.box_used: float | None = None  # share of the time box (wall clock) when the script exited
         self.kill_now = False
         self.dirty = False
         self.store_failing = False
@@ -92,6 +107,9 @@ class Supervisor:
         self.output: RunLog | None = None
         self.started_epoch = 0.0
         self.cpu_watch: dict[int, psutil.Process] = {}
+        # The latest error of the run queue itself (a full disk, a lock path that is not a file),
+        # until an operation succeeds again: the queue timeout counts through errors as through waits.
+        self.queue_error: str | None = None
 
     # -- signals ----------------------------------------------------------------------------------
 
@@ -106,6 +124,20 @@ class Supervisor:
         # A handler (not SIG_DFL) so that SIGCHLD wakes the select loop through the wakeup fd.
         signal.signal(signal.SIGCHLD, lambda *_: None)
         self.selector.register(self.wake_r, selectors.EVENT_READ, "wake")
+        # Started with these blocked (launch.HELD_SIGNALS): a stop sent before this point was kept
+        # pending, and is handled now instead of having killed a supervisor without handlers.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_SIGNALS)
+
+    def _read_stop_request(self) -> None:
+        """Honour a stop that `stop` left in the run folder before this supervisor's pid was known."""
+        path = self.store.run_dir(self.run_id) / STOP_REQUEST_FILE
+        try:
+            request = json.loads(path.read_text("utf-8"))
+        except (OSError, ValueError):
+            return
+        if isinstance(request, dict) and request.get("attempt") == self.record["attempt"]:
+            self.stop_reason = self.stop_reason or "stop_requested"
+            self.kill_now = self.kill_now or request.get("force") is True
 
     def _on_stop(self, signum: int, frame: object) -> None:
         if self.stop_reason is None:
@@ -175,16 +207,17 @@ class Supervisor:
     def queue(self) -> Decision | None:
         """Wait for admission; returns the decision, or None when the run must not start."""
         me = psutil.Process()
-        self._join(me)
         timeout = self.settings.queue_timeout_minutes * 60
         began = time.monotonic()
+        self._join(me)
         snapshot: SystemSnapshot | None = None
         taken = 0.0
-        shown: tuple[int | None, tuple[str, ...]] | None = None
+        shown: tuple[int | None, tuple[str, ...], str | None] | None = None
         promise = self.limits["gpu_min_free_vram_mb"]
+        reasons: tuple[str, ...] = ()
         while True:
             if self.stop_reason:
-                self.admission.release(self.run_id)
+                self._release()
                 self.finish_without_start("stopped", "stop_requested", "stopped while queued")
                 return None
             if snapshot is None or time.monotonic() - taken > QUEUE_SNAPSHOT_MAX_AGE:
@@ -194,48 +227,67 @@ class Supervisor:
             def decide(active: list[Any], snap: SystemSnapshot = current) -> Decision:
                 return governor.evaluate(snap, self.limits, active, now=time.time())
 
+            position: int | None = None
             try:
                 admitted, decision, position = self.admission.try_admit(
                     self.run_id, decide, vram_promise_mb=promise
                 )
             except (OSError, StoreError) as exc:
                 # A full disk or a lock timeout must not kill a queued run: wait and try again.
-                log.warning("run %s: admission failed (%s); retrying", self.run_id, exc)
-                self._wait(QUEUE_RETRY_SECONDS)
-                continue
-            if admitted:
-                # None: this run already held a slot (a retry after admission); decide again for the GPU.
-                return decision or governor.evaluate(current, self.limits, [], now=time.time())
-            if decision is None and position is None:
-                if not self._join(me):  # our ticket was lost: rejoin
-                    self._wait(QUEUE_RETRY_SECONDS)
-                continue
-            reasons = tuple(decision["reasons"]) if decision else ()
-            if decision is not None and not self.settings.queue:
-                self.admission.release(self.run_id)
-                self.finish_without_start("rejected", "rejected", "; ".join(reasons))
-                return None
-            if (position, reasons) != shown:
-                shown = (position, reasons)
+                self._queue_failed(exc)
+            else:
+                self.queue_error = None
+                if admitted:
+                    # None: this run already held a slot (a retry after admission); decide again for the GPU.
+                    return decision or governor.evaluate(current, self.limits, [], now=time.time())
+                if decision is None and position is None:
+                    self._join(me)  # our ticket was lost: rejoin
+                reasons = tuple(decision["reasons"]) if decision else ()
+                if decision is not None and not self.settings.queue:
+                    self._release()
+                    self.finish_without_start("rejected", "rejected", "; ".join(reasons))
+                    return None
+            if (position, reasons, self.queue_error) != shown:
+                shown = (position, reasons, self.queue_error)
                 self.record["queue_position"] = position
                 ahead = f"position {position} in the queue" if position else "in the queue"
-                detail = f"{ahead}: {'; '.join(reasons)}" if reasons else ahead
-                self.record["status_detail"] = detail
+                holds = [f"the run queue cannot be used: {self.queue_error}"] if self.queue_error else []
+                holds += reasons
+                self.record["status_detail"] = f"{ahead}: {'; '.join(holds)}" if holds else ahead
                 self.write()
             if time.monotonic() - began >= timeout:
-                self.admission.release(self.run_id)
-                why = "; ".join(reasons) or "other runs ahead"
-                self.finish_without_start(
-                    "rejected", "queue_timeout", f"waited {timeout / 60:g} min in the queue: {why}"
-                )
+                self._release()
+                waited = f"waited {timeout / 60:g} min in the queue"
+                if self.queue_error:
+                    detail = f"{waited}; the run queue could not be used: {self.queue_error}"
+                    self.finish_without_start("failed", "queue_error", detail)
+                else:
+                    why = "; ".join(reasons) or "other runs ahead"
+                    self.finish_without_start("rejected", "queue_timeout", f"{waited}: {why}")
                 return None
-            self._wait(QUEUE_POLL_SECONDS)
+            pause = QUEUE_RETRY_SECONDS if self.queue_error else QUEUE_POLL_SECONDS
+            self._wait(min(pause, max(timeout - (time.monotonic() - began), 0.0)))
+
+    def _queue_failed(self, exc: Exception) -> None:
+        text = exc.message if isinstance(exc, BackpropError) else str(exc)
+        if text != self.queue_error:  # once per distinct error, not once per retry
+            log.warning("run %s: the run queue cannot be used (%s); retrying", self.run_id, text)
+        self.queue_error = text
+
+    def _release(self) -> None:
+        """Give back this run's ticket or slot. A queue that cannot be used must not crash the
+        supervisor here: the outcome still gets recorded, and the dead process's ticket or slot
+        is dropped by the next admission that can read the queue."""
+        try:
+            self.admission.release(self.run_id)
+        except (OSError, StoreError) as exc:
+            log.warning("run %s: could not release its place in the run queue (%s)", self.run_id, exc)
 
     def _join(self, me: psutil.Process) -> bool:
         try:
             self.admission.join(self.run_id, me.pid, me.create_time())
         except (OSError, StoreError) as exc:
-            log.warning("run %s: cannot join the queue (%s); retrying", self.run_id, exc)
+            self._queue_failed(exc)
             return False
         return True
 
@@ -251,6 +303,10 @@ class Supervisor:
 
     def start(self, decision: Decision) -> bool:
         record = self.record
+        if self.stop_reason:  # a stop between admission and here: the script never starts
+            self._release()
+            self.finish_without_start("stopped", "stop_requested", "stopped before the script started")
+            return False
         record["gpu"] = decision["gpu"] if self.limits["use_gpu"] else None
         started = time.time()
         deadline = started + record["max_run_minutes"] * 60
@@ -274,7 +330,7 @@ class Supervisor:
                 close_fds=True,
             )
         except OSError as exc:
-            self.admission.release(self.run_id)
+            self._release()
             self.finish_without_start("failed", "start_failed", f"could not {action}: {exc.strerror or exc}")
             return False
         record["script_pid"] = self.proc.pid
@@ -311,6 +367,7 @@ class Supervisor:
             running_for = now - began - paused_total - ((now - paused_at) if paused_at else 0.0)
             if exited_at is None and proc.poll() is not None:
                 exited_at = now
+                self.box_used = (time.time() - self.started_epoch) / box if box > 0 else None
                 self._end_leftovers()
             if exited_at is not None:
                 if now - exited_at > PIPE_DRAIN_SECONDS:
@@ -321,6 +378,8 @@ class Supervisor:
                 elif now - began >= wall_cap:
                     self.stop_reason = "wall_clock_cap"
             if exited_at is None and self.stop_reason is not None:
+                # Acted on while the script still ran: only then does our reason name the outcome.
+                self.stop_acted = True
                 if paused_at is not None:
                     self._signal_tree(signal.SIGCONT)  # a stopped process cannot handle SIGINT
                     paused_total += now - paused_at
@@ -367,6 +426,8 @@ class Supervisor:
         if proc.poll() is None:
             self._signal_tree(signal.SIGKILL)
         proc.wait()
+        if self.box_used is None and box > 0:  # its pipes closed before the loop saw it exit
+            self.box_used = (time.time() - self.started_epoch) / box
         self._end_leftovers()
 
     def _next_timeout(
@@ -538,7 +599,8 @@ class Supervisor:
         code = proc.returncode
         record["ended_at"] = now_iso()
         record["eta_seconds"] = None
-        outcome = classify(self.stop_reason, code)
+        # A stop (or deadline) that came after the script had exited on its own changed nothing.
+        outcome = classify(self.stop_reason if self.stop_acted else None, code, box_used=self.box_used)
         record["exit_code"], record["signal"] = outcome.exit_code, outcome.signal
         record["termination_reason"] = outcome.reason
         self._close_attempt(outcome.status)
@@ -549,7 +611,7 @@ class Supervisor:
             exit_code=outcome.exit_code,
             signal=outcome.signal,
         )
-        self.admission.release(self.run_id)
+        self._release()
         self.store.maybe_compact()
 
     def _close_attempt(self, status: str) -> None:
@@ -582,6 +644,9 @@ class Supervisor:
         self.record["supervisor_pid"] = me.pid
         self.record["supervisor_started"] = me.create_time()
         self.write(index=True)
+        # After this supervisor's pid is known (record or pid file): a stop from then on arrives
+        # as a signal, and one from before left this file (see `Service.stop`).
+        self._read_stop_request()
         decision = self.queue()
         if decision is None or not self.start(decision) or self.proc is None or self.output is None:
             return 0
@@ -604,13 +669,46 @@ def _sample_interval() -> float:
     return value if 0.05 <= value <= 3600 else governor.SAMPLE_INTERVAL_SECONDS
 
 
+def _await_go(store: Store, run_id: str) -> bool:
+    """Wait for the starter's go on stdin (see `launch.spawn_supervisor`): True to go on.
+
+    Without the go (the starter rolled the start back, or died), go on only if the starter had
+    finished its part: the pid file it writes last names this process. Otherwise the run folder
+    is being removed, or nobody will ever look at this attempt, and it must leave no trace.
+    """
+    got = b""
+    deadline = time.monotonic() + GO_WAIT_SECONDS
+    while len(got) < len(GO):
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([0], [], [], left)[0]:
+            break
+        chunk = os.read(0, len(GO) - len(got))
+        if not chunk:
+            break
+        got += chunk
+    # The script gets /dev/null as stdin anyway; fd 0 must not stay a pipe to the starter.
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    if got == GO:
+        return True
+    try:
+        info = json.loads((store.run_dir(run_id) / "supervisor.pid").read_text("utf-8"))
+        return bool(info["pid"] == os.getpid())
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    if len(args) != 2:
-        print("usage: python -m backprop_mcp.supervisor HOME RUN_ID", file=sys.stderr)
+    await_go = args[2:] == [AWAIT_GO_FLAG]
+    if len(args) != 2 and not await_go:
+        print(f"usage: python -m backprop_mcp.supervisor HOME RUN_ID [{AWAIT_GO_FLAG}]", file=sys.stderr)
         return 2
     home, run_id = Path(args[0]), args[1]
+    if await_go and not _await_go(Store(home), run_id):
+        return 0
     proctree.become_subreaper()
     try:
         return Supervisor(Store(home), run_id).run()

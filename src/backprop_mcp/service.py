@@ -79,6 +79,10 @@ _CURSOR_RE = re.compile(r"[0-9]{1,18}")
 MAX_LOG_TAIL = 10_000
 # Log lines returned are cut to this many characters: a tail must stay bounded in size.
 MAX_LOG_LINE_CHARS = 2000
+# `stop --force` waits this long for a supervisor (continued if it was stopped) to kill its run
+# before killing the run itself: a responsive supervisor does it in well under a second.
+FORCE_STOP_WAIT_SECONDS = 5.0
+FORCE_STOP_POLL_SECONDS = 0.05
 
 
 class RunRequest(NamedTuple):
@@ -494,23 +498,46 @@ class Service:
             return None
 
     def _supervised(self, record: RunRecord) -> bool:
+        """True while the run's supervisor lives and can still end the run in time: a supervisor
+        stopped (SIGSTOP) or hung past the run's end is treated like a dead one."""
         supervisor = self._supervisor(record)
         if supervisor is None:
             return _age(record["updated_at"]) < LAUNCH_GRACE_SECONDS
-        return proctree.is_alive(*supervisor)
+        return proctree.is_alive(*supervisor) and self._wedged(record, supervisor) is None
 
-    def _mark_lost(self, record: RunRecord) -> None:
-        killed = proctree.kill_leftovers(record["run_id"], record["script_pid"])
-        Admission(self.store.governor_dir).release(record["run_id"])
-        record["status"], record["termination_reason"] = "lost", "supervisor_lost"
-        record["status_detail"] = "its supervisor process died" + (
-            f"; {killed} process(es) it left were killed" if killed else ""
-        )
+    def _ledger(self, record: RunRecord) -> Path:
+        return proctree.ledger_path(self.store.run_dir(record["run_id"]), record["attempt"])
+
+    def _wedged(self, record: RunRecord, supervisor: tuple[int, float | None]) -> str | None:
+        must_end_by = proctree.read_ledger(self._ledger(record)).must_end_by
+        return proctree.wedged(*supervisor, must_end_by, time.time())
+
+    def _mark_lost(
+        self, record: RunRecord, *, status: str = "lost", reason: str = "supervisor_lost", why: str = ""
+    ) -> None:
+        """End a run whose supervisor is gone (or wedged, or unable to act on a forced stop): kill
+        the supervisor if it still lives, then every process of the run, and record the end."""
+        supervisor = self._supervisor(record)
+        wedged = self._wedged(record, supervisor) if supervisor else None
+        # A cleanup by another process (a queued supervisor) may have killed it already.
+        wedged = wedged or proctree.read_ledger(self._ledger(record)).wedged
+        if not why:
+            why = (
+                f"its supervisor was {wedged} past the run's end and was killed"
+                if wedged
+                else "its supervisor process died"
+            )
+        killed, left = proctree.end_run(self._ledger(record), supervisor=supervisor, wedged=wedged)
+        if supervisor is not None and not left:
+            Admission(self.store.governor_dir).release(record["run_id"], supervisor)
+        record["status"], record["termination_reason"] = status, reason
+        detail = why + (f"; {killed} process(es) of the run were killed" if killed else "")
+        record["status_detail"] = detail + (f"; {left} process(es) could not be killed" if left else "")
         record["ended_at"] = now_iso()
         record["attempts"][-1].update(
             {
-                "status": "lost",
-                "termination_reason": "supervisor_lost",
+                "status": status,
+                "termination_reason": reason,
                 "ended_at": record["ended_at"],
                 "step": record["step"],
                 "loss": record["loss"],
@@ -518,7 +545,7 @@ class Service:
         )
         self.store.write(record)
         self.store.append_event(
-            record["run_id"], {"type": "state", "status": "lost", "detail": record["status_detail"]}
+            record["run_id"], {"type": "state", "status": status, "detail": record["status_detail"]}
         )
 
     def system_status(
@@ -627,11 +654,23 @@ class Service:
         if supervisor is None and not requested:
             raise RunStateError(f"run {run_id} is still launching; try again in a moment")
         if supervisor is not None and proctree.is_alive(*supervisor):
+            # A supervisor stopped by its own script (SIGSTOP) cannot act on the signal: continue it.
+            proctree.resume_if_stopped(*supervisor)
             # Gone in between: it ended on its own, and the record says how.
             with contextlib.suppress(ProcessLookupError):
                 os.kill(supervisor[0], signal.SIGUSR1 if force else signal.SIGTERM)
         with contextlib.suppress(StoreError):  # the stop is on its way; a full disk loses only this note
             self.store.append_event(run_id, {"type": "stop_requested", "force": force})
+        if force and supervisor is not None and not self._ended_by_supervisor(run_id, supervisor):
+            with self.store.run_lock(run_id):
+                record = self.store.read(run_id)
+                if record["status"] in ACTIVE_STATES:
+                    self._mark_lost(
+                        record,
+                        status="stopped",
+                        reason="stop_requested",
+                        why="killed by a forced stop: its supervisor did not act on it",
+                    )
         return self.get(run_id)
 
     def _request_stop(self, record: RunRecord, force: bool) -> bool:
@@ -642,6 +681,18 @@ class Service:
         except StoreError:
             return False
         return True
+
+    def _ended_by_supervisor(self, run_id: str, supervisor: tuple[int, float | None]) -> bool:
+        """Wait (bounded) for a forcibly stopped run's supervisor to end it; False when it did
+        not (it was stopped again, or hangs)."""
+        deadline = time.monotonic() + FORCE_STOP_WAIT_SECONDS
+        while time.monotonic() < deadline:
+            if self.store.read(run_id)["status"] not in ACTIVE_STATES:
+                return True
+            if not proctree.is_alive(*supervisor):
+                return True  # it died: the lost cleanup of the next read ends the run
+            time.sleep(FORCE_STOP_POLL_SECONDS)
+        return False
 
     def logs(self, run_id: str, *, tail: int = 100, attempt: int | None = None) -> LogTail:
         """The last lines of a run's log (bounded)."""

@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import os
+import secrets
 import select
 import selectors
 import signal
@@ -73,6 +74,13 @@ MAX_BAD_LINES_LOGGED = 20
 # How long a new supervisor waits for its starter's go: the starter writes a few small files in
 # between, so a minute means it hung or died; the pid file then decides (see `_await_go`).
 GO_WAIT_SECONDS = 60.0
+# While output arrives, the ledger of the run's processes is refreshed at most this often: a
+# process the script starts is usually recorded before it could kill its supervisor, at the cost
+# of one scan of the process table per interval.
+LEDGER_INTERVAL_SECONDS = 0.25
+# A running supervisor looks at the other runs' slots at each sample (a dead or wedged supervisor's
+# run is ended then), waiting at most this long for the queue lock so its own run never stalls.
+PRUNE_LOCK_SECONDS = 0.05
 
 
 class Supervisor:
@@ -110,6 +118,15 @@ class Supervisor:
         # The latest error of the run queue itself (a full disk, a lock path that is not a file),
         # until an operation succeeds again: the queue timeout counts through errors as through waits.
         self.queue_error: str | None = None
+        me = psutil.Process()
+        self.owner = (me.pid, me.create_time())
+        # Unique to this attempt of this run of this store: how a later cleanup tells the run's
+        # processes from any other (another store may run a script under the same run id).
+        self.token = secrets.token_hex(16)
+        self.ledger_file = proctree.ledger_path(store.run_dir(run_id), self.record["attempt"])
+        self.ledger = proctree.Ledger(token=self.token, supervisor=self.owner)
+        self.ledger_at = 0.0
+        self.leftovers_ended = 0
 
     # -- signals ----------------------------------------------------------------------------------
 
@@ -230,7 +247,12 @@ class Supervisor:
             position: int | None = None
             try:
                 admitted, decision, position = self.admission.try_admit(
-                    self.run_id, decide, vram_promise_mb=promise
+                    self.run_id,
+                    decide,
+                    vram_promise_mb=promise,
+                    owner=self.owner,
+                    token=self.token,
+                    ledger=str(self.ledger_file),
                 )
             except (OSError, StoreError) as exc:
                 # A full disk or a lock timeout must not kill a queued run: wait and try again.
@@ -279,13 +301,13 @@ class Supervisor:
         supervisor here: the outcome still gets recorded, and the dead process's ticket or slot
         is dropped by the next admission that can read the queue."""
         try:
-            self.admission.release(self.run_id)
+            self.admission.release(self.run_id, self.owner)
         except (OSError, StoreError) as exc:
             log.warning("run %s: could not release its place in the run queue (%s)", self.run_id, exc)
 
     def _join(self, me: psutil.Process) -> bool:
         try:
-            self.admission.join(self.run_id, me.pid, me.create_time())
+            self.admission.join(self.run_id, *self.owner)
         except (OSError, StoreError) as exc:
             self._queue_failed(exc)
             return False
@@ -312,6 +334,13 @@ class Supervisor:
         deadline = started + record["max_run_minutes"] * 60
         env = dict(os.environ)
         env.update(contract_env(record, self.store.run_dir(self.run_id), deadline))
+        env[proctree.TOKEN_ENV] = self.token
+        # The ledger exists before the script does: a supervisor killed at any moment after this
+        # leaves the token and the run's end for the cleanup.
+        self.ledger = self.ledger._replace(
+            must_end_by=self._must_end_by(started, paused=False, paused_total=0.0)
+        )
+        proctree.write_ledger(self.ledger_file, self.ledger)
         record["cuda_visible_devices"] = (
             env.get("CUDA_VISIBLE_DEVICES") if record["gpu"] or not self.limits["use_gpu"] else None
         )
@@ -335,6 +364,10 @@ class Supervisor:
             return False
         record["script_pid"] = self.proc.pid
         self.started_epoch = started
+        script_started = proctree.start_time(self.proc.pid)
+        if script_started is not None:
+            self.ledger = self.ledger._replace(script=(self.proc.pid, script_started))
+            proctree.write_ledger(self.ledger_file, self.ledger)
         record["started_at"] = now_iso(started)
         record["deadline"] = now_iso(deadline)
         record["queue_position"] = None
@@ -404,6 +437,8 @@ class Supervisor:
             if exited_at is None and self.stop_reason is None and now >= next_sample:
                 next_sample = now + self.sample_interval
                 paused_at, paused_total = self._sample(own, paused_at, paused_total, limit_mb, now)
+                self._update_ledger(paused=paused_at is not None, paused_total=paused_total)
+                self._prune_others()
             if self.dirty and now - self.last_write >= RECORD_INTERVAL_SECONDS:
                 self.write()
             timeout = self._next_timeout(now, running_for, box, next_sample, stop_sent, term_sent, exited_at)
@@ -413,6 +448,8 @@ class Supervisor:
                     self._read(key.fd, key.data, splitter, streams, output)
                     got_output = True
             if got_output:
+                if now - self.ledger_at >= LEDGER_INTERVAL_SECONDS:
+                    self._update_ledger()
                 # Let a chatty script fill the pipe a little: fewer, larger reads cost far less
                 # CPU per line than waking for every few lines.
                 time.sleep(OUTPUT_BATCH_SECONDS)
@@ -518,29 +555,69 @@ class Supervisor:
         return proctree.descendants(os.getpid())
 
     def _signal_tree(self, sig: int) -> None:
-        if self.proc is not None:
+        # The group by its leader's pid only while the script is unreaped: then that pid is surely
+        # still the script's (a reaped leader's number can be reused).
+        if self.proc is not None and self.proc.returncode is None:
             proctree.signal_group(self.proc.pid, sig)
         proctree.signal_all(self._tree(), sig)
 
     def _end_leftovers(self) -> None:
-        """After the script exits, end what it left behind: SIGTERM, a short grace, SIGKILL."""
+        """After the script exits, end what it left behind: SIGTERM, a short grace, then SIGSTOP
+        and SIGKILL until none is left (`proctree.end_all`), forkers and setsid daemons included."""
         left = [p for p in self._tree() if self.proc is None or p.pid != self.proc.pid]
-        if not left:
-            return
-        proctree.signal_all(left, signal.SIGCONT)
-        proctree.signal_all(left, signal.SIGTERM)
-        _, alive = psutil.wait_procs(left, timeout=LEFTOVER_GRACE_SECONDS)
-        proctree.signal_all(alive, signal.SIGKILL)
-        psutil.wait_procs(alive, timeout=proctree.KILL_WAIT_SECONDS)
+        found = {key for key in map(proctree.identity, left) if key is not None}
+        if left:
+            proctree.signal_all(left, signal.SIGCONT)
+            proctree.signal_all(left, signal.SIGTERM)
+            psutil.wait_procs(left, timeout=LEFTOVER_GRACE_SECONDS)
+            self._reap()
+        # As the subreaper, every process the script left is below us, setsid or not; the token
+        # finds any that a nested subreaper or a dead middleman detached from our tree.
+        targets = proctree.Targets(below=(os.getpid(),), token=self.token)
+        killed, _ = proctree.end_all(targets, reap=self._reap)
+        self.leftovers_ended += len(killed | found)
         self._reap()
 
     def _reap(self) -> None:
         # As a subreaper we inherit orphans; collect their exit status so none stays a zombie.
+        if self.proc is None or self.proc.returncode is not None:
+            # The script is reaped, so every child left is an orphan: one call per zombie.
+            with contextlib.suppress(ChildProcessError, OSError):
+                while os.waitpid(-1, os.WNOHANG)[0] > 0:
+                    pass
+            return
         for child in proctree.descendants(os.getpid()):
             if self.proc is not None and child.pid == self.proc.pid:
                 continue
             with contextlib.suppress(ChildProcessError, OSError):
                 os.waitpid(child.pid, os.WNOHANG)
+
+    def _must_end_by(self, started: float, *, paused: bool, paused_total: float) -> float:
+        """When every process must be gone: the deadline (moved by the time paused so far; while
+        paused, only the wall-clock cap bounds it), plus the grace and the SIGTERM courtesy."""
+        wall_end = started + self.settings.wall_minutes * 60
+        box_end = started + self.record["max_run_minutes"] * 60 + paused_total
+        end = wall_end if paused else min(box_end, wall_end)
+        return end + self.settings.grace_seconds + TERM_GRACE_SECONDS
+
+    def _update_ledger(self, *, paused: bool | None = None, paused_total: float = 0.0) -> None:
+        """Record the run's living processes (pid and start time) for a cleanup after our death,
+        and, when given, the end that pausing moved."""
+        self.ledger_at = time.monotonic()
+        members = tuple(sorted(key for key in map(proctree.identity, self._tree()) if key is not None))
+        ledger = self.ledger._replace(members=members)
+        if paused is not None:
+            must_end_by = self._must_end_by(self.started_epoch, paused=paused, paused_total=paused_total)
+            ledger = ledger._replace(must_end_by=must_end_by)
+        if ledger != self.ledger:
+            self.ledger = ledger
+            proctree.write_ledger(self.ledger_file, ledger)
+
+    def _prune_others(self) -> None:
+        # Any backprop process that lives must notice a dead or wedged supervisor: queued ones
+        # do at each poll, running ones here, without waiting long for the lock.
+        with contextlib.suppress(OSError, StoreError):
+            self.admission.prune(timeout=PRUNE_LOCK_SECONDS)
 
     def _sample(
         self,
@@ -604,14 +681,20 @@ class Supervisor:
         record["exit_code"], record["signal"] = outcome.exit_code, outcome.signal
         record["termination_reason"] = outcome.reason
         self._close_attempt(outcome.status)
+        # Released before the final state is written: whoever sees the run ended (and resumes
+        # it) finds its slot free, and this release can only ever remove this attempt's slot.
+        self._release()
+        detail = describe(outcome, record["status_detail"])
+        if self.leftovers_ended:
+            detail += f"; {self.leftovers_ended} process(es) it left behind were killed"
         self.set_state(
             outcome.status,
-            describe(outcome, record["status_detail"]),
+            detail,
             reason=outcome.reason,
             exit_code=outcome.exit_code,
             signal=outcome.signal,
+            leftovers_killed=self.leftovers_ended,
         )
-        self._release()
         self.store.maybe_compact()
 
     def _close_attempt(self, status: str) -> None:

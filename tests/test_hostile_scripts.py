@@ -74,6 +74,24 @@ def test_a_script_that_closes_stdout_early_keeps_being_supervised_until_its_dead
     assert_nothing_survives(run_id)
 
 
+def test_a_script_that_closes_stdout_and_stderr_runs_on_and_completes_on_its_own(service: Service) -> None:
+    run_id = start(service, "closes_both_pipes_and_keeps_working.py")
+    run_dir = service.store.run_dir(run_id)
+    wait_until((run_dir / "pipes-closed").exists, what="the script to close its pipes")
+    # Both pipes are at EOF now; the supervision must go on until the script itself ends.
+    script_pid = wait_until(lambda: service.get(run_id)["script_pid"], what="the script's pid")
+    assert alive(script_pid), "the script was killed when it closed its pipes"
+    assert service.get(run_id)["status"] == "running"
+    (run_dir / "finish").write_text("now", encoding="utf-8")
+    record = wait_for_end(service, run_id)
+    assert (record["status"], record["termination_reason"], record["exit_code"]) == (
+        "completed",
+        "exit_zero",
+        0,
+    )
+    assert_nothing_survives(run_id)
+
+
 def test_a_50_mb_line_without_newline_is_logged_and_skipped_in_bounded_memory(service: Service) -> None:
     run_id = start(service, "prints_50mb_line.py")
     supervisor = psutil.Process(supervisor_pid(service, run_id))

@@ -395,13 +395,17 @@ class Supervisor:
         limit_mb = gpu_memory_limit_mb(self.options.get("gpu_memory_limit"), self.record["gpu"])
         own = psutil.Process()
         own.cpu_percent(None)
-        while streams:
+        # Until the script exits, not until its pipes close: a script may close both (as one that
+        # sends its output elsewhere does) and work on; it is supervised all the same.
+        while streams or exited_at is None:
             now = time.monotonic()
             running_for = now - began - paused_total - ((now - paused_at) if paused_at else 0.0)
             if exited_at is None and proc.poll() is not None:
                 exited_at = now
                 self.box_used = (time.time() - self.started_epoch) / box if box > 0 else None
                 self._end_leftovers()
+                if not streams:
+                    break
             if exited_at is not None:
                 if now - exited_at > PIPE_DRAIN_SECONDS:
                     break  # a process we could not kill still holds the pipes

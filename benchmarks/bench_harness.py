@@ -21,9 +21,9 @@ from typing import TypeVar
 
 import psutil
 
-from backprop_mcp.models import TERMINAL_STATES, RunRecord, row_of
-from backprop_mcp.service import RunRequest, Service
-from backprop_mcp.store import Store, now_iso
+from backprop_mcp.core.models import TERMINAL_STATES, RunRecord, row_of
+from backprop_mcp.core.store import Store, now_iso
+from backprop_mcp.runs.service import RunRequest, Service
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 PYTHON = sys.executable

@@ -17,7 +17,7 @@ from typing import Any
 import anyio
 from bench_harness import BIN, PYTHON, WAIT_SECONDS, BenchError, Plan, Row, Workspace, check, median, ms, plus
 
-from backprop_mcp.service import Service
+from backprop_mcp.runs.service import Service
 
 TOOL_SLACK_S = 0.005
 SPAWN_RATIO_TARGET = 1.1
@@ -41,9 +41,9 @@ NOT_YET = "not measured yet"
 
 
 def _tools_module() -> Any | None:
-    if importlib.util.find_spec("backprop_mcp.mcp_tools") is None:
+    if importlib.util.find_spec("backprop_mcp.mcp_server.tools") is None:
         return None
-    return importlib.import_module("backprop_mcp.mcp_tools")
+    return importlib.import_module("backprop_mcp.mcp_server.tools")
 
 
 def _missing_rows(why: str, store_runs: int) -> list[Row]:
@@ -94,7 +94,7 @@ def _in_process(ws: Workspace, tools: Any, home: str, run_id: str, calls: int) -
     from mcp import Client
     from mcp.server.mcpserver import MCPServer
 
-    from backprop_mcp.mcp_server import Roots
+    from backprop_mcp.mcp_server.roots import Roots
 
     env = ws.env(home)
     service = Service(Path(env["BACKPROP_HOME"]), env=env, cwd=ws.work)
@@ -172,7 +172,9 @@ def spawn_to_initialize(argv: Sequence[str], env: Mapping[str, str], cwd: Path) 
 def measure_mcp(ws: Workspace, plan: Plan, home: str, store_runs: int, run_id: str) -> list[Row]:
     tools = _tools_module()
     if tools is None:
-        return _missing_rows("backprop_mcp.mcp_tools does not exist yet; the harness is ready", store_runs)
+        return _missing_rows(
+            "backprop_mcp.mcp_server.tools does not exist yet; the harness is ready", store_runs
+        )
     tool = _in_process(ws, tools, home, run_id, plan.mcp_calls)
     target = f"<= floor + {ms(TOOL_SLACK_S)}"
     rows = []

@@ -39,10 +39,11 @@ from bench_harness import (
     wall,
 )
 
-from backprop_mcp import governor, supervisor
-from backprop_mcp.models import RunRecord
-from backprop_mcp.service import Service
-from backprop_mcp.store import Store
+from backprop_mcp.core.models import RunRecord
+from backprop_mcp.core.store import Store
+from backprop_mcp.governor import decisions
+from backprop_mcp.runs import supervisor
+from backprop_mcp.runs.service import Service
 
 LAUNCH_TARGET_S = 0.150
 INGEST_RATIO_TARGET = 1.5
@@ -328,7 +329,7 @@ def measure_pause(ws: Workspace, plan: Plan) -> list[Row]:
     run_id = record["run_id"]
     pid = script_pid(service, run_id)
     first_line(service.store.log_path(run_id, 1))
-    interval = governor.SAMPLE_INTERVAL_SECONDS
+    interval = decisions.SAMPLE_INTERVAL_SECONDS
     rng = random.Random(6)
     reactions = []
     for _ in range(plan.pause_cycles):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from hypothesis import settings
 
-from backprop_mcp.service import Service
+from backprop_mcp.runs.service import Service
 from tests.helpers import isolated_env
 
 # In CI, property tests run the same examples every time, so a build never fails by luck; on a

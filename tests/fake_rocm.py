@@ -18,7 +18,7 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from backprop_mcp.rocm import ROCM_SMI_QUERY
+from backprop_mcp.governor.rocm import ROCM_SMI_QUERY
 
 _SCRIPT = """#!{python}
 # Fake rocm-smi written by tests/fake_rocm.py.

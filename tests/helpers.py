@@ -13,8 +13,8 @@ from typing import Any, TypeVar
 
 import psutil
 
-from backprop_mcp.models import TERMINAL_STATES, RunRecord
-from backprop_mcp.service import Service
+from backprop_mcp.core.models import TERMINAL_STATES, RunRecord
+from backprop_mcp.runs.service import Service
 
 FIXTURES = Path(__file__).parent / "fixtures"
 # Every wait in the tests is bounded by this; it is generous because CI machines are slow.

@@ -19,11 +19,11 @@ import psutil
 import pytest
 
 import backprop_mcp
-from backprop_mcp.admission import Admission
-from backprop_mcp.errors import StoreError
-from backprop_mcp.governor import default_limits, evaluate
-from backprop_mcp.models import ActiveRun, Decision, GpuInfo
-from backprop_mcp.static_probe import static_snapshot_from_json
+from backprop_mcp.core.errors import StoreError
+from backprop_mcp.core.models import ActiveRun, Decision, GpuInfo
+from backprop_mcp.governor.admission import Admission
+from backprop_mcp.governor.decisions import default_limits, evaluate
+from backprop_mcp.governor.static_probe import static_snapshot_from_json
 
 # Bounds every wait for a line from a child; generous because a loaded CI machine is slow to
 # start sixteen interpreters, and a correct run never comes near it.
@@ -37,9 +37,9 @@ WORKER = r"""
 import fcntl, json, sys, time
 from pathlib import Path
 import psutil
-from backprop_mcp.admission import Admission
-from backprop_mcp.governor import default_limits, evaluate
-from backprop_mcp.static_probe import static_snapshot_from_json
+from backprop_mcp.governor.admission import Admission
+from backprop_mcp.governor.decisions import default_limits, evaluate
+from backprop_mcp.governor.static_probe import static_snapshot_from_json
 
 root, witness, run_id = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 admission = Admission(root)

@@ -14,9 +14,9 @@ import anyio
 import pytest
 from mcp import Client
 
-from backprop_mcp.mcp_server import Roots
-from backprop_mcp.mcp_tools import build_server
-from backprop_mcp.service import Service
+from backprop_mcp.mcp_server.roots import Roots
+from backprop_mcp.mcp_server.tools import build_server
+from backprop_mcp.runs.service import Service
 from tests.helpers import FIXTURES, cli, cli_json, isolated_env, wait_for_end
 
 # Bounds the MCP session: runs start slowly on a loaded 2-core machine.

@@ -16,10 +16,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from backprop_mcp import cli as cli_module
-from backprop_mcp.config import FIELDS, Field
-from backprop_mcp.events import LineSplitter, Oversized, parse_line
-from backprop_mcp.models import SCHEMA_VERSION, RunRecord
-from backprop_mcp.progress import Progress
+from backprop_mcp.core.config import FIELDS, Field
+from backprop_mcp.core.models import SCHEMA_VERSION, RunRecord
+from backprop_mcp.runs.events import LineSplitter, Oversized, parse_line
+from backprop_mcp.runs.progress import Progress
 from tests.helpers import FIXTURES, isolated_env
 
 SCRIPT = str(FIXTURES / "counts_and_exits.py")

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from backprop_mcp.models import TERMINAL_STATES
-from backprop_mcp.service import Service
+from backprop_mcp.core.models import TERMINAL_STATES
+from backprop_mcp.runs.service import Service
 from tests.fault_helpers import assert_nothing_survives, assert_store_files_valid, strict_json
 from tests.helpers import FIXTURES, cli, cli_json, wait_for_end
 
@@ -160,8 +160,8 @@ def test_two_minutes_of_concurrent_traffic_keep_every_promise(env: dict[str, str
 _HOLDER = """
 import sys, time
 from pathlib import Path
-from backprop_mcp.admission import Admission
-from backprop_mcp.store import Store, file_lock
+from backprop_mcp.governor.admission import Admission
+from backprop_mcp.core.store import Store, file_lock
 store = Store(Path(sys.argv[1])).ensure()
 with file_lock(store.index_lock), store.run_lock(sys.argv[2]), Admission(store.governor_dir)._locked():
     print("held", flush=True)

@@ -9,10 +9,10 @@ from typing import Any
 import anyio
 import pytest
 
-from backprop_mcp.config import FIELDS, FIELDS_BY_NAME, Settings, load_settings, read_file
-from backprop_mcp.errors import ConfigError
-from backprop_mcp.service import RunRequest, Service
-from backprop_mcp.store import parse_iso
+from backprop_mcp.core.config import FIELDS, FIELDS_BY_NAME, Settings, load_settings, read_file
+from backprop_mcp.core.errors import ConfigError
+from backprop_mcp.core.store import parse_iso
+from backprop_mcp.runs.service import RunRequest, Service
 from tests.helpers import FIXTURES, cli, wait_for_end
 
 
@@ -164,8 +164,8 @@ def _schema_bounds(prop: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_the_mcp_schemas_take_every_numeric_bound_from_the_config_table() -> None:
-    from backprop_mcp.mcp_server import Roots
-    from backprop_mcp.mcp_tools import build_server
+    from backprop_mcp.mcp_server.roots import Roots
+    from backprop_mcp.mcp_server.tools import build_server
 
     server = build_server(home=Path("/nonexistent-backprop-home"), roots=Roots((), "none"))
 

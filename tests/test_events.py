@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from backprop_mcp.events import (
+from backprop_mcp.runs.events import (
     MAX_EVENT_BYTES,
     CheckpointEvent,
     DoneEvent,
@@ -330,7 +330,7 @@ def test_an_oversized_line_is_reported_once_when_it_ends_and_the_next_line_is_in
 
 def test_the_parser_imports_only_the_standard_library() -> None:
     code = (
-        "import sys; before = set(sys.modules); import backprop_mcp.events; "
+        "import sys; before = set(sys.modules); import backprop_mcp.runs.events; "
         "print('\\n'.join(sorted(set(sys.modules) - before)))"
     )
     proc = subprocess.run(
@@ -370,7 +370,7 @@ def test_the_parser_imports_only_the_standard_library() -> None:
 def test_the_fast_progress_check_accepts_only_lines_the_parser_reads_as_one_progress_event(
     pairs: list[str], space: str
 ) -> None:
-    from backprop_mcp.events import is_plain_progress
+    from backprop_mcp.runs.events import is_plain_progress
 
     line = ("{" + space + ("," + space).join(pairs) + space + "}").encode()
     if is_plain_progress(line):
@@ -380,7 +380,7 @@ def test_the_fast_progress_check_accepts_only_lines_the_parser_reads_as_one_prog
 
 
 def test_the_fast_progress_check_takes_the_common_forms() -> None:
-    from backprop_mcp.events import is_plain_progress
+    from backprop_mcp.runs.events import is_plain_progress
 
     assert is_plain_progress(b'{"step": 12, "loss": 0.41}')
     assert is_plain_progress(b'{"event": "progress", "step": 120, "total": 1000, "loss": 0.41}')

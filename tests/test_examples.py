@@ -16,8 +16,8 @@ from typing import Any, ClassVar
 
 import pytest
 
-from backprop_mcp import contract
-from backprop_mcp.events import CheckpointEvent, DoneEvent, parse_line
+from backprop_mcp.core import contract
+from backprop_mcp.runs.events import CheckpointEvent, DoneEvent, parse_line
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "examples" / "train_tiny.py"
@@ -207,8 +207,8 @@ def test_the_example_config_uses_the_seed_keys() -> None:
 def test_no_config_file_in_examples_changes_the_defaults_an_example_run_gets(tmp_path: Path) -> None:
     """Issue 9, item 23: run from examples/ (as MCP does, in the script's folder), an example got
     examples/backprop.config.json's 30-minute box where the README promises 10."""
-    from backprop_mcp.config import PROJECT_FILES
-    from backprop_mcp.service import RunRequest, Service
+    from backprop_mcp.core.config import PROJECT_FILES
+    from backprop_mcp.runs.service import RunRequest, Service
     from tests.helpers import isolated_env
 
     assert not [name for name in PROJECT_FILES if (ROOT / "examples" / name).exists()]

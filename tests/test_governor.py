@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from backprop_mcp.governor import (
+from backprop_mcp.core.models import ActiveRun, GpuInfo, Limits, SystemSnapshot
+from backprop_mcp.governor.decisions import (
     CPU_RESUME_MARGIN_PERCENT,
     PROMISE_WINDOW_SECONDS,
     default_limits,
@@ -12,7 +13,6 @@ from backprop_mcp.governor import (
     pause_verdict,
     resume_threshold,
 )
-from backprop_mcp.models import ActiveRun, GpuInfo, Limits, SystemSnapshot
 
 NOW = 1_700_000_000.0
 

@@ -16,8 +16,8 @@ from anyio.abc import Process
 from mcp import Client
 from mcp.client.stdio import StdioServerParameters
 
-from backprop_mcp.models import TERMINAL_STATES
-from backprop_mcp.service import Service
+from backprop_mcp.core.models import TERMINAL_STATES
+from backprop_mcp.runs.service import Service
 from tests.helpers import isolated_env
 from tests.test_mcp_tools import ERAS, GENEROUS, call, wait_end, write_script
 
@@ -246,7 +246,8 @@ def test_the_command_reports_its_version_without_loading_the_sdk(tmp_path: Path)
     probe = (
         "import sys\n"
         "from backprop_mcp import mcp_server\n"
-        "assert 'mcp' not in sys.modules and 'backprop_mcp.service' not in sys.modules, sorted(sys.modules)\n"
+        "loaded = sorted(sys.modules)\n"
+        "assert 'mcp' not in sys.modules and 'backprop_mcp.runs.service' not in sys.modules, loaded\n"
         "mcp_server.main(['--version'])\n"
     )
     done = subprocess.run(

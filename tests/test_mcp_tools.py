@@ -18,10 +18,10 @@ from mcp.client import ClientRequestContext
 from mcp_types import CallToolResult, ErrorData, ListRootsResult, Root, TextContent
 from pydantic import FileUrl
 
-from backprop_mcp.mcp_app import BackpropServer
-from backprop_mcp.mcp_server import Roots, client_roots, configured_roots, locate_script
-from backprop_mcp.mcp_tools import build_server
-from backprop_mcp.service import Service
+from backprop_mcp.mcp_server.app import BackpropServer
+from backprop_mcp.mcp_server.roots import Roots, client_roots, configured_roots, locate_script
+from backprop_mcp.mcp_server.tools import build_server
+from backprop_mcp.runs.service import Service
 from tests.helpers import FIXTURES, isolated_env
 
 # Every wait in these tests is bounded by this (slow CI machines start processes slowly).
@@ -451,7 +451,7 @@ async def test_a_script_outside_the_allowed_roots_is_refused_naming_the_roots_an
 async def test_resuming_a_run_whose_script_is_outside_the_allowed_roots_is_refused(
     server: BackpropServer, service: Service, era: str, tmp_path: Path
 ) -> None:
-    from backprop_mcp.service import RunRequest
+    from backprop_mcp.runs.service import RunRequest
     from tests.helpers import wait_for_end
 
     elsewhere = write_script(tmp_path / "elsewhere")
@@ -673,8 +673,8 @@ async def test_structured_results_also_come_as_json_text_for_clients_without_str
 def test_the_tools_offer_exactly_the_frameworks_and_stop_signals_the_config_accepts() -> None:
     from typing import get_args
 
-    from backprop_mcp.config import FRAMEWORK_CHOICES, STOP_SIGNALS
-    from backprop_mcp.mcp_tools import FrameworkName, SignalName
+    from backprop_mcp.core.config import FRAMEWORK_CHOICES, STOP_SIGNALS
+    from backprop_mcp.mcp_server.tools import FrameworkName, SignalName
 
     assert get_args(FrameworkName) == FRAMEWORK_CHOICES
     assert get_args(SignalName) == STOP_SIGNALS

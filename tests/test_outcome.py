@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from backprop_mcp.outcome import Outcome, classify, describe
+from backprop_mcp.runs.outcome import Outcome, classify, describe
 
 
 @pytest.mark.parametrize(

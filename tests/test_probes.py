@@ -12,11 +12,11 @@ from typing import Any
 import psutil
 import pytest
 
-from backprop_mcp.errors import ConfigError
-from backprop_mcp.governor import default_limits, evaluate
-from backprop_mcp.nvidia import NvmlGpus, parse_compute_apps_csv, parse_gpu_csv
-from backprop_mcp.probes import ENV_STATIC_PROBE, CachedCpu, CpuSampler, ProbeError, make_probe
-from backprop_mcp.static_probe import StaticProbe, static_snapshot_from_json
+from backprop_mcp.core.errors import ConfigError
+from backprop_mcp.governor.decisions import default_limits, evaluate
+from backprop_mcp.governor.nvidia import NvmlGpus, parse_compute_apps_csv, parse_gpu_csv
+from backprop_mcp.governor.probes import ENV_STATIC_PROBE, CachedCpu, CpuSampler, ProbeError, make_probe
+from backprop_mcp.governor.static_probe import StaticProbe, static_snapshot_from_json
 from tests.fake_gpu import FakeNvidiaSmi
 
 DATA = Path(__file__).parent / "data" / "nvidia_smi"
@@ -478,7 +478,7 @@ def test_the_nvidia_smi_kind_without_nvidia_smi_on_path_is_unknown_state(
 def test_auto_falls_back_to_nvidia_smi_when_nvml_cannot_start(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from backprop_mcp.nvidia import nvml_loader
+    from backprop_mcp.governor.nvidia import nvml_loader
 
     try:
         nvml_loader.get()
@@ -497,7 +497,7 @@ def test_auto_falls_back_to_nvidia_smi_when_nvml_cannot_start(
 def test_a_cpu_reading_younger_than_the_minimum_age_is_reused_not_resampled(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from backprop_mcp import probes
+    from backprop_mcp.governor import probes
 
     monkeypatch.setattr(probes, "CPU_CACHE_MIN_AGE_SECONDS", 30.0)  # wide, so a slow machine still fits
     cache = tmp_path / "cpu_sample.json"

@@ -17,9 +17,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from backprop_mcp.admission import Admission
-from backprop_mcp.models import ActiveRun, Decision
-from backprop_mcp.service import RunRequest, Service
+from backprop_mcp.core.models import ActiveRun, Decision
+from backprop_mcp.governor.admission import Admission
+from backprop_mcp.runs.service import RunRequest, Service
 from tests.fault_helpers import alive, assert_nothing_survives, start, supervisor_pid
 from tests.helpers import FIXTURES, processes_with_run_id, wait_for_end, wait_for_log, wait_until
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from backprop_mcp.errors import NoCheckpoint, RunStateError, UsageError
-from backprop_mcp.service import RunRequest, Service
+from backprop_mcp.core.errors import NoCheckpoint, RunStateError, UsageError
+from backprop_mcp.runs.service import RunRequest, Service
 from tests.helpers import (
     FIXTURES,
     cli,

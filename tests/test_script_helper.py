@@ -23,8 +23,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from backprop_mcp import contract, script
-from backprop_mcp.events import ParseResult, ProgressEvent, parse_line
+from backprop_mcp import script
+from backprop_mcp.core import contract
+from backprop_mcp.runs.events import ParseResult, ProgressEvent, parse_line
 
 SRC = Path(script.__file__).parent
 # Bounds every wait on a child; generous because CI machines stall, never slept through.

@@ -11,12 +11,12 @@ from typing import Any
 import anyio
 import pytest
 
-from backprop_mcp.config import load_settings, read_file
-from backprop_mcp.errors import ConfigError
-from backprop_mcp.governor import evaluate
-from backprop_mcp.probes import ProbeError, make_probe
-from backprop_mcp.rocm import ROCM_SMI_QUERY, parse_rocm_smi_json
-from backprop_mcp.service import RunRequest, Service
+from backprop_mcp.core.config import load_settings, read_file
+from backprop_mcp.core.errors import ConfigError
+from backprop_mcp.governor.decisions import evaluate
+from backprop_mcp.governor.probes import ProbeError, make_probe
+from backprop_mcp.governor.rocm import ROCM_SMI_QUERY, parse_rocm_smi_json
+from backprop_mcp.runs.service import RunRequest, Service
 from tests.fake_rocm import FakeRocmSmi
 from tests.helpers import FIXTURES, WAIT_SECONDS, cli, cli_json, wait_for_end, wait_for_log
 
@@ -266,7 +266,7 @@ def test_unknown_keys_are_warned_about_and_ignored(env: dict[str, str], tmp_path
 
 def test_unknown_keys_are_logged_not_raised(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     path = write(tmp_path / "backprop.config.json", {"maxParalel": 3, "queue": False})
-    with caplog.at_level(logging.WARNING, logger="backprop_mcp.config"):
+    with caplog.at_level(logging.WARNING, logger="backprop_mcp.core.config"):
         settings = load_settings(tmp_path, {"BACKPROP_CONFIG": str(tmp_path / "none.json")})
     assert settings.queue is False and settings.max_parallel == 2
     assert [r.getMessage() for r in caplog.records] == [
@@ -392,8 +392,8 @@ def test_the_rocm_probe_reads_the_fake_end_to_end(tmp_path: Path, monkeypatch: p
 def test_a_failing_rocm_smi_makes_the_gpu_state_unknown_and_refuses_gpu_runs(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, output: str, status: int, says: str
 ) -> None:
-    from backprop_mcp.config import Settings
-    from backprop_mcp.launch import limits_of
+    from backprop_mcp.core.config import Settings
+    from backprop_mcp.runs.launch import limits_of
 
     fake = FakeRocmSmi(tmp_path)
     fake.set_output(output, status)

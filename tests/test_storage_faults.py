@@ -18,9 +18,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from backprop_mcp import store as store_module
-from backprop_mcp.errors import RunNotFound
-from backprop_mcp.service import Service
+from backprop_mcp.core import store as store_module
+from backprop_mcp.core.errors import RunNotFound
+from backprop_mcp.runs.service import Service
 from tests.fault_helpers import alive, assert_nothing_survives, start, strict_json, supervisor_pid
 from tests.helpers import FIXTURES, cli, cli_json, isolated_env, wait_for_end, wait_until
 

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from backprop_mcp import store as store_module
-from backprop_mcp.errors import RunNotFound, StoreCorrupt, StoreError
-from backprop_mcp.models import RunRecord, new_record, row_of
-from backprop_mcp.service import Service
-from backprop_mcp.store import Store, now_iso
+from backprop_mcp.core import store as store_module
+from backprop_mcp.core.errors import RunNotFound, StoreCorrupt, StoreError
+from backprop_mcp.core.models import RunRecord, new_record, row_of
+from backprop_mcp.core.store import Store, now_iso
+from backprop_mcp.runs.service import Service
 
 
 def make_record(run_id: str, *, status: str = "completed", name: str | None = None) -> RunRecord:

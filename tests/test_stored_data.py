@@ -16,12 +16,12 @@ from typing import Any
 import anyio
 import pytest
 
-from backprop_mcp.admission import Admission
-from backprop_mcp.mcp_server import Roots
-from backprop_mcp.mcp_tools import build_server
-from backprop_mcp.models import RunRecord, new_record, row_of
-from backprop_mcp.service import Service
-from backprop_mcp.store import Store, now_iso
+from backprop_mcp.core.models import RunRecord, new_record, row_of
+from backprop_mcp.core.store import Store, now_iso
+from backprop_mcp.governor.admission import Admission
+from backprop_mcp.mcp_server.roots import Roots
+from backprop_mcp.mcp_server.tools import build_server
+from backprop_mcp.runs.service import Service
 from tests.helpers import FIXTURES, WAIT_SECONDS, cli
 
 SCRIPT = str(FIXTURES / "counts_and_exits.py")
@@ -379,7 +379,7 @@ def test_stored_strings_are_escaped_in_every_human_output(env: dict[str, str]) -
 
 
 def test_the_follower_reads_every_line_once_across_rotations(tmp_path: Path) -> None:
-    from backprop_mcp.runlog import LogFollower, RunLog
+    from backprop_mcp.runs.runlog import LogFollower, RunLog
 
     path = tmp_path / "attempt-1.log"
     writer = RunLog(path, max_bytes=64)
@@ -402,7 +402,7 @@ def test_the_follower_reads_every_line_once_across_rotations(tmp_path: Path) -> 
 
 
 def test_the_follower_starts_again_when_the_file_shrinks(tmp_path: Path) -> None:
-    from backprop_mcp.runlog import LogFollower
+    from backprop_mcp.runs.runlog import LogFollower
 
     path = tmp_path / "attempt-1.log"
     path.write_bytes(b"one\ntwo\n")

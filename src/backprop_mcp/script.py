@@ -39,7 +39,7 @@ from collections.abc import Callable, Mapping
 from types import FrameType
 from typing import Any
 
-# The contract's names, repeated from `backprop_mcp.contract` because this file must not import
+# The contract's names, repeated from `backprop_mcp.core.contract` because this file must not import
 # the package; a test asserts they are equal.
 ENV_RUN_ID = "BACKPROP_RUN_ID"
 ENV_RUN_DIR = "BACKPROP_RUN_DIR"

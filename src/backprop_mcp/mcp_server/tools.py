@@ -14,8 +14,9 @@ from mcp_types import ToolAnnotations
 from pydantic import Field
 
 from backprop_mcp import __version__
-from backprop_mcp.config import FIELDS_BY_NAME
-from backprop_mcp.mcp_app import (
+from backprop_mcp.core.config import FIELDS_BY_NAME
+from backprop_mcp.core.models import Comparison, DryRun, LogTail, RunPage, RunRecord, RunState, SystemStatus
+from backprop_mcp.mcp_server.app import (
     WAIT_POLL_SECONDS,
     App,
     BackpropServer,
@@ -24,12 +25,11 @@ from backprop_mcp.mcp_app import (
     given_options,
     tool,
 )
-from backprop_mcp.mcp_server import Roots, locate_script
-from backprop_mcp.mcp_shapes import INSTRUCTIONS, RunStatus, RunWait
-from backprop_mcp.models import Comparison, DryRun, LogTail, RunPage, RunRecord, RunState, SystemStatus
+from backprop_mcp.mcp_server.roots import Roots, locate_script
+from backprop_mcp.mcp_server.shapes import INSTRUCTIONS, RunStatus, RunWait
 
 if TYPE_CHECKING:
-    from backprop_mcp.service import Service
+    from backprop_mcp.runs.service import Service
 
 # Bounds of what one call may ask for: a wait within a client's usual request timeout, a log tail
 # (of lines of at most 2000 characters) that fits in a model's context.
@@ -197,7 +197,7 @@ def build_tools(app: App) -> list[Tool]:
         nothing starts: it returns the command, environment and the governor's verdict instead.
         Omitted options come from the configuration (10-minute time box by default).
         """
-        from backprop_mcp.service import RunRequest
+        from backprop_mcp.runs.service import RunRequest
 
         roots = app.roots_for(client_roots)
         script_path, workdir = locate_script(script, cwd, roots, app.cwd)
@@ -436,7 +436,7 @@ def build_server(
     def make_service() -> Service:
         if service is not None:
             return service
-        from backprop_mcp.service import Service
+        from backprop_mcp.runs.service import Service
 
         return Service(home, env=env, cwd=workdir)
 

@@ -12,9 +12,9 @@ import json
 import re
 from typing import Any
 
-from backprop_mcp.models import GpuInfo
-from backprop_mcp.nvidia import run_tool
-from backprop_mcp.probes import ProbeError
+from backprop_mcp.core.models import GpuInfo
+from backprop_mcp.governor.nvidia import run_tool
+from backprop_mcp.governor.probes import ProbeError
 
 # rocm-smi is a Python program reading sysfs: ~0.5-2 s on a loaded machine. Past 10 s the driver
 # is wedged, as for nvidia-smi, and waiting longer only delays the answer "unknown".

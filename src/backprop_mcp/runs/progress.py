@@ -8,9 +8,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from backprop_mcp.events import CheckpointEvent, DoneEvent, Event, MetricEvent, ProgressEvent
-from backprop_mcp.models import Checkpoint, RunRecord
-from backprop_mcp.store import now_iso
+from backprop_mcp.core.models import Checkpoint, RunRecord
+from backprop_mcp.core.store import now_iso
+from backprop_mcp.runs.events import CheckpointEvent, DoneEvent, Event, MetricEvent, ProgressEvent
 
 # A record keeps this many checkpoints (newest last); older ones stay in events.jsonl.
 MAX_CHECKPOINTS = 50

@@ -13,13 +13,13 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from backprop_mcp.errors import StoreError, UsageError
-from backprop_mcp.models import AttemptSummary, Checkpoint, RunRecord, new_record, row_of
-from backprop_mcp.store import now_iso, valid_run_id
-from backprop_mcp.stored import Invalid, check_record
+from backprop_mcp.core.errors import StoreError, UsageError
+from backprop_mcp.core.models import AttemptSummary, Checkpoint, RunRecord, new_record, row_of
+from backprop_mcp.core.store import now_iso, valid_run_id
+from backprop_mcp.core.stored import Invalid, check_record
 
 if TYPE_CHECKING:
-    from backprop_mcp.service import Service
+    from backprop_mcp.runs.service import Service
 
 # The seed recorded these states; a run it left "running" has no supervisor any more.
 _STATUS = {
@@ -121,7 +121,7 @@ def import_experiments(service: Service, source: Path) -> ImportReportT:
             skipped.append(f"{label}: {exc.message}")
             continue
         imported.append(run_id)
-    from backprop_mcp.models import ImportReport
+    from backprop_mcp.core.models import ImportReport
 
     return ImportReport(source=str(source), imported=imported, skipped=skipped)
 
@@ -191,4 +191,4 @@ def _record(entry: dict[str, Any], run_id: str) -> RunRecord:
 
 
 if TYPE_CHECKING:
-    from backprop_mcp.models import ImportReport as ImportReportT
+    from backprop_mcp.core.models import ImportReport as ImportReportT

@@ -29,9 +29,10 @@ from mcp_types import (
 from mcp_types import Tool as MCPTool
 from pydantic import TypeAdapter, ValidationError
 
-from backprop_mcp.errors import BackpropError, PathNotAllowed, RunNotFound
-from backprop_mcp.mcp_server import Roots, client_roots
-from backprop_mcp.mcp_shapes import (
+from backprop_mcp.core.errors import BackpropError, PathNotAllowed, RunNotFound
+from backprop_mcp.core.models import ACTIVE_STATES, RunRecord
+from backprop_mcp.mcp_server.roots import Roots, client_roots
+from backprop_mcp.mcp_server.shapes import (
     STATUS_LOG_LINES,
     RunStatus,
     RunWait,
@@ -41,10 +42,9 @@ from backprop_mcp.mcp_shapes import (
     run_status,
     run_wait,
 )
-from backprop_mcp.models import ACTIVE_STATES, RunRecord
 
 if TYPE_CHECKING:
-    from backprop_mcp.service import Service
+    from backprop_mcp.runs.service import Service
 
 log = logging.getLogger("backprop_mcp.mcp")
 P = ParamSpec("P")

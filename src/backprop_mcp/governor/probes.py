@@ -1,8 +1,8 @@
 """The probe boundary: what the governor can see of this machine's CPU, RAM and GPUs.
 
-`make_probe` picks the probe; GPU readers live in `backprop_mcp.nvidia` (NVIDIA),
-`backprop_mcp.rocm` (AMD, `--gpu-probe rocm`) and the static probe for
-tests and `--dry-run` in `backprop_mcp.static_probe` (both imported lazily from here). Setting
+`make_probe` picks the probe; GPU readers live in `backprop_mcp.governor.nvidia` (NVIDIA),
+`backprop_mcp.governor.rocm` (AMD, `--gpu-probe rocm`) and the static probe for
+tests and `--dry-run` in `backprop_mcp.governor.static_probe` (both imported lazily from here). Setting
 `BACKPROP_STATIC_PROBE=/path/to/snapshot.json` makes `make_probe` return a `StaticProbe` reading
 that file on every snapshot, whatever probe kind was asked for.
 
@@ -27,8 +27,8 @@ from typing import NamedTuple, Protocol
 
 import psutil
 
-from backprop_mcp.errors import ConfigError
-from backprop_mcp.models import GpuInfo, SystemSnapshot
+from backprop_mcp.core.errors import ConfigError
+from backprop_mcp.core.models import GpuInfo, SystemSnapshot
 
 log = logging.getLogger(__name__)
 
@@ -262,7 +262,7 @@ def process_total(processes: list[tuple[int, float | None]], pids: Collection[in
 
 
 class GpuSource(Protocol):
-    """One way of reading the GPUs (see `backprop_mcp.nvidia`)."""
+    """One way of reading the GPUs (see `backprop_mcp.governor.nvidia`)."""
 
     name: str
 
@@ -339,7 +339,7 @@ def make_probe(
         raise ConfigError(f"unknown GPU probe {kind!r}; allowed: {', '.join(PROBE_KINDS)}")
     env_static = os.environ.get(ENV_STATIC_PROBE)
     if kind == "static" or env_static:
-        from backprop_mcp.static_probe import StaticProbe
+        from backprop_mcp.governor.static_probe import StaticProbe
 
         path = Path(env_static) if env_static else static_path
         if path is None:
@@ -348,7 +348,7 @@ def make_probe(
             )
         return StaticProbe.from_file(path)
 
-    from backprop_mcp import nvidia
+    from backprop_mcp.governor import nvidia
 
     timeout = nvidia.NVIDIA_SMI_TIMEOUT_SECONDS if nvidia_smi_timeout is None else nvidia_smi_timeout
     cpu: CpuSource = CachedCpu(cpu_cache) if cpu_cache is not None else CpuSampler()
@@ -356,7 +356,7 @@ def make_probe(
     gpu_host = looks_like_gpu_host(smi)
     gpu: GpuSource | None = None
     if kind == "rocm":
-        from backprop_mcp import rocm
+        from backprop_mcp.governor import rocm
 
         rocm_smi = shutil.which("rocm-smi")
         wait = rocm.ROCM_SMI_TIMEOUT_SECONDS if rocm_smi_timeout is None else rocm_smi_timeout

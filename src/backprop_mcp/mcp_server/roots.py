@@ -1,28 +1,17 @@
-"""The `backprop-mcp` command: a stdio MCP server for agents, and the rule for which folders its
-training scripts may come from (the allowed roots). The tools themselves live in `mcp_tools`.
-
-Nothing here imports `mcp` at module level, so `backprop-mcp --version` and `--help` stay instant;
-the SDK (the slow import, about a second) is loaded only when the server is about to serve.
-"""
+"""The allowed roots of the MCP server: which folders its training scripts may come from, where
+that list came from (the client, `--root`, the environment, the config, the working directory),
+and how a relative script is located in them."""
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import logging
 import os
-import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 from urllib.parse import unquote, urlsplit
 
-from backprop_mcp import __version__
-from backprop_mcp.config import FIELDS_BY_NAME, load_settings
-from backprop_mcp.errors import ConfigError
-
-log = logging.getLogger("backprop_mcp.mcp")
+from backprop_mcp.core.config import FIELDS_BY_NAME, load_settings
 
 RootsSource = Literal["client", "option", "environment", "config", "default", "none"]
 
@@ -107,65 +96,3 @@ def locate_script(script: str, cwd: str | None, roots: Roots, server_cwd: Path) 
 
 def _absolute(paths: Iterable[str], cwd: Path) -> tuple[Path, ...]:
     return tuple(Path(os.path.realpath(cwd / Path(p).expanduser())) for p in paths)
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="backprop-mcp",
-        description="Serve backprop's training tools to an MCP client (Claude Desktop, Claude Code, ...) "
-        "over stdio. Training output goes to log files, never to stdout.",
-    )
-    parser.add_argument(
-        "--root",
-        action="append",
-        default=[],
-        metavar="DIR",
-        help="a folder training scripts may lie in (repeatable); default: the roots the client "
-        "announces, else BACKPROP_ALLOWED_ROOTS, else allowedRoots in the config, else the working "
-        "directory unless it is / or your home folder",
-    )
-    parser.add_argument(
-        "--home",
-        metavar="DIR",
-        help="the experiment store (default: BACKPROP_HOME or the platform's user data folder)",
-    )
-    parser.add_argument(
-        "--log-level",
-        default="WARNING",
-        type=str.upper,
-        choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
-        help="log level of the server's own messages, written to stderr (default WARNING)",
-    )
-    parser.add_argument("--version", action="version", version=f"backprop-mcp {__version__}")
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the stdio server until the client closes stdin; runs started here carry on."""
-    args = _parser().parse_args(argv)
-    # Before the SDK configures logging: stderr only, since stdout carries the protocol.
-    logging.basicConfig(
-        level=args.log_level, stream=sys.stderr, format="backprop-mcp %(levelname)s %(message)s"
-    )
-    env = dict(os.environ)
-    home = Path(args.home).expanduser().resolve() if args.home else None
-    cwd = Path.cwd()
-    try:
-        roots = configured_roots(args.root, env, cwd)
-    except ConfigError as exc:
-        print(f"backprop-mcp: {exc}", file=sys.stderr)
-        return 2
-    if roots.source == "none":
-        log.warning("no allowed root: runs are refused unless the client announces roots (%s)", roots.hint())
-    log.info("allowed roots (%s): %s", roots.source, ", ".join(map(str, roots.paths)) or "none")
-
-    from backprop_mcp.mcp_tools import build_server
-
-    server = build_server(home=home, env=env, cwd=cwd, roots=roots, log_level=args.log_level)
-    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C in a terminal: a quiet exit
-        server.run("stdio")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

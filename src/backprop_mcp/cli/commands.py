@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from backprop_mcp import __version__
-from backprop_mcp.errors import BackpropError, UsageError
+from backprop_mcp.core.errors import BackpropError, UsageError
 
 EXIT_CODES = {"completed": 0, "failed": 1, "lost": 1, "rejected": 3, "timed_out": 4, "stopped": 5}
 # How often the foreground view re-reads the record and the log: fast enough to feel live.
@@ -60,7 +60,7 @@ _int.__name__ = "int"  # argparse names the type in its message: "invalid int va
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
-        from backprop_mcp.render import clean
+        from backprop_mcp.cli.render import clean
 
         self.print_usage(sys.stderr)
         self.exit(2, f"backprop: error: {clean(message)}\n")  # it may quote what was typed
@@ -69,7 +69,7 @@ class _Parser(argparse.ArgumentParser):
 def _add_options(
     parser: argparse.ArgumentParser, specs: list[tuple[tuple[str, ...], str, dict[str, Any]]]
 ) -> None:
-    from backprop_mcp.config import FIELDS_BY_NAME
+    from backprop_mcp.core.config import FIELDS_BY_NAME
 
     for flags, name, extra in specs:
         # argparse formats help with %: a literal one ('"80%" of the GPU') must be doubled.
@@ -186,7 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _dispatch(ns, script_args)
     except BackpropError as exc:
-        from backprop_mcp.render import clean
+        from backprop_mcp.cli.render import clean
 
         # Messages quote what was given (ids, paths, names): escaped, so they cannot forge lines.
         hint = f"\n{clean(exc.hint)}" if exc.hint else ""
@@ -212,8 +212,8 @@ def _show_warnings() -> None:
 
 
 def _explicit_config(raw: str) -> Path:
-    from backprop_mcp.config import read_file
-    from backprop_mcp.errors import ConfigError
+    from backprop_mcp.core.config import read_file
+    from backprop_mcp.core.errors import ConfigError
 
     path = Path(raw).expanduser().absolute()
     try:
@@ -224,7 +224,7 @@ def _explicit_config(raw: str) -> Path:
 
 
 def _print_settings(settings: Any, origins: dict[str, str]) -> None:
-    from backprop_mcp.config import FIELDS, RUN_DEFAULTS
+    from backprop_mcp.core.config import FIELDS, RUN_DEFAULTS
 
     rows = [(f.key, f.name) for f in FIELDS] + [(k.key, k.name) for k in RUN_DEFAULTS]
     width = max(len(key) for key, _ in rows)
@@ -243,7 +243,7 @@ def _escape(text: str) -> str:
 
 
 def _dispatch(ns: argparse.Namespace, script_args: list[str]) -> int:
-    from backprop_mcp.service import RunRequest, Service
+    from backprop_mcp.runs.service import RunRequest, Service
 
     service = Service(config_file=_explicit_config(ns.config) if ns.config is not None else None)
     if ns.verbose:
@@ -268,7 +268,7 @@ def _dispatch(ns: argparse.Namespace, script_args: list[str]) -> int:
             if out:
                 _print_json(report)
             else:
-                from backprop_mcp.render import dry_run_text
+                from backprop_mcp.cli.render import dry_run_text
 
                 print(dry_run_text(dict(report)))
             return 0
@@ -281,7 +281,7 @@ def _dispatch(ns: argparse.Namespace, script_args: list[str]) -> int:
         if out:
             _print_json(preview)
         else:
-            from backprop_mcp.render import dry_run_text
+            from backprop_mcp.cli.render import dry_run_text
 
             print(dry_run_text(dict(preview)))
         return 0
@@ -291,7 +291,7 @@ def _dispatch(ns: argparse.Namespace, script_args: list[str]) -> int:
         )
         return _after_start(service, record, detach=ns.detach, out=out)
     if ns.command == "status":
-        from backprop_mcp import render
+        from backprop_mcp.cli import render
 
         if ns.run_id:
             record = service.get(ns.run_id)
@@ -301,7 +301,7 @@ def _dispatch(ns: argparse.Namespace, script_args: list[str]) -> int:
         _print_json(status) if out else print(render.status_text(status))
         return 0
     if ns.command == "list":
-        from backprop_mcp import render
+        from backprop_mcp.cli import render
 
         page = service.list_runs(status=ns.status, name=ns.name, limit=ns.limit, cursor=ns.cursor)
         if out:
@@ -318,7 +318,7 @@ def _dispatch(ns: argparse.Namespace, script_args: list[str]) -> int:
         if out:
             _print_json(tail)
         else:
-            from backprop_mcp.render import clean_log
+            from backprop_mcp.cli.render import clean_log
 
             sys.stdout.write("".join(clean_log(line) + "\n" for line in tail["lines"]))
         return 0
@@ -327,7 +327,7 @@ def _dispatch(ns: argparse.Namespace, script_args: list[str]) -> int:
         if out:
             _print_json(record)
         else:
-            from backprop_mcp.render import clean
+            from backprop_mcp.cli.render import clean
 
             print(clean(f"stop requested for {ns.run_id}; it is {record['status']}"))
         return 0
@@ -336,7 +336,7 @@ def _dispatch(ns: argparse.Namespace, script_args: list[str]) -> int:
         if out:
             _print_json(comparison)
         else:
-            from backprop_mcp.render import clean, number
+            from backprop_mcp.cli.render import clean, number
 
             metric = comparison["metric"]
             better = "lower" if comparison["lower_is_better"] else "higher"
@@ -351,7 +351,7 @@ def _dispatch(ns: argparse.Namespace, script_args: list[str]) -> int:
         if out:
             _print_json(imported)
         else:
-            from backprop_mcp.render import clean
+            from backprop_mcp.cli.render import clean
 
             print(clean(f"imported {len(imported['imported'])} run(s) from {imported['source']}"))
             for line in imported["skipped"]:
@@ -361,7 +361,7 @@ def _dispatch(ns: argparse.Namespace, script_args: list[str]) -> int:
 
 
 def _after_start(service: Any, record: Any, *, detach: bool, out: bool) -> int:
-    from backprop_mcp.render import clean, config_files_text
+    from backprop_mcp.cli.render import clean, config_files_text
 
     if not out:
         # Say which config files set this run's options (a folder's backprop.config.json can
@@ -387,9 +387,9 @@ def _after_start(service: Any, record: Any, *, detach: bool, out: bool) -> int:
 def _follow(service: Any, run_id: str, *, out: bool, show_progress: bool) -> int:
     """Show a run until it ends: its output, state changes and progress. Ctrl-C once asks for a
     graceful stop (the script can checkpoint); twice kills it."""
-    from backprop_mcp import render
-    from backprop_mcp.events import parse_line
-    from backprop_mcp.models import TERMINAL_STATES
+    from backprop_mcp.cli import render
+    from backprop_mcp.core.models import TERMINAL_STATES
+    from backprop_mcp.runs.events import parse_line
 
     tty = sys.stdout.isatty() and not out
     stream = sys.stderr if out else sys.stdout
@@ -405,7 +405,7 @@ def _follow(service: Any, run_id: str, *, out: bool, show_progress: bool) -> int
         stream.write("\nstopping gracefully (Ctrl-C again to kill)\n" if interrupts == 1 else "\nkilling\n")
 
     previous = signal.signal(signal.SIGINT, on_interrupt)
-    from backprop_mcp.runlog import LogFollower
+    from backprop_mcp.runs.runlog import LogFollower
 
     record = service.get(run_id)
     follower = LogFollower(service.store.log_path(run_id, record["attempt"]))

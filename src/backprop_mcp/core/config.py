@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from backprop_mcp.errors import ConfigError
+from backprop_mcp.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 PROJECT_FILES = ("backprop.config.json", ".backprop.json")
@@ -461,8 +461,8 @@ def _text(value: object, where: str) -> str:
 
 
 def _run_id(value: object, where: str) -> str:
-    from backprop_mcp.errors import UsageError
-    from backprop_mcp.store import check_run_id
+    from backprop_mcp.core.errors import UsageError
+    from backprop_mcp.core.store import check_run_id
 
     if not isinstance(value, str):
         raise ConfigError(f"{where} must be a run id string, got {_show(value)}")

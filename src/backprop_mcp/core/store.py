@@ -32,9 +32,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TypeGuard
 
-from backprop_mcp.errors import RunNotFound, StoreCorrupt, StoreError, UsageError
-from backprop_mcp.models import SCHEMA_VERSION, RunRecord, RunRow, row_of
-from backprop_mcp.stored import Invalid, check_record, check_row, salvage_row, stored_version
+from backprop_mcp.core.errors import RunNotFound, StoreCorrupt, StoreError, UsageError
+from backprop_mcp.core.models import SCHEMA_VERSION, RunRecord, RunRow, row_of
+from backprop_mcp.core.stored import Invalid, check_record, check_row, salvage_row, stored_version
 
 log = logging.getLogger(__name__)
 

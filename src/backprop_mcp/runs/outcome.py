@@ -6,7 +6,7 @@ from __future__ import annotations
 import signal
 from typing import NamedTuple
 
-from backprop_mcp.contract import EXIT_DEADLINE
+from backprop_mcp.core.contract import EXIT_DEADLINE
 
 # A script that exits with EXIT_DEADLINE is taken at its word (it stopped itself for the deadline,
 # as the contract asks) once it has used at least this share of its time box: the helper's margin

@@ -13,12 +13,12 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from backprop_mcp.errors import UsageError
-from backprop_mcp.models import ComparedRun, Comparison, RunRecord
-from backprop_mcp.store import parse_iso
+from backprop_mcp.core.errors import UsageError
+from backprop_mcp.core.models import ComparedRun, Comparison, RunRecord
+from backprop_mcp.core.store import parse_iso
 
 if TYPE_CHECKING:
-    from backprop_mcp.service import Service
+    from backprop_mcp.runs.service import Service
 
 # Metrics whose names say "lower is better"; every other metric (acc, f1, bleu...) ranks higher-first.
 LOWER_IS_BETTER = re.compile(r"loss|err|perplex|mse|mae|rmse|nll|wer|cer", re.I)

@@ -13,9 +13,9 @@ import threading
 from collections.abc import Mapping
 from pathlib import Path
 
-from backprop_mcp import contract
-from backprop_mcp.config import Settings
-from backprop_mcp.models import GpuInfo, Limits, RunRecord
+from backprop_mcp.core import contract
+from backprop_mcp.core.config import Settings
+from backprop_mcp.core.models import GpuInfo, Limits, RunRecord
 
 # How much of the script is read to detect its framework: imports sit at the top.
 _DETECT_BYTES = 256 * 1024
@@ -161,7 +161,7 @@ def spawn_supervisor(home: Path, run_id: str, env: Mapping[str, str]) -> subproc
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
     try:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "backprop_mcp.supervisor", str(home), run_id, AWAIT_GO_FLAG],
+            [sys.executable, "-m", "backprop_mcp.runs.supervisor", str(home), run_id, AWAIT_GO_FLAG],
             stdin=subprocess.PIPE,
             stdout=fd,
             stderr=fd,

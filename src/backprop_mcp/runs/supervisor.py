@@ -1,7 +1,7 @@
 """The per-run supervisor process (DESIGN §3): waits in the queue, starts the script, drains its
 output, enforces the time box, pauses and resumes it, and records the truthful outcome.
 
-Started detached by `launch.spawn_supervisor` as `python -m backprop_mcp.supervisor HOME RUN_ID`.
+Started detached by `launch.spawn_supervisor` as `python -m backprop_mcp.runs.supervisor HOME RUN_ID`.
 It is the only writer of its run's record while it lives. Stdlib plus psutil only, for a fast start.
 """
 
@@ -23,12 +23,15 @@ from typing import Any
 
 import psutil
 
-from backprop_mcp import governor, proctree
-from backprop_mcp.admission import Admission
-from backprop_mcp.config import Settings
-from backprop_mcp.errors import BackpropError, StoreError
-from backprop_mcp.events import LineSplitter, ProgressEvent, is_plain_progress, parse_line
-from backprop_mcp.launch import (
+from backprop_mcp.core.config import Settings
+from backprop_mcp.core.errors import BackpropError, StoreError
+from backprop_mcp.core.models import AttemptSummary, Decision, RunRecord, SystemSnapshot
+from backprop_mcp.core.store import STOP_REQUEST_FILE, Store, now_iso
+from backprop_mcp.governor import decisions, proctree
+from backprop_mcp.governor.admission import Admission
+from backprop_mcp.governor.probes import SystemProbe, make_probe
+from backprop_mcp.runs.events import LineSplitter, ProgressEvent, is_plain_progress, parse_line
+from backprop_mcp.runs.launch import (
     AWAIT_GO_FLAG,
     GO,
     HELD_SIGNALS,
@@ -37,14 +40,11 @@ from backprop_mcp.launch import (
     gpu_memory_limit_mb,
     limits_of,
 )
-from backprop_mcp.models import AttemptSummary, Decision, RunRecord, SystemSnapshot
-from backprop_mcp.outcome import classify, describe
-from backprop_mcp.probes import SystemProbe, make_probe
-from backprop_mcp.progress import Progress
-from backprop_mcp.runlog import RunLog
-from backprop_mcp.store import STOP_REQUEST_FILE, Store, now_iso
+from backprop_mcp.runs.outcome import classify, describe
+from backprop_mcp.runs.progress import Progress
+from backprop_mcp.runs.runlog import RunLog
 
-log = logging.getLogger("backprop_mcp.supervisor")
+log = logging.getLogger("backprop_mcp.runs.supervisor")
 
 # The record is rewritten at most this often while a script prints: a flood of progress lines
 # costs a bounded number of writes per second, not one per line.
@@ -242,7 +242,7 @@ class Supervisor:
             current = snapshot
 
             def decide(active: list[Any], snap: SystemSnapshot = current) -> Decision:
-                return governor.evaluate(snap, self.limits, active, now=time.time())
+                return decisions.evaluate(snap, self.limits, active, now=time.time())
 
             position: int | None = None
             try:
@@ -261,7 +261,7 @@ class Supervisor:
                 self.queue_error = None
                 if admitted:
                     # None: this run already held a slot (a retry after admission); decide again for the GPU.
-                    return decision or governor.evaluate(current, self.limits, [], now=time.time())
+                    return decision or decisions.evaluate(current, self.limits, [], now=time.time())
                 if decision is None and position is None:
                     self._join(me)  # our ticket was lost: rejoin
                 reasons = tuple(decision["reasons"]) if decision else ()
@@ -643,7 +643,7 @@ class Supervisor:
                 own_cpu += proc.cpu_percent(None)
         share = own_cpu / max(snapshot["cpu_count"], 1)
         gpu = self.record["gpu"]
-        pause, reason = governor.pause_verdict(
+        pause, reason = decisions.pause_verdict(
             snapshot,
             self.limits,
             gpu_uuid=gpu["uuid"] if gpu else None,
@@ -752,8 +752,8 @@ def _sample_interval() -> float:
     try:
         value = float(raw)
     except ValueError:
-        return governor.SAMPLE_INTERVAL_SECONDS
-    return value if 0.05 <= value <= 3600 else governor.SAMPLE_INTERVAL_SECONDS
+        return decisions.SAMPLE_INTERVAL_SECONDS
+    return value if 0.05 <= value <= 3600 else decisions.SAMPLE_INTERVAL_SECONDS
 
 
 def _await_go(store: Store, run_id: str) -> bool:
@@ -791,7 +791,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     await_go = args[2:] == [AWAIT_GO_FLAG]
     if len(args) != 2 and not await_go:
-        print(f"usage: python -m backprop_mcp.supervisor HOME RUN_ID [{AWAIT_GO_FLAG}]", file=sys.stderr)
+        print(f"usage: python -m backprop_mcp.runs.supervisor HOME RUN_ID [{AWAIT_GO_FLAG}]", file=sys.stderr)
         return 2
     home, run_id = Path(args[0]), args[1]
     if await_go and not _await_go(Store(home), run_id):

@@ -15,9 +15,9 @@ from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
-from backprop_mcp.errors import ConfigError
-from backprop_mcp.models import GpuInfo, GpuProcess, SystemSnapshot
-from backprop_mcp.probes import now_iso, process_total, warn_once
+from backprop_mcp.core.errors import ConfigError
+from backprop_mcp.core.models import GpuInfo, GpuProcess, SystemSnapshot
+from backprop_mcp.governor.probes import now_iso, process_total, warn_once
 
 _NUM, _INT, _STR, _BOOL, _LIST = "a number", "an integer", "a string", "true or false", "a list"
 _TYPES: dict[str, tuple[type, ...]] = {

@@ -17,7 +17,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from backprop_mcp.errors import PathNotAllowed
+from backprop_mcp.core.errors import PathNotAllowed
 
 PathKind = Literal["file", "folder", "interpreter"]
 

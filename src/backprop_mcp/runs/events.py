@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from backprop_mcp.contract import EVENT_CHECKPOINT, EVENT_DONE, EVENT_METRIC, EVENT_PROGRESS, EVENTS
+from backprop_mcp.core.contract import EVENT_CHECKPOINT, EVENT_DONE, EVENT_METRIC, EVENT_PROGRESS, EVENTS
 
 # A real event line is well under 1 KiB, even with dozens of metrics. 64 KiB leaves room for
 # generous metric dicts while bounding what one line can cost the supervisor in memory and in

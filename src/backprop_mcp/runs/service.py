@@ -16,11 +16,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple, cast
 
-from backprop_mcp import confine, governor, proctree
-from backprop_mcp.admission import Admission
-from backprop_mcp.config import Settings, resolve_settings
-from backprop_mcp.confine import check_allowed
-from backprop_mcp.errors import (
+from backprop_mcp.core.config import Settings, resolve_settings
+from backprop_mcp.core.errors import (
     NoCheckpoint,
     RunNotFound,
     RunStateError,
@@ -28,17 +25,7 @@ from backprop_mcp.errors import (
     StoreError,
     UsageError,
 )
-from backprop_mcp.launch import (
-    abandon,
-    choose_python,
-    command,
-    contract_env,
-    detect_framework,
-    limits_of,
-    release,
-    spawn_supervisor,
-)
-from backprop_mcp.models import (
+from backprop_mcp.core.models import (
     ACTIVE_STATES,
     ALL_STATES,
     Comparison,
@@ -54,8 +41,7 @@ from backprop_mcp.models import (
     new_record,
     row_of,
 )
-from backprop_mcp.probes import make_probe
-from backprop_mcp.store import (
+from backprop_mcp.core.store import (
     STOP_REQUEST_FILE,
     Store,
     _tail_lines,
@@ -65,7 +51,22 @@ from backprop_mcp.store import (
     now_iso,
     parse_iso,
 )
-from backprop_mcp.stored import UNKNOWN_STATUS
+from backprop_mcp.core.stored import UNKNOWN_STATUS
+from backprop_mcp.governor import decisions, proctree
+from backprop_mcp.governor.admission import Admission
+from backprop_mcp.governor.probes import make_probe
+from backprop_mcp.runs import confine
+from backprop_mcp.runs.confine import check_allowed
+from backprop_mcp.runs.launch import (
+    abandon,
+    choose_python,
+    command,
+    contract_env,
+    detect_framework,
+    limits_of,
+    release,
+    spawn_supervisor,
+)
 
 # A run whose supervisor has not yet written its pid is "launching", not lost, for this long:
 # the gap between creating the record and the supervisor's first write is normally ~0.1 s.
@@ -265,7 +266,7 @@ class Service:
     def _launch(self, run_id: str) -> None:
         """Start the run's supervisor, all or nothing: it is held (see `spawn_supervisor`) until
         the pid file is written, and told to exit untouched if that fails."""
-        from backprop_mcp.probes import prime_cpu_cache
+        from backprop_mcp.governor.probes import prime_cpu_cache
 
         pid_file = self.store.run_dir(run_id) / "supervisor.pid"
         # The supervisor's first admission reads the CPU load from this cache; priming it now means
@@ -300,7 +301,7 @@ class Service:
         probe = make_probe(settings.gpu_probe, cpu_cache=self.store.governor_dir / "cpu_sample.json")
         snapshot = probe.snapshot()
         active = Admission(self.store.governor_dir).active()
-        return governor.evaluate(snapshot, limits_of(settings), active, now=time.time())
+        return decisions.evaluate(snapshot, limits_of(settings), active, now=time.time())
 
     def dry_run(self, request: RunRequest, *, allowed_roots: Sequence[Path] | None = None) -> DryRun:
         """What `start` would do, without starting anything."""
@@ -364,7 +365,7 @@ class Service:
                     f"run {run_id} is {record['status']}; only a finished run can be resumed",
                     hint=f"wait for it, or stop it first with `backprop stop {run_id}`",
                 )
-            from backprop_mcp.progress import newest_existing_checkpoint
+            from backprop_mcp.runs.progress import newest_existing_checkpoint
 
             usable = None
             if allowed_roots is not None:
@@ -560,7 +561,7 @@ class Service:
         active = admission.active()
         live = self._rows(a["run_id"] for a in active)
         queued = self._rows(admission.queued())
-        verdict = governor.evaluate(snapshot, limits_of(settings), active, now=time.time())
+        verdict = decisions.evaluate(snapshot, limits_of(settings), active, now=time.time())
         return SystemStatus(
             snapshot=snapshot, limits=limits_of(settings), live_runs=live, queued_runs=queued, verdict=verdict
         )
@@ -710,13 +711,13 @@ class Service:
 
     def compare(self, run_ids: Sequence[str], *, metric: str = "loss") -> Comparison:
         """Runs side by side on one metric."""
-        from backprop_mcp.compare import compare_runs
+        from backprop_mcp.runs.compare import compare_runs
 
         return compare_runs(self, run_ids, metric)
 
     def import_legacy(self, path: Path | None = None) -> ImportReport:
         """Import the seed's ~/.backprop/experiments.json."""
-        from backprop_mcp.legacy import import_experiments
+        from backprop_mcp.runs.legacy import import_experiments
 
         source = path or Path(self.env.get("HOME", str(Path.home()))) / ".backprop" / "experiments.json"
         return import_experiments(self, source)

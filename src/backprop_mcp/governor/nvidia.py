@@ -14,8 +14,8 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-from backprop_mcp.models import GpuInfo, GpuProcess
-from backprop_mcp.probes import ProbeError, warn_once
+from backprop_mcp.core.models import GpuInfo, GpuProcess
+from backprop_mcp.governor.probes import ProbeError, warn_once
 
 # Without persistence mode nvidia-smi initialises the driver on each call, 1-3 s on multi-GPU
 # machines; past 10 s the driver is wedged and waiting longer only delays the answer "unknown".

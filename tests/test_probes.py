@@ -15,7 +15,8 @@ import pytest
 from backprop_mcp.core.errors import ConfigError
 from backprop_mcp.governor.decisions import default_limits, evaluate
 from backprop_mcp.governor.nvidia import NvmlGpus, parse_compute_apps_csv, parse_gpu_csv
-from backprop_mcp.governor.probes import ENV_STATIC_PROBE, CachedCpu, CpuSampler, ProbeError, make_probe
+from backprop_mcp.governor.probe_choice import ENV_STATIC_PROBE, make_probe
+from backprop_mcp.governor.probes import CachedCpu, CpuSampler, ProbeError
 from backprop_mcp.governor.static_probe import StaticProbe, static_snapshot_from_json
 from tests.fake_gpu import FakeNvidiaSmi
 

@@ -14,7 +14,8 @@ import pytest
 from backprop_mcp.core.config import load_settings, read_file
 from backprop_mcp.core.errors import ConfigError
 from backprop_mcp.governor.decisions import evaluate
-from backprop_mcp.governor.probes import ProbeError, make_probe
+from backprop_mcp.governor.probe_choice import make_probe
+from backprop_mcp.governor.probes import ProbeError
 from backprop_mcp.governor.rocm import ROCM_SMI_QUERY, parse_rocm_smi_json
 from backprop_mcp.runs.service import RunRequest, Service
 from tests.fake_rocm import FakeRocmSmi

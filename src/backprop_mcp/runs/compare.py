@@ -10,22 +10,20 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from backprop_mcp.core.errors import UsageError
 from backprop_mcp.core.models import ComparedRun, Comparison, RunRecord
 from backprop_mcp.core.store import parse_iso
-
-if TYPE_CHECKING:
-    from backprop_mcp.runs.service import Service
 
 # Metrics whose names say "lower is better"; every other metric (acc, f1, bleu...) ranks higher-first.
 LOWER_IS_BETTER = re.compile(r"loss|err|perplex|mse|mae|rmse|nll|wer|cer", re.I)
 MAX_COMPARED = 50
 
 
-def compare_runs(service: Service, run_ids: Sequence[str], metric: str) -> Comparison:
+def compare_runs(get: Callable[[str], RunRecord], run_ids: Sequence[str], metric: str) -> Comparison:
+    """The runs (read with `get`, the service's reader that marks a dead run lost) ranked on `metric`."""
     if not run_ids:
         raise UsageError("give at least one run id to compare")
     if len(run_ids) > MAX_COMPARED:
@@ -33,7 +31,7 @@ def compare_runs(service: Service, run_ids: Sequence[str], metric: str) -> Compa
     lower = bool(LOWER_IS_BETTER.search(metric))
     runs: list[ComparedRun] = []
     for run_id in dict.fromkeys(run_ids):
-        record = service.get(run_id)
+        record = get(run_id)
         runs.append(
             ComparedRun(
                 run_id=run_id,

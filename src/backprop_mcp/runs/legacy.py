@@ -15,11 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 from backprop_mcp.core.errors import StoreError, UsageError
 from backprop_mcp.core.models import AttemptSummary, Checkpoint, RunRecord, new_record, row_of
-from backprop_mcp.core.store import now_iso, valid_run_id
+from backprop_mcp.core.store import Store, now_iso, valid_run_id
 from backprop_mcp.core.stored import Invalid, check_record
-
-if TYPE_CHECKING:
-    from backprop_mcp.runs.service import Service
 
 # The seed recorded these states; a run it left "running" has no supervisor any more.
 _STATUS = {
@@ -81,7 +78,7 @@ def _shown(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def import_experiments(service: Service, source: Path) -> ImportReportT:
+def import_experiments(store: Store, source: Path) -> ImportReportT:
     """Bring every valid experiment of the seed's file into the store; skip what is not valid."""
     try:
         data = json.loads(source.read_text(encoding="utf-8"))
@@ -107,7 +104,7 @@ def import_experiments(service: Service, source: Path) -> ImportReportT:
         if not isinstance(entry, dict) or not valid_run_id(run_id):
             skipped.append(f"{label}: no valid id (1-128 letters, digits, '-', '_', '.')")
             continue
-        if service.store.record_path(run_id).parent.exists():
+        if store.record_path(run_id).parent.exists():
             skipped.append(f"{label}: a run with this id already exists")
             continue
         try:
@@ -116,7 +113,7 @@ def import_experiments(service: Service, source: Path) -> ImportReportT:
             skipped.append(f"{label}: {exc}; nothing of it was imported")
             continue
         try:
-            _store(service, record, source)
+            _store(store, record, source)
         except (UsageError, StoreError) as exc:  # the id taken meanwhile, a full disk
             skipped.append(f"{label}: {exc.message}")
             continue
@@ -126,9 +123,9 @@ def import_experiments(service: Service, source: Path) -> ImportReportT:
     return ImportReport(source=str(source), imported=imported, skipped=skipped)
 
 
-def _store(service: Service, record: RunRecord, source: Path) -> None:
+def _store(store: Store, record: RunRecord, source: Path) -> None:
     """Create the run, its history and its index row, or nothing: a failure removes the run."""
-    store, run_id = service.store, record["run_id"]
+    run_id = record["run_id"]
     store.create(record)
     try:
         store.append_event(run_id, {"type": "imported", "source": str(source)})

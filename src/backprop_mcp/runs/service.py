@@ -54,7 +54,7 @@ from backprop_mcp.core.store import (
 from backprop_mcp.core.stored import UNKNOWN_STATUS
 from backprop_mcp.governor import decisions, proctree
 from backprop_mcp.governor.admission import Admission
-from backprop_mcp.governor.probes import make_probe
+from backprop_mcp.governor.probe_choice import make_probe
 from backprop_mcp.runs import confine
 from backprop_mcp.runs.confine import check_allowed
 from backprop_mcp.runs.launch import (
@@ -713,14 +713,14 @@ class Service:
         """Runs side by side on one metric."""
         from backprop_mcp.runs.compare import compare_runs
 
-        return compare_runs(self, run_ids, metric)
+        return compare_runs(self.get, run_ids, metric)
 
     def import_legacy(self, path: Path | None = None) -> ImportReport:
         """Import the seed's ~/.backprop/experiments.json."""
         from backprop_mcp.runs.legacy import import_experiments
 
         source = path or Path(self.env.get("HOME", str(Path.home()))) / ".backprop" / "experiments.json"
-        return import_experiments(self, source)
+        return import_experiments(self.store, source)
 
 
 def _check_python(python: str | None, cwd: Path, env: Mapping[str, str]) -> str | None:

@@ -29,7 +29,8 @@ from backprop_mcp.core.models import AttemptSummary, Decision, RunRecord, System
 from backprop_mcp.core.store import STOP_REQUEST_FILE, Store, now_iso
 from backprop_mcp.governor import decisions, proctree
 from backprop_mcp.governor.admission import Admission
-from backprop_mcp.governor.probes import SystemProbe, make_probe
+from backprop_mcp.governor.probe_choice import make_probe
+from backprop_mcp.governor.probes import SystemProbe
 from backprop_mcp.runs.events import LineSplitter, ProgressEvent, is_plain_progress, parse_line
 from backprop_mcp.runs.launch import (
     AWAIT_GO_FLAG,

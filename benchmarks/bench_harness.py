@@ -21,8 +21,9 @@ from typing import TypeVar
 
 import psutil
 
-from backprop_mcp.core.models import TERMINAL_STATES, RunRecord, row_of
-from backprop_mcp.core.store import Store, now_iso
+from backprop_mcp.core.clock import now_iso
+from backprop_mcp.core.records import TERMINAL_STATES, RunRecord, row_of
+from backprop_mcp.core.store import Store
 from backprop_mcp.runs.service import RunRequest, Service
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"

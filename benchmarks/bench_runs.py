@@ -39,7 +39,7 @@ from bench_harness import (
     wall,
 )
 
-from backprop_mcp.core.models import RunRecord
+from backprop_mcp.core.records import RunRecord
 from backprop_mcp.core.store import Store
 from backprop_mcp.governor import decisions
 from backprop_mcp.runs import supervisor

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import psutil
 
-from backprop_mcp.core.models import TERMINAL_STATES, RunRecord
+from backprop_mcp.core.records import TERMINAL_STATES, RunRecord
 from backprop_mcp.runs.service import Service
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -20,7 +20,7 @@ import pytest
 
 import backprop_mcp
 from backprop_mcp.core.errors import StoreError
-from backprop_mcp.core.models import ActiveRun, Decision, GpuInfo
+from backprop_mcp.core.machine import ActiveRun, Decision, GpuInfo
 from backprop_mcp.governor.admission import Admission
 from backprop_mcp.governor.decisions import default_limits, evaluate
 from backprop_mcp.governor.static_probe import static_snapshot_from_json

@@ -16,8 +16,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from backprop_mcp import cli as cli_module
-from backprop_mcp.core.config import FIELDS, Field
-from backprop_mcp.core.models import SCHEMA_VERSION, RunRecord
+from backprop_mcp.core.records import SCHEMA_VERSION, RunRecord
+from backprop_mcp.core.settings import FIELDS, Field
 from backprop_mcp.runs.events import LineSplitter, Oversized, parse_line
 from backprop_mcp.runs.progress import Progress
 from tests.helpers import FIXTURES, isolated_env

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from backprop_mcp.core.models import TERMINAL_STATES
+from backprop_mcp.core.records import TERMINAL_STATES
 from backprop_mcp.runs.service import Service
 from tests.fault_helpers import assert_nothing_survives, assert_store_files_valid, strict_json
 from tests.helpers import FIXTURES, cli, cli_json, wait_for_end

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import psutil
 
-from backprop_mcp.core.models import ACTIVE_STATES, TERMINAL_STATES
+from backprop_mcp.core.records import ACTIVE_STATES, TERMINAL_STATES
 from backprop_mcp.runs.service import Service
 from tests.fault_helpers import alive, assert_nothing_survives, start, supervisor_pid
 from tests.helpers import FIXTURES, cli_json, wait_for_end, wait_for_log, wait_until

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from backprop_mcp.core.models import ActiveRun, GpuInfo, Limits, SystemSnapshot
+from backprop_mcp.core.machine import ActiveRun, GpuInfo, Limits, SystemSnapshot
 from backprop_mcp.governor.decisions import (
     CPU_RESUME_MARGIN_PERCENT,
     PROMISE_WINDOW_SECONDS,

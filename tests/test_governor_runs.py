@@ -7,7 +7,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from backprop_mcp.core.store import parse_iso
+from backprop_mcp.core.clock import parse_iso
 from backprop_mcp.runs.service import RunRequest, Service
 from tests.fake_gpu import FakeNvidiaSmi
 from tests.helpers import (

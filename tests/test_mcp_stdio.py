@@ -16,7 +16,7 @@ from anyio.abc import Process
 from mcp import Client
 from mcp.client.stdio import StdioServerParameters
 
-from backprop_mcp.core.models import TERMINAL_STATES
+from backprop_mcp.core.records import TERMINAL_STATES
 from backprop_mcp.runs.service import Service
 from tests.helpers import isolated_env
 from tests.test_mcp_tools import ERAS, GENEROUS, call, wait_end, write_script

@@ -673,7 +673,8 @@ async def test_structured_results_also_come_as_json_text_for_clients_without_str
 def test_the_tools_offer_exactly_the_frameworks_and_stop_signals_the_config_accepts() -> None:
     from typing import get_args
 
-    from backprop_mcp.core.config import FRAMEWORK_CHOICES, STOP_SIGNALS
+    from backprop_mcp.core.parsers import STOP_SIGNALS
+    from backprop_mcp.core.settings import FRAMEWORK_CHOICES
     from backprop_mcp.mcp_server.tools import FrameworkName, SignalName
 
     assert get_args(FrameworkName) == FRAMEWORK_CHOICES

@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from backprop_mcp.core.models import ActiveRun, Decision
+from backprop_mcp.core.machine import ActiveRun, Decision
 from backprop_mcp.governor.admission import Admission
 from backprop_mcp.runs.service import RunRequest, Service
 from tests.fault_helpers import alive, assert_nothing_survives, start, supervisor_pid

@@ -393,7 +393,7 @@ def test_the_rocm_probe_reads_the_fake_end_to_end(tmp_path: Path, monkeypatch: p
 def test_a_failing_rocm_smi_makes_the_gpu_state_unknown_and_refuses_gpu_runs(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, output: str, status: int, says: str
 ) -> None:
-    from backprop_mcp.core.config import Settings
+    from backprop_mcp.core.settings import Settings
     from backprop_mcp.runs.launch import limits_of
 
     fake = FakeRocmSmi(tmp_path)

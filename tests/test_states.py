@@ -18,12 +18,12 @@ import anyio
 import psutil
 import pytest
 
+from backprop_mcp.backends import local
+from backprop_mcp.core import files as files_module
 from backprop_mcp.core import store as store_module
+from backprop_mcp.core.clock import parse_iso
 from backprop_mcp.core.errors import StoreError
-from backprop_mcp.core.store import parse_iso
 from backprop_mcp.mcp_server.roots import Roots
-from backprop_mcp.runs import launch
-from backprop_mcp.runs import service as service_module
 from backprop_mcp.runs.service import RunRequest, Service
 from tests.fault_helpers import alive, assert_nothing_survives, start, supervisor_pid
 from tests.helpers import FIXTURES, cli, cli_json, wait_for_end, wait_for_log, wait_until
@@ -39,7 +39,7 @@ STOPPED = ("stopped", "stop_requested")
 
 
 def _full(action: str, path: Path) -> StoreError:
-    return store_module._storage_error(action, path, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+    return files_module.storage_error(action, path, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
 
 
 # -- item 7: a stop right after the start -------------------------------------------------------
@@ -273,7 +273,7 @@ def test_a_start_whose_supervisor_cannot_be_spawned_leaves_nothing(
     def cannot_spawn(*args: object, **kwargs: object) -> subprocess.Popen[bytes]:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(service_module, "spawn_supervisor", cannot_spawn)
+    monkeypatch.setattr(local, "spawn_supervisor", cannot_spawn)
     with pytest.raises(StoreError, match="could not start the supervisor"):
         service.start(_request("no-supervisor"))
     _assert_nothing_half_made(service, "no-supervisor")
@@ -284,7 +284,7 @@ def test_a_supervisor_launched_for_a_start_that_then_fails_exits_untouched(
     service: Service, monkeypatch: pytest.MonkeyPatch, where: str
 ) -> None:
     spawned: list[subprocess.Popen[bytes]] = []
-    real_spawn = launch.spawn_supervisor
+    real_spawn = local.spawn_supervisor
 
     def spawn(*args: Any, **kwargs: Any) -> subprocess.Popen[bytes]:
         spawned.append(real_spawn(*args, **kwargs))
@@ -296,11 +296,11 @@ def test_a_supervisor_launched_for_a_start_that_then_fails_exits_untouched(
     def broken_pipe(proc: subprocess.Popen[bytes]) -> None:
         raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
 
-    monkeypatch.setattr(service_module, "spawn_supervisor", spawn)
+    monkeypatch.setattr(local, "spawn_supervisor", spawn)
     if where == "pid file":
-        monkeypatch.setattr(service_module, "atomic_write", disk_full)
+        monkeypatch.setattr(local, "atomic_write", disk_full)
     else:
-        monkeypatch.setattr(service_module, "release", broken_pipe)
+        monkeypatch.setattr(local, "release", broken_pipe)
     with pytest.raises(StoreError):
         service.start(_request("held-back"))
     assert len(spawned) == 1
@@ -335,7 +335,7 @@ def test_a_resume_that_cannot_launch_leaves_the_run_as_it_was(
     elif where == "append_event":
         monkeypatch.setattr(service.store, "append_event", disk_full)
     else:
-        monkeypatch.setattr(service_module, "spawn_supervisor", cannot_spawn)
+        monkeypatch.setattr(local, "spawn_supervisor", cannot_spawn)
     with pytest.raises(StoreError):
         service.resume(run_id)
     monkeypatch.undo()

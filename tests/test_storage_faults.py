@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from backprop_mcp.core import store as store_module
+from backprop_mcp.core import files as files_module
 from backprop_mcp.core.errors import RunNotFound
 from backprop_mcp.runs.service import Service
 from tests.fault_helpers import alive, assert_nothing_survives, start, strict_json, supervisor_pid
@@ -231,10 +231,10 @@ def test_reading_a_file_backwards_yields_its_lines_in_reverse_whatever_the_block
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "f"
         path.write_bytes(b"\n".join(lines))
-        original = store_module._REVERSE_BLOCK
-        store_module._REVERSE_BLOCK = block
+        original = files_module._REVERSE_BLOCK
+        files_module._REVERSE_BLOCK = block
         try:
-            got = list(store_module._reverse_lines(path))
+            got = list(files_module.reverse_lines(path))
         finally:
-            store_module._REVERSE_BLOCK = original
+            files_module._REVERSE_BLOCK = original
     assert got == [line for line in reversed(lines) if line.strip()]

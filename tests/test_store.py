@@ -12,10 +12,12 @@ from pathlib import Path
 
 import pytest
 
+from backprop_mcp.core import files as files_module
 from backprop_mcp.core import store as store_module
+from backprop_mcp.core.clock import now_iso
 from backprop_mcp.core.errors import RunNotFound, StoreCorrupt, StoreError
-from backprop_mcp.core.models import RunRecord, new_record, row_of
-from backprop_mcp.core.store import Store, now_iso
+from backprop_mcp.core.records import RunRecord, new_record, row_of
+from backprop_mcp.core.store import Store
 from backprop_mcp.runs.service import Service
 
 
@@ -109,7 +111,7 @@ def test_listing_reads_only_as_far_back_as_it_needs(tmp_path: Path, monkeypatch:
     for n in range(300):
         add(service.store, f"r{n:03d}", name=f"n{n}")
     read_lines = 0
-    original = store_module._reverse_lines
+    original = files_module.reverse_lines
 
     def counting(path: Path):  # type: ignore[no-untyped-def]
         nonlocal read_lines
@@ -117,7 +119,7 @@ def test_listing_reads_only_as_far_back_as_it_needs(tmp_path: Path, monkeypatch:
             read_lines += 1
             yield line
 
-    monkeypatch.setattr(store_module, "_reverse_lines", counting)
+    monkeypatch.setattr(files_module, "reverse_lines", counting)
     page = service.list_runs(limit=5)
     assert [r["run_id"] for r in page["runs"]] == ["r299", "r298", "r297", "r296", "r295"]
     assert read_lines <= 6

@@ -16,8 +16,9 @@ from typing import Any
 import anyio
 import pytest
 
-from backprop_mcp.core.models import RunRecord, new_record, row_of
-from backprop_mcp.core.store import Store, now_iso
+from backprop_mcp.core.clock import now_iso
+from backprop_mcp.core.records import RunRecord, new_record, row_of
+from backprop_mcp.core.store import Store
 from backprop_mcp.governor.admission import Admission
 from backprop_mcp.mcp_server.roots import Roots
 from backprop_mcp.mcp_server.tools import build_server

@@ -69,7 +69,7 @@ class _Parser(argparse.ArgumentParser):
 def _add_options(
     parser: argparse.ArgumentParser, specs: list[tuple[tuple[str, ...], str, dict[str, Any]]]
 ) -> None:
-    from backprop_mcp.core.config import FIELDS_BY_NAME
+    from backprop_mcp.core.settings import FIELDS_BY_NAME
 
     for flags, name, extra in specs:
         # argparse formats help with %: a literal one ('"80%" of the GPU') must be doubled.
@@ -224,7 +224,7 @@ def _explicit_config(raw: str) -> Path:
 
 
 def _print_settings(settings: Any, origins: dict[str, str]) -> None:
-    from backprop_mcp.core.config import FIELDS, RUN_DEFAULTS
+    from backprop_mcp.core.settings import FIELDS, RUN_DEFAULTS
 
     rows = [(f.key, f.name) for f in FIELDS] + [(k.key, k.name) for k in RUN_DEFAULTS]
     width = max(len(key) for key, _ in rows)
@@ -388,7 +388,7 @@ def _follow(service: Any, run_id: str, *, out: bool, show_progress: bool) -> int
     """Show a run until it ends: its output, state changes and progress. Ctrl-C once asks for a
     graceful stop (the script can checkpoint); twice kills it."""
     from backprop_mcp.cli import render
-    from backprop_mcp.core.models import TERMINAL_STATES
+    from backprop_mcp.core.records import TERMINAL_STATES
     from backprop_mcp.runs.events import parse_line
 
     tty = sys.stdout.isatty() and not out

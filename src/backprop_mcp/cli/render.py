@@ -7,7 +7,9 @@ import re
 import time
 from typing import Any
 
-from backprop_mcp.core.models import Decision, RunRecord, RunRow, SystemStatus
+from backprop_mcp.core.answers import SystemStatus
+from backprop_mcp.core.machine import Decision
+from backprop_mcp.core.records import RunRecord, RunRow
 
 # What must never reach a terminal raw from stored or user-given text: C0 controls (a newline
 # forges a row, ESC starts escape codes that set the title or rewrite the screen), DEL, C1 controls
@@ -206,7 +208,7 @@ def status_text(status: SystemStatus) -> str:
 
 
 def seconds_until(iso: str | None, now: float | None = None) -> float | None:
-    from backprop_mcp.core.store import parse_iso
+    from backprop_mcp.core.clock import parse_iso
 
     at = parse_iso(iso)
     return None if at is None else at - (time.time() if now is None else now)

@@ -19,21 +19,21 @@ Stdlib only: the supervisor and the CLI's fast paths import it.
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import json
 import logging
 import os
 import re
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TypeGuard
 
+from backprop_mcp.core import files
+from backprop_mcp.core.clock import now_iso
 from backprop_mcp.core.errors import RunNotFound, StoreCorrupt, StoreError, UsageError
-from backprop_mcp.core.models import SCHEMA_VERSION, RunRecord, RunRow, row_of
+from backprop_mcp.core.files import all_lines, append_line, atomic_write, file_lock, storage_error, tail_lines
+from backprop_mcp.core.records import SCHEMA_VERSION, RunRecord, RunRow, row_of
 from backprop_mcp.core.stored import Invalid, check_record, check_row, salvage_row, stored_version
 
 log = logging.getLogger(__name__)
@@ -42,11 +42,12 @@ log = logging.getLogger(__name__)
 RUN_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 # Where `stop` leaves its request, for a supervisor whose pid was not known yet when it came.
 STOP_REQUEST_FILE = "stop-request.json"
+# Where the local backend's starter records the supervisor it spawned (see `backends.local`).
+SUPERVISOR_PID_FILE = "supervisor.pid"
 # Compact the index when it holds this many times more lines than runs (plus slack), so listing
 # stays proportional to the number of runs rather than to the number of state changes ever made.
 COMPACT_RATIO = 4
 COMPACT_SLACK = 1000
-_REVERSE_BLOCK = 64 * 1024
 # An index row is about this long; used to estimate the line count from the file size.
 _TYPICAL_ROW_BYTES = 250
 
@@ -75,88 +76,6 @@ def check_run_id(run_id: str) -> str:
     return run_id
 
 
-def now_iso(at: float | None = None) -> str:
-    """ISO 8601 UTC with milliseconds."""
-    at = time.time() if at is None else at
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(at)) + f".{int(at % 1 * 1000):03d}Z"
-
-
-def parse_iso(value: str | None) -> float | None:
-    """Unix time of a `now_iso` string; None for None or anything else."""
-    if not value:
-        return None
-    import calendar
-
-    try:
-        base = calendar.timegm(time.strptime(value[:19], "%Y-%m-%dT%H:%M:%S"))
-        return base + (float("0" + value[19:-1]) if value[19:20] == "." else 0.0)
-    except ValueError:
-        return None
-
-
-def _storage_error(action: str, path: Path, exc: OSError) -> StoreError:
-    if exc.errno == errno.ENOSPC:
-        why = "the disk is full"
-    elif exc.errno == errno.EDQUOT:
-        why = "the disk quota is exceeded"
-    elif exc.errno in (errno.EACCES, errno.EPERM):
-        why = "permission denied"
-    elif exc.errno == errno.EROFS:
-        why = "the file system is read-only"
-    else:
-        why = exc.strerror or str(exc)
-    return StoreError(
-        f"cannot {action} {path}: {why}; nothing already stored was changed",
-        hint="free space or fix the permissions of the store (BACKPROP_HOME), then try again",
-    )
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write a file by temp file + fsync + rename in the same folder: readers see old or new, never half."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise _storage_error("write", path, exc) from None
-
-
-def append_line(path: Path, obj: object) -> None:
-    """Append one JSON line with a single O_APPEND write (atomic with respect to other appenders)."""
-    data = (json.dumps(obj, separators=(",", ":"), allow_nan=False) + "\n").encode("utf-8")
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, data)
-        finally:
-            os.close(fd)
-    except OSError as exc:
-        raise _storage_error("append to", path, exc) from None
-
-
-@contextlib.contextmanager
-def file_lock(path: Path, *, blocking: bool = True) -> Iterator[bool]:
-    """An flock held for the block; the kernel drops it if the holder dies, so no stale locks."""
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    except OSError as exc:
-        raise _storage_error("lock", path, exc) from None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-        except BlockingIOError:
-            yield False
-            return
-        yield True
-    finally:
-        os.close(fd)
-
-
 class Store:
     """The experiment store rooted at `home`."""
 
@@ -175,7 +94,7 @@ class Store:
             try:
                 folder.mkdir(mode=0o700, parents=True, exist_ok=True)
             except OSError as exc:
-                raise _storage_error("create", folder, exc) from None
+                raise storage_error("create", folder, exc) from None
         return self
 
     # -- runs -----------------------------------------------------------------------------------
@@ -207,7 +126,7 @@ class Store:
                 f"or use `backprop resume {record['run_id']}`"
             ) from None
         except OSError as exc:
-            raise _storage_error("create", folder, exc) from None
+            raise storage_error("create", folder, exc) from None
         try:
             (folder / "logs").mkdir(mode=0o700)
             (folder / "checkpoints").mkdir(mode=0o700)
@@ -245,7 +164,7 @@ class Store:
             try:
                 old = path.read_bytes()  # a file system without hard links: keep the bytes instead
             except OSError as exc:
-                raise _storage_error("read", path, exc) from None
+                raise storage_error("read", path, exc) from None
         events = self.events_path(run_id)
         events_size = events.stat().st_size if events.exists() else 0
         index_since = self.index_size()
@@ -283,7 +202,7 @@ class Store:
         except IsADirectoryError:
             raise self._corrupt(run_id, path, "it is a folder, not a file") from None
         except OSError as exc:
-            raise _storage_error("read", path, exc) from None
+            raise storage_error("read", path, exc) from None
 
     def _decode(self, run_id: str, path: Path, raw: bytes) -> RunRecord:
         try:
@@ -336,7 +255,7 @@ class Store:
     def read_events(self, run_id: str, *, limit: int | None = None) -> list[dict[str, Any]]:
         """The run's history (the last `limit` entries); corrupt lines are skipped."""
         path = self.events_path(run_id)
-        lines = _tail_lines(path, limit) if limit else _all_lines(path)
+        lines = tail_lines(path, limit) if limit else all_lines(path)
         events = []
         for line in lines:
             try:
@@ -403,7 +322,7 @@ class Store:
             except FileNotFoundError:
                 return
             except OSError as exc:
-                raise _storage_error("rewrite", self.index_path, exc) from None
+                raise storage_error("rewrite", self.index_path, exc) from None
             try:
                 size = os.fstat(fd).st_size
                 # Compacted since, or not at a line start: filter the whole file instead.
@@ -416,7 +335,7 @@ class Store:
                     os.pwrite(fd, data, since)
                     os.ftruncate(fd, since + len(data))
             except OSError as exc:
-                raise _storage_error("rewrite", self.index_path, exc) from None
+                raise storage_error("rewrite", self.index_path, exc) from None
             finally:
                 os.close(fd)
 
@@ -433,7 +352,7 @@ class Store:
                 return
         latest: dict[str, dict[str, Any]] = {}
         yielded: set[str] = set()
-        for line in _reverse_lines(self.index_path):
+        for line in files.reverse_lines(self.index_path):
             try:
                 data = json.loads(line)
                 row: dict[str, Any] = dict(check_row(data, valid_run_id))
@@ -501,7 +420,7 @@ class Store:
                 return
             latest: dict[str, dict[str, Any]] = {}
             order: list[str] = []
-            for line in _all_lines(self.index_path):
+            for line in all_lines(self.index_path):
                 try:
                     checked = check_row(json.loads(line), valid_run_id)
                 except (ValueError, RecursionError):
@@ -520,53 +439,3 @@ def _row_run_id(line: bytes) -> object:
     except (ValueError, RecursionError):
         return None
     return row.get("run_id") if isinstance(row, dict) else None
-
-
-def _all_lines(path: Path) -> list[bytes]:
-    try:
-        return [line for line in path.read_bytes().split(b"\n") if line.strip()]
-    except FileNotFoundError:
-        return []
-
-
-def _reverse_lines(path: Path) -> Iterator[bytes]:
-    """Lines of a file from the last to the first, reading blocks from the end."""
-    try:
-        handle = path.open("rb")
-    except FileNotFoundError:
-        return
-    with handle:
-        handle.seek(0, os.SEEK_END)
-        position = handle.tell()
-        # Pieces of the line being read backwards, last piece first. Kept as a list and joined once
-        # the line's start is found: prepending to one bytes object made a 50 MB line cost O(n²).
-        pending: list[bytes] = []
-        while position > 0:
-            size = min(_REVERSE_BLOCK, position)
-            position -= size
-            handle.seek(position)
-            lines = handle.read(size).split(b"\n")
-            if len(lines) == 1:
-                pending.append(lines[0])
-                continue
-            pending.append(lines[-1])
-            line = b"".join(reversed(pending))
-            if line.strip():
-                yield line
-            for line in reversed(lines[1:-1]):
-                if line.strip():
-                    yield line
-            pending = [lines[0]]
-        rest = b"".join(reversed(pending))
-        if rest.strip():
-            yield rest
-
-
-def _tail_lines(path: Path, limit: int) -> list[bytes]:
-    out: list[bytes] = []
-    for line in _reverse_lines(path):
-        out.append(line)
-        if len(out) >= limit:
-            break
-    out.reverse()
-    return out

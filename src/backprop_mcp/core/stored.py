@@ -25,7 +25,7 @@ from typing import Any, Literal, NotRequired, cast
 
 from typing_extensions import get_type_hints, is_typeddict
 
-from backprop_mcp.core.models import ALL_STATES, SCHEMA_VERSION, RunRecord, RunRow, new_record
+from backprop_mcp.core.records import ALL_STATES, SCHEMA_VERSION, RunRecord, RunRow, new_record
 
 # Fields without which a record says nothing usable about its run.
 CORE_FIELDS: frozenset[str] = frozenset(

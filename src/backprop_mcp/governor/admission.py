@@ -37,7 +37,7 @@ from typing import Any, NotRequired, TypedDict, cast
 import psutil
 
 from backprop_mcp.core.errors import StoreError
-from backprop_mcp.core.models import ActiveRun, Decision
+from backprop_mcp.core.machine import ActiveRun, Decision
 from backprop_mcp.governor import proctree
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,8 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 
-from backprop_mcp.core.models import ACTIVE_STATES, ActiveRun, Decision, GpuInfo, Limits, SystemSnapshot
+from backprop_mcp.core.machine import ActiveRun, Decision, GpuInfo, Limits, SystemSnapshot
+from backprop_mcp.core.records import ACTIVE_STATES
 
 # The seed's documented default: room for the OS, a data loader's workers and an editor.
 DEFAULT_MIN_FREE_RAM_GB = 4.0

@@ -14,7 +14,7 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-from backprop_mcp.core.models import GpuInfo, GpuProcess
+from backprop_mcp.core.machine import GpuInfo, GpuProcess
 from backprop_mcp.governor.probes import ProbeError, warn_once
 
 # Without persistence mode nvidia-smi initialises the driver on each call, 1-3 s on multi-GPU

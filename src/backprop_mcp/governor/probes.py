@@ -26,7 +26,7 @@ from typing import NamedTuple, Protocol
 
 import psutil
 
-from backprop_mcp.core.models import GpuInfo, SystemSnapshot
+from backprop_mcp.core.machine import GpuInfo, SystemSnapshot
 
 log = logging.getLogger(__name__)
 

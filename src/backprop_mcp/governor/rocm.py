@@ -12,7 +12,7 @@ import json
 import re
 from typing import Any
 
-from backprop_mcp.core.models import GpuInfo
+from backprop_mcp.core.machine import GpuInfo
 from backprop_mcp.governor.nvidia import run_tool
 from backprop_mcp.governor.probes import ProbeError
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from backprop_mcp.core.errors import ConfigError
-from backprop_mcp.core.models import GpuInfo, GpuProcess, SystemSnapshot
+from backprop_mcp.core.machine import GpuInfo, GpuProcess, SystemSnapshot
 from backprop_mcp.governor.probes import now_iso, process_total, warn_once
 
 _NUM, _INT, _STR, _BOOL, _LIST = "a number", "an integer", "a string", "true or false", "a list"

@@ -30,7 +30,7 @@ from mcp_types import Tool as MCPTool
 from pydantic import TypeAdapter, ValidationError
 
 from backprop_mcp.core.errors import BackpropError, PathNotAllowed, RunNotFound
-from backprop_mcp.core.models import ACTIVE_STATES, RunRecord
+from backprop_mcp.core.records import ACTIVE_STATES, RunRecord
 from backprop_mcp.mcp_server.roots import Roots, client_roots
 from backprop_mcp.mcp_server.shapes import (
     STATUS_LOG_LINES,

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import unquote, urlsplit
 
-from backprop_mcp.core.config import FIELDS_BY_NAME, load_settings
+from backprop_mcp.core.config import load_settings
+from backprop_mcp.core.settings import FIELDS_BY_NAME
 
 RootsSource = Literal["client", "option", "environment", "config", "default", "none"]
 

@@ -11,7 +11,7 @@ from typing import Any
 from typing_extensions import TypedDict
 
 from backprop_mcp.core.errors import BackpropError, RunNotFound
-from backprop_mcp.core.models import ACTIVE_STATES, RunRecord
+from backprop_mcp.core.records import ACTIVE_STATES, RunRecord
 
 # How many log lines get_status shows; get_logs gives more.
 STATUS_LOG_LINES = 10

@@ -14,8 +14,9 @@ from mcp_types import ToolAnnotations
 from pydantic import Field
 
 from backprop_mcp import __version__
-from backprop_mcp.core.config import FIELDS_BY_NAME
-from backprop_mcp.core.models import Comparison, DryRun, LogTail, RunPage, RunRecord, RunState, SystemStatus
+from backprop_mcp.core.answers import Comparison, DryRun, LogTail, RunPage, SystemStatus
+from backprop_mcp.core.records import RunRecord, RunState
+from backprop_mcp.core.settings import FIELDS_BY_NAME
 from backprop_mcp.mcp_server.app import (
     WAIT_POLL_SECONDS,
     App,

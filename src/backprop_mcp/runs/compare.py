@@ -13,9 +13,10 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from backprop_mcp.core.answers import ComparedRun, Comparison
+from backprop_mcp.core.clock import parse_iso
 from backprop_mcp.core.errors import UsageError
-from backprop_mcp.core.models import ComparedRun, Comparison, RunRecord
-from backprop_mcp.core.store import parse_iso
+from backprop_mcp.core.records import RunRecord
 
 # Metrics whose names say "lower is better"; every other metric (acc, f1, bleu...) ranks higher-first.
 LOWER_IS_BETTER = re.compile(r"loss|err|perplex|mse|mae|rmse|nll|wer|cer", re.I)

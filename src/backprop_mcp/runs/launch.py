@@ -1,21 +1,20 @@
 """How a run's script is started: interpreter choice, framework detection, the argv and the
-contract environment, and the detached launch of a run's supervisor process."""
+contract environment; and the handshake by which a new supervisor waits for its starter's go
+(the starter's side belongs to the backend: `backends.local.spawn_supervisor`)."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import signal
-import subprocess
 import sys
-import threading
 from collections.abc import Mapping
 from pathlib import Path
 
 from backprop_mcp.core import contract
-from backprop_mcp.core.config import Settings
-from backprop_mcp.core.models import GpuInfo, Limits, RunRecord
+from backprop_mcp.core.machine import GpuInfo, Limits
+from backprop_mcp.core.records import RunRecord
+from backprop_mcp.core.settings import Settings
 
 # How much of the script is read to detect its framework: imports sit at the top.
 _DETECT_BYTES = 256 * 1024
@@ -142,61 +141,7 @@ def contract_env(record: RunRecord, run_dir: Path, deadline: float | None) -> di
 # sent at once after starting a run stays pending instead of killing the half-started supervisor,
 # and is handled the moment the supervisor unblocks them. A blocked mask survives fork and exec.
 HELD_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP})
-# The flag that makes a supervisor wait for its starter's go (see `spawn_supervisor`).
+# The flag that makes a supervisor wait for its starter's go (see `backends.local.spawn_supervisor`).
 AWAIT_GO_FLAG = "--await-go"
 # What the starter writes on the supervisor's stdin once the start is complete.
 GO = b"go"
-
-
-def spawn_supervisor(home: Path, run_id: str, env: Mapping[str, str]) -> subprocess.Popen[bytes]:
-    """Start the run's supervisor detached (own session, output to its log file), so that it
-    outlives the CLI or MCP server that started it.
-
-    It starts with `HELD_SIGNALS` blocked, and does nothing until the starter calls `release`
-    (the start is complete) or `abandon` (the start is rolled back: it exits without a trace).
-    """
-    log_path = home / "runs" / run_id / "supervisor.log"
-    fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    # Only this thread's mask changes, and only for the moment of the fork: the child inherits it.
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
-    try:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "backprop_mcp.runs.supervisor", str(home), run_id, AWAIT_GO_FLAG],
-            stdin=subprocess.PIPE,
-            stdout=fd,
-            stderr=fd,
-            start_new_session=True,
-            close_fds=True,
-            env=dict(env),
-        )
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-        os.close(fd)
-    return proc
-
-
-def release(proc: subprocess.Popen[bytes]) -> None:
-    """Tell a held supervisor to go on; OSError when it is already gone (the start failed)."""
-    if proc.stdin is None:
-        raise RuntimeError("the supervisor was started without its go pipe")  # spawn_supervisor gives one
-    try:
-        proc.stdin.write(GO)
-        proc.stdin.flush()
-    finally:
-        with contextlib.suppress(OSError):
-            proc.stdin.close()
-    # Reap it when it ends, so a long-lived starter (the MCP server) collects no zombies.
-    threading.Thread(target=proc.wait, name=f"reap-{proc.pid}", daemon=True).start()
-
-
-def abandon(proc: subprocess.Popen[bytes], timeout: float) -> None:
-    """Roll back a held supervisor: it reads end-of-file without the go and exits untouched.
-    Waits for it (killing it after `timeout`) so that it writes nothing into a folder being removed."""
-    if proc.stdin is not None:
-        with contextlib.suppress(OSError):
-            proc.stdin.close()
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()

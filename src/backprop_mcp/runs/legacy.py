@@ -13,9 +13,10 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from backprop_mcp.core.clock import now_iso
 from backprop_mcp.core.errors import StoreError, UsageError
-from backprop_mcp.core.models import AttemptSummary, Checkpoint, RunRecord, new_record, row_of
-from backprop_mcp.core.store import Store, now_iso, valid_run_id
+from backprop_mcp.core.records import AttemptSummary, Checkpoint, RunRecord, new_record, row_of
+from backprop_mcp.core.store import Store, valid_run_id
 from backprop_mcp.core.stored import Invalid, check_record
 
 # The seed recorded these states; a run it left "running" has no supervisor any more.
@@ -118,7 +119,7 @@ def import_experiments(store: Store, source: Path) -> ImportReportT:
             skipped.append(f"{label}: {exc.message}")
             continue
         imported.append(run_id)
-    from backprop_mcp.core.models import ImportReport
+    from backprop_mcp.core.answers import ImportReport
 
     return ImportReport(source=str(source), imported=imported, skipped=skipped)
 
@@ -188,4 +189,4 @@ def _record(entry: dict[str, Any], run_id: str) -> RunRecord:
 
 
 if TYPE_CHECKING:
-    from backprop_mcp.core.models import ImportReport as ImportReportT
+    from backprop_mcp.core.answers import ImportReport as ImportReportT

@@ -8,8 +8,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from backprop_mcp.core.models import Checkpoint, RunRecord
-from backprop_mcp.core.store import now_iso
+from backprop_mcp.core.clock import now_iso
+from backprop_mcp.core.records import Checkpoint, RunRecord
 from backprop_mcp.runs.events import CheckpointEvent, DoneEvent, Event, MetricEvent, ProgressEvent
 
 # A record keeps this many checkpoints (newest last); older ones stay in events.jsonl.

@@ -10,13 +10,16 @@ import json
 import os
 import re
 import shutil
-import signal
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple, cast
 
-from backprop_mcp.core.config import Settings, resolve_settings
+from backprop_mcp.backends.base import Backend, SupervisorId
+from backprop_mcp.backends.local import LocalBackend
+from backprop_mcp.core.answers import Comparison, DryRun, ImportReport, LogTail, RunPage, SystemStatus
+from backprop_mcp.core.clock import now_iso, parse_iso
+from backprop_mcp.core.config import resolve_settings
 from backprop_mcp.core.errors import (
     NoCheckpoint,
     RunNotFound,
@@ -25,32 +28,19 @@ from backprop_mcp.core.errors import (
     StoreError,
     UsageError,
 )
-from backprop_mcp.core.models import (
+from backprop_mcp.core.files import atomic_write, tail_lines
+from backprop_mcp.core.machine import Decision
+from backprop_mcp.core.records import (
     ACTIVE_STATES,
     ALL_STATES,
-    Comparison,
-    Decision,
-    DryRun,
-    ImportReport,
-    LogTail,
-    RunPage,
     RunRecord,
     RunRow,
-    SystemStatus,
     new_attempt,
     new_record,
     row_of,
 )
-from backprop_mcp.core.store import (
-    STOP_REQUEST_FILE,
-    Store,
-    _tail_lines,
-    atomic_write,
-    check_run_id,
-    default_home,
-    now_iso,
-    parse_iso,
-)
+from backprop_mcp.core.settings import Settings
+from backprop_mcp.core.store import STOP_REQUEST_FILE, SUPERVISOR_PID_FILE, Store, check_run_id, default_home
 from backprop_mcp.core.stored import UNKNOWN_STATUS
 from backprop_mcp.governor import decisions, proctree
 from backprop_mcp.governor.admission import Admission
@@ -58,22 +48,16 @@ from backprop_mcp.governor.probe_choice import make_probe
 from backprop_mcp.runs import confine
 from backprop_mcp.runs.confine import check_allowed
 from backprop_mcp.runs.launch import (
-    abandon,
     choose_python,
     command,
     contract_env,
     detect_framework,
     limits_of,
-    release,
-    spawn_supervisor,
 )
 
 # A run whose supervisor has not yet written its pid is "launching", not lost, for this long:
 # the gap between creating the record and the supervisor's first write is normally ~0.1 s.
 LAUNCH_GRACE_SECONDS = 30.0
-# A supervisor told to abandon its start exits as soon as its interpreter is up (well under a
-# second); this bounds the wait on a machine stalled for a long while before it is killed.
-ABANDON_WAIT_SECONDS = 30.0
 MAX_LIST_LIMIT = 1000
 # A page cursor is an offset: ASCII digits, short enough that int() takes it at once.
 _CURSOR_RE = re.compile(r"[0-9]{1,18}")
@@ -119,6 +103,7 @@ class Service:
         env: Mapping[str, str] | None = None,
         cwd: Path | None = None,
         config_file: Path | None = None,
+        backend: Backend | None = None,
     ) -> None:
         self.env: Mapping[str, str] = dict(os.environ) if env is None else env
         self.store = Store(home or default_home(dict(self.env)))
@@ -127,6 +112,8 @@ class Service:
         """An explicit config file (`--config`), read instead of the project file."""
         self.on_settings: Callable[[Settings, dict[str, str]], None] | None = None
         """Called with every resolved configuration and the origin of each setting (--verbose)."""
+        self.backend: Backend = backend or LocalBackend()
+        """Where the runs' supervisors run: this machine unless another backend is given."""
 
     # -- starting ---------------------------------------------------------------------------------
 
@@ -264,37 +251,8 @@ class Service:
         return given if given.is_absolute() else self.cwd / given
 
     def _launch(self, run_id: str) -> None:
-        """Start the run's supervisor, all or nothing: it is held (see `spawn_supervisor`) until
-        the pid file is written, and told to exit untouched if that fails."""
-        from backprop_mcp.governor.probes import prime_cpu_cache
-
-        pid_file = self.store.run_dir(run_id) / "supervisor.pid"
-        # The supervisor's first admission reads the CPU load from this cache; priming it now means
-        # that first reading is a real sample over the launch, not a blocking 0.1 s one.
-        prime_cpu_cache(self.store.governor_dir / "cpu_sample.json")
-        try:
-            proc = spawn_supervisor(self.store.home, run_id, self.env)
-        except OSError as exc:
-            raise StoreError(f"could not start the supervisor of run {run_id}: {exc}") from None
-        try:
-            started = proctree.start_time(proc.pid)
-            # Through the store's atomic write: the file is 0600 like the rest of the store
-            # (write_text would follow the umask), and a reader never sees it half written.
-            atomic_write(pid_file, json.dumps({"pid": proc.pid, "started": started}).encode("utf-8"))
-        except BaseException:
-            abandon(proc, ABANDON_WAIT_SECONDS)
-            raise
-        try:
-            release(proc)
-        except OSError:
-            # The pid file first: a supervisor without its go goes on only if that file names it.
-            pid_file.unlink(missing_ok=True)
-            abandon(proc, ABANDON_WAIT_SECONDS)
-            log = self.store.run_dir(run_id) / "supervisor.log"
-            raise StoreError(
-                f"the supervisor of run {run_id} ended as it started (exit status {proc.returncode})"
-                + _last_line(log)
-            ) from None
+        """Submit the run's current attempt to the backend, all or nothing (see `Backend.submit`)."""
+        self.backend.submit(self.store, run_id, self.env)
 
     def _decide(self, settings: Settings) -> Decision:
         self.store.ensure()
@@ -438,7 +396,7 @@ class Service:
             # All or nothing: if the new attempt cannot be recorded or launched, the run stays
             # as it was (its record, history and index rows), ready for another resume.
             with self.store.restorable(run_id):
-                (self.store.run_dir(run_id) / "supervisor.pid").unlink(missing_ok=True)
+                (self.store.run_dir(run_id) / SUPERVISOR_PID_FILE).unlink(missing_ok=True)
                 (self.store.run_dir(run_id) / STOP_REQUEST_FILE).unlink(missing_ok=True)
                 self.store.write(record)
                 self.store.append_event(
@@ -487,16 +445,9 @@ class Service:
                     self._mark_lost(record)
         return record
 
-    def _supervisor(self, record: RunRecord) -> tuple[int, float | None] | None:
-        """The supervisor's (pid, start time): from the record, else from the pid file the starter
-        wrote at launch (before the supervisor's own first write); None when neither exists yet."""
-        if record["supervisor_pid"] is not None:
-            return record["supervisor_pid"], record["supervisor_started"]
-        try:
-            info = json.loads((self.store.run_dir(record["run_id"]) / "supervisor.pid").read_text("utf-8"))
-            return int(info["pid"]), info.get("started")
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
+    def _supervisor(self, record: RunRecord) -> SupervisorId | None:
+        """The supervisor serving the run, as its backend knows it; None while it is launched."""
+        return self.backend.supervisor(self.store, record)
 
     def _supervised(self, record: RunRecord) -> bool:
         """True while the run's supervisor lives and can still end the run in time: a supervisor
@@ -504,7 +455,7 @@ class Service:
         supervisor = self._supervisor(record)
         if supervisor is None:
             return _age(record["updated_at"]) < LAUNCH_GRACE_SECONDS
-        return proctree.is_alive(*supervisor) and self._wedged(record, supervisor) is None
+        return self.backend.is_alive(supervisor) and self._wedged(record, supervisor) is None
 
     def _ledger(self, record: RunRecord) -> Path:
         return proctree.ledger_path(self.store.run_dir(record["run_id"]), record["attempt"])
@@ -654,12 +605,8 @@ class Service:
         supervisor = self._supervisor(self.store.read(run_id))
         if supervisor is None and not requested:
             raise RunStateError(f"run {run_id} is still launching; try again in a moment")
-        if supervisor is not None and proctree.is_alive(*supervisor):
-            # A supervisor stopped by its own script (SIGSTOP) cannot act on the signal: continue it.
-            proctree.resume_if_stopped(*supervisor)
-            # Gone in between: it ended on its own, and the record says how.
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(supervisor[0], signal.SIGUSR1 if force else signal.SIGTERM)
+        if supervisor is not None:
+            self.backend.stop(supervisor, force=force)
         with contextlib.suppress(StoreError):  # the stop is on its way; a full disk loses only this note
             self.store.append_event(run_id, {"type": "stop_requested", "force": force})
         if force and supervisor is not None and not self._ended_by_supervisor(run_id, supervisor):
@@ -690,7 +637,7 @@ class Service:
         while time.monotonic() < deadline:
             if self.store.read(run_id)["status"] not in ACTIVE_STATES:
                 return True
-            if not proctree.is_alive(*supervisor):
+            if not self.backend.is_alive(supervisor):
                 return True  # it died: the lost cleanup of the next read ends the run
             time.sleep(FORCE_STOP_POLL_SECONDS)
         return False
@@ -703,8 +650,8 @@ class Service:
         which = record["attempt"] if attempt is None else attempt
         if not 1 <= which <= record["attempt"]:
             raise UsageError(f"run {run_id} has attempts 1 to {record['attempt']}; got attempt {which}")
-        path = self.store.log_path(run_id, which)
-        raw = _tail_lines(path, tail + 1)
+        path = self.backend.log_path(self.store, run_id, which)
+        raw = tail_lines(path, tail + 1)
         lines = [line.decode("utf-8", "replace")[:MAX_LOG_LINE_CHARS] for line in raw]
         truncated = len(lines) > tail
         return LogTail(run_id=run_id, attempt=which, lines=lines[-tail:], truncated=truncated, path=str(path))
@@ -764,12 +711,6 @@ def _new_run_id(name: str | None) -> str:
     import secrets
 
     return f"{slug}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(2)}"
-
-
-def _last_line(log: Path) -> str:
-    """ ": LAST LINE" of a supervisor's log, to say why it ended; empty when there is none."""
-    lines = [line.decode("utf-8", "replace").strip() for line in _tail_lines(log, 1)]
-    return f": {lines[-1][:MAX_LOG_LINE_CHARS]}" if lines and lines[-1] else ""
 
 
 def _age(iso: str) -> float:

@@ -1,7 +1,7 @@
 """The per-run supervisor process (DESIGN §3): waits in the queue, starts the script, drains its
 output, enforces the time box, pauses and resumes it, and records the truthful outcome.
 
-Started detached by `launch.spawn_supervisor` as `python -m backprop_mcp.runs.supervisor HOME RUN_ID`.
+Started detached by `local.spawn_supervisor` as `python -m backprop_mcp.runs.supervisor HOME RUN_ID`.
 It is the only writer of its run's record while it lives. Stdlib plus psutil only, for a fast start.
 """
 
@@ -23,10 +23,12 @@ from typing import Any
 
 import psutil
 
-from backprop_mcp.core.config import Settings
+from backprop_mcp.core.clock import now_iso
 from backprop_mcp.core.errors import BackpropError, StoreError
-from backprop_mcp.core.models import AttemptSummary, Decision, RunRecord, SystemSnapshot
-from backprop_mcp.core.store import STOP_REQUEST_FILE, Store, now_iso
+from backprop_mcp.core.machine import Decision, SystemSnapshot
+from backprop_mcp.core.records import AttemptSummary, RunRecord
+from backprop_mcp.core.settings import Settings
+from backprop_mcp.core.store import STOP_REQUEST_FILE, Store
 from backprop_mcp.governor import decisions, proctree
 from backprop_mcp.governor.admission import Admission
 from backprop_mcp.governor.probe_choice import make_probe
@@ -758,7 +760,7 @@ def _sample_interval() -> float:
 
 
 def _await_go(store: Store, run_id: str) -> bool:
-    """Wait for the starter's go on stdin (see `launch.spawn_supervisor`): True to go on.
+    """Wait for the starter's go on stdin (see `local.spawn_supervisor`): True to go on.
 
     Without the go (the starter rolled the start back, or died), go on only if the starter had
     finished its part: the pid file it writes last names this process. Otherwise the run folder

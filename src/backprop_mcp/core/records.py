@@ -1,4 +1,5 @@
-"""The data shapes shared by the store, the supervisor, the CLI's `--json` and the MCP tools.
+"""The shapes of what is stored: a run's record (`RunRecord`, the stored `run.json`), its attempts
+and checkpoints, its index row (`RunRow`), the run states, and the constructors of new ones.
 
 They are `TypedDict`s, not pydantic models, on purpose: the supervisor and the fast CLI paths
 (`status`, `list`) must start in a few tens of milliseconds and importing pydantic costs ~150 ms.
@@ -14,6 +15,8 @@ from typing import Any, Literal, NotRequired, cast
 
 # pydantic needs typing_extensions.TypedDict on Python < 3.12 to read nested TypedDicts.
 from typing_extensions import TypedDict
+
+from backprop_mcp.core.machine import GpuInfo
 
 SCHEMA_VERSION = 1
 
@@ -92,107 +95,6 @@ class AttemptSummary(TypedDict):
     """Last loss reported in this attempt."""
     resume_from: str | None
     """Checkpoint this attempt was started from."""
-
-
-class GpuProcess(TypedDict):
-    """A process using a GPU."""
-
-    pid: int
-    """Process id."""
-    used_memory_mb: float | None
-    """GPU memory it holds, in MiB, when known."""
-
-
-class GpuInfo(TypedDict):
-    """One GPU as the probe saw it."""
-
-    index: int
-    """Index in PCI bus order."""
-    uuid: str
-    """Stable UUID (GPU-...), used for CUDA_VISIBLE_DEVICES."""
-    name: str
-    """Marketing name."""
-    memory_total_mb: float | None
-    """Total memory in MiB."""
-    memory_used_mb: float | None
-    """Used memory in MiB."""
-    memory_free_mb: float | None
-    """Free memory in MiB."""
-    temperature_c: float | None
-    """Core temperature in Celsius."""
-    utilization_pct: float | None
-    """Compute utilisation in percent."""
-    processes: list[GpuProcess]
-    """Compute processes on this GPU."""
-
-
-class SystemSnapshot(TypedDict):
-    """What the governor saw of the machine at one moment."""
-
-    taken_at: str
-    """When, ISO 8601 UTC."""
-    cpu_percent: float | None
-    """Machine-wide CPU load in percent of all cores; None when unknown."""
-    cpu_count: int
-    """Logical CPUs."""
-    ram_total_gb: float | None
-    """Total RAM in GB."""
-    ram_available_gb: float | None
-    """RAM available to new processes in GB (psutil 'available', not 'free')."""
-    gpu_probe: str
-    """Probe that produced the GPU list: nvml, nvidia-smi, rocm-smi, static or none."""
-    gpus: list[GpuInfo] | None
-    """GPUs seen; None when the GPU state is unknown (the probe failed)."""
-    gpu_error: str | None
-    """Why the GPU state is unknown, when it is."""
-    gpu_host: bool
-    """True when this machine appears to have NVIDIA GPUs (so an unknown state fails closed)."""
-
-
-class Limits(TypedDict):
-    """The governor's limits for one run."""
-
-    min_free_ram_gb: float
-    """Free RAM needed to start, GB."""
-    max_cpu_percent: float
-    """Highest machine CPU load at which a run may start or keep running, percent."""
-    max_parallel: int
-    """Most runs live at once on this machine."""
-    gpu_min_free_vram_mb: float
-    """Free VRAM a GPU needs to be chosen, MiB."""
-    gpu_max_temp_c: float
-    """A GPU at or above this temperature is not chosen, and pauses runs on it."""
-    gpu_resume_below_c: float
-    """A paused run resumes when its GPU is this much cooler than gpu_max_temp_c (hysteresis), C."""
-    use_gpu: bool
-    """False for CPU-only runs: GPU rules are skipped."""
-    gpus: list[str] | None
-    """Allowed GPUs (indices or UUIDs); None allows all."""
-
-
-class ActiveRun(TypedDict):
-    """A live run, as the governor counts it."""
-
-    run_id: str
-    status: str
-    gpu_uuid: str | None
-    vram_promise_mb: float
-    """VRAM this run may still be about to allocate (admitted moments ago)."""
-    admitted_at: float | None
-    """Unix time of admission."""
-
-
-class Decision(TypedDict):
-    """The governor's verdict for a run now."""
-
-    allowed: bool
-    """True when the run may start now."""
-    reasons: list[str]
-    """Every rule that failed, with numbers (e.g. 'RAM 2.1 GB free < 4 GB required')."""
-    gpu: GpuInfo | None
-    """The GPU chosen for the run, when it uses one."""
-    checks: list[str]
-    """Every rule checked, passed or not, with numbers."""
 
 
 class RunRecord(TypedDict):
@@ -314,138 +216,9 @@ class RunRow(TypedDict):
     record written by a newer backprop."""
 
 
-class RunPage(TypedDict):
-    """One page of runs, newest first."""
-
-    runs: list[RunRow]
-    """Runs on this page, newest first."""
-    next_cursor: str | None
-    """Pass as `cursor` to get the next page; None on the last page."""
-    total_matching: int | None
-    """How many runs match in all, when it was cheap to count."""
-
-
-class SystemStatus(TypedDict):
-    """The machine now: resources, live and queued runs, and the verdict for a new run."""
-
-    snapshot: SystemSnapshot
-    """CPU, RAM and GPUs."""
-    limits: Limits
-    """The limits a new run would be held to."""
-    live_runs: list[RunRow]
-    """Runs running or paused now."""
-    queued_runs: list[RunRow]
-    """Runs waiting in the machine-wide queue, in order."""
-    verdict: Decision
-    """Whether a new run with these limits could start now, and why not."""
-
-
-class LogTail(TypedDict):
-    """The end of a run's log."""
-
-    run_id: str
-    """Run id."""
-    attempt: int
-    """Attempt whose log this is."""
-    lines: list[str]
-    """Last lines of combined stdout and stderr, oldest first."""
-    truncated: bool
-    """True when earlier lines were left out."""
-    path: str
-    """Log file path."""
-
-
-class DryRun(TypedDict):
-    """What `run` would do, without starting anything."""
-
-    command: list[str]
-    """The exact argv the script would be started with (no shell)."""
-    cwd: str
-    """Working directory."""
-    python: str
-    """Interpreter."""
-    python_source: str
-    """How the interpreter was chosen."""
-    environment: dict[str, str]
-    """The contract variables the script would receive (the rest of the environment is inherited)."""
-    decision: Decision
-    """The governor's verdict now."""
-    limits: Limits
-    """Limits applied."""
-    options: dict[str, Any]
-    """Effective run options."""
-    config_files: list[str]
-    """Config files that were read, lowest precedence first."""
-
-
-class ComparedRun(TypedDict):
-    """One run in a comparison."""
-
-    run_id: str
-    """Run id."""
-    name: str | None
-    """Name."""
-    status: str
-    """State."""
-    step: int | None
-    """Last step."""
-    loss: float | None
-    """Last loss."""
-    last_value: float | None
-    """The compared metric's last reported value (an ended run's final one), when reported. Not the
-    best value seen: a run keeps only its last value."""
-    metrics: dict[str, float]
-    """Latest metrics."""
-    duration_seconds: float | None
-    """Running time summed over attempts."""
-
-
-class Comparison(TypedDict):
-    """Runs side by side on one metric."""
-
-    metric: str
-    """Metric compared ('loss' by default)."""
-    lower_is_better: bool
-    """Direction used to rank."""
-    ranked_by: Literal["last_value"]
-    """What the ranking compares: each run's last reported value of the metric."""
-    runs: list[ComparedRun]
-    """The runs ranked by last_value, best last value first; runs without the metric last."""
-    top_run_id: str | None
-    """The run ranked first (the best last value), when any reported the metric."""
-
-
-class ImportReport(TypedDict):
-    """Result of importing the seed's experiments.json."""
-
-    source: str
-    """File read."""
-    imported: list[str]
-    """Run ids imported."""
-    skipped: list[str]
-    """Entries skipped, with the reason."""
-
-
 # Set after the class bodies, as pydantic's own `with_config` does: written inside a TypedDict
 # body, a type checker takes `__pydantic_config__` for a required key of the shape.
-_DOCUMENTED: tuple[Any, ...] = (
-    Checkpoint,
-    AttemptSummary,
-    GpuProcess,
-    GpuInfo,
-    SystemSnapshot,
-    Limits,
-    Decision,
-    RunRecord,
-    RunRow,
-    RunPage,
-    SystemStatus,
-    LogTail,
-    DryRun,
-    ComparedRun,
-    Comparison,
-    ImportReport,
-)
+_DOCUMENTED: tuple[Any, ...] = (Checkpoint, AttemptSummary, RunRecord, RunRow)
 for _shape in _DOCUMENTED:
     _shape.__pydantic_config__ = _DOC_CONFIG
 

@@ -1,0 +1,141 @@
+"""The shapes of the service's answers, shared by the CLI's `--json` and the MCP tools: a page of
+runs, the machine's status, a log tail, a dry run, a comparison and an import report.
+
+They are `TypedDict`s, not pydantic models, on purpose: the supervisor and the fast CLI paths
+(`status`, `list`) must start in a few tens of milliseconds and importing pydantic costs ~150 ms.
+A TypedDict costs nothing at run time, type-checks strictly, and the MCP server still gets full
+JSON schemas from it (pydantic reads TypedDicts, their docstrings and attribute docstrings).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+# pydantic needs typing_extensions.TypedDict on Python < 3.12 to read nested TypedDicts.
+from typing_extensions import TypedDict
+
+from backprop_mcp.core.machine import Decision, Limits, SystemSnapshot
+from backprop_mcp.core.records import RunRow
+
+# Pydantic reads attribute docstrings as field descriptions in the MCP schemas; setting the
+# config as a plain dict keeps pydantic out of this module's imports.
+_DOC_CONFIG: Any = {"use_attribute_docstrings": True}
+
+
+class RunPage(TypedDict):
+    """One page of runs, newest first."""
+
+    runs: list[RunRow]
+    """Runs on this page, newest first."""
+    next_cursor: str | None
+    """Pass as `cursor` to get the next page; None on the last page."""
+    total_matching: int | None
+    """How many runs match in all, when it was cheap to count."""
+
+
+class SystemStatus(TypedDict):
+    """The machine now: resources, live and queued runs, and the verdict for a new run."""
+
+    snapshot: SystemSnapshot
+    """CPU, RAM and GPUs."""
+    limits: Limits
+    """The limits a new run would be held to."""
+    live_runs: list[RunRow]
+    """Runs running or paused now."""
+    queued_runs: list[RunRow]
+    """Runs waiting in the machine-wide queue, in order."""
+    verdict: Decision
+    """Whether a new run with these limits could start now, and why not."""
+
+
+class LogTail(TypedDict):
+    """The end of a run's log."""
+
+    run_id: str
+    """Run id."""
+    attempt: int
+    """Attempt whose log this is."""
+    lines: list[str]
+    """Last lines of combined stdout and stderr, oldest first."""
+    truncated: bool
+    """True when earlier lines were left out."""
+    path: str
+    """Log file path."""
+
+
+class DryRun(TypedDict):
+    """What `run` would do, without starting anything."""
+
+    command: list[str]
+    """The exact argv the script would be started with (no shell)."""
+    cwd: str
+    """Working directory."""
+    python: str
+    """Interpreter."""
+    python_source: str
+    """How the interpreter was chosen."""
+    environment: dict[str, str]
+    """The contract variables the script would receive (the rest of the environment is inherited)."""
+    decision: Decision
+    """The governor's verdict now."""
+    limits: Limits
+    """Limits applied."""
+    options: dict[str, Any]
+    """Effective run options."""
+    config_files: list[str]
+    """Config files that were read, lowest precedence first."""
+
+
+class ComparedRun(TypedDict):
+    """One run in a comparison."""
+
+    run_id: str
+    """Run id."""
+    name: str | None
+    """Name."""
+    status: str
+    """State."""
+    step: int | None
+    """Last step."""
+    loss: float | None
+    """Last loss."""
+    last_value: float | None
+    """The compared metric's last reported value (an ended run's final one), when reported. Not the
+    best value seen: a run keeps only its last value."""
+    metrics: dict[str, float]
+    """Latest metrics."""
+    duration_seconds: float | None
+    """Running time summed over attempts."""
+
+
+class Comparison(TypedDict):
+    """Runs side by side on one metric."""
+
+    metric: str
+    """Metric compared ('loss' by default)."""
+    lower_is_better: bool
+    """Direction used to rank."""
+    ranked_by: Literal["last_value"]
+    """What the ranking compares: each run's last reported value of the metric."""
+    runs: list[ComparedRun]
+    """The runs ranked by last_value, best last value first; runs without the metric last."""
+    top_run_id: str | None
+    """The run ranked first (the best last value), when any reported the metric."""
+
+
+class ImportReport(TypedDict):
+    """Result of importing the seed's experiments.json."""
+
+    source: str
+    """File read."""
+    imported: list[str]
+    """Run ids imported."""
+    skipped: list[str]
+    """Entries skipped, with the reason."""
+
+
+# Set after the class bodies, as pydantic's own `with_config` does: written inside a TypedDict
+# body, a type checker takes `__pydantic_config__` for a required key of the shape.
+_DOCUMENTED: tuple[Any, ...] = (RunPage, SystemStatus, LogTail, DryRun, ComparedRun, Comparison, ImportReport)
+for _shape in _DOCUMENTED:
+    _shape.__pydantic_config__ = _DOC_CONFIG

@@ -1,0 +1,132 @@
+"""The store's file primitives: atomic replacement, single-write appends, flocks, reading lines
+from a file's end, and the one wording of a storage failure (a full disk, a read-only file system).
+Stdlib only, like the store: the supervisor and the CLI's fast paths import it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from backprop_mcp.core.errors import StoreError
+
+_REVERSE_BLOCK = 64 * 1024
+
+
+def storage_error(action: str, path: Path, exc: OSError) -> StoreError:
+    if exc.errno == errno.ENOSPC:
+        why = "the disk is full"
+    elif exc.errno == errno.EDQUOT:
+        why = "the disk quota is exceeded"
+    elif exc.errno in (errno.EACCES, errno.EPERM):
+        why = "permission denied"
+    elif exc.errno == errno.EROFS:
+        why = "the file system is read-only"
+    else:
+        why = exc.strerror or str(exc)
+    return StoreError(
+        f"cannot {action} {path}: {why}; nothing already stored was changed",
+        hint="free space or fix the permissions of the store (BACKPROP_HOME), then try again",
+    )
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write a file by temp file + fsync + rename in the same folder: readers see old or new, never half."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise storage_error("write", path, exc) from None
+
+
+def append_line(path: Path, obj: object) -> None:
+    """Append one JSON line with a single O_APPEND write (atomic with respect to other appenders)."""
+    data = (json.dumps(obj, separators=(",", ":"), allow_nan=False) + "\n").encode("utf-8")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise storage_error("append to", path, exc) from None
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, *, blocking: bool = True) -> Iterator[bool]:
+    """An flock held for the block; the kernel drops it if the holder dies, so no stale locks."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise storage_error("lock", path, exc) from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
+
+
+def all_lines(path: Path) -> list[bytes]:
+    try:
+        return [line for line in path.read_bytes().split(b"\n") if line.strip()]
+    except FileNotFoundError:
+        return []
+
+
+def reverse_lines(path: Path) -> Iterator[bytes]:
+    """Lines of a file from the last to the first, reading blocks from the end."""
+    try:
+        handle = path.open("rb")
+    except FileNotFoundError:
+        return
+    with handle:
+        handle.seek(0, os.SEEK_END)
+        position = handle.tell()
+        # Pieces of the line being read backwards, last piece first. Kept as a list and joined once
+        # the line's start is found: prepending to one bytes object made a 50 MB line cost O(n²).
+        pending: list[bytes] = []
+        while position > 0:
+            size = min(_REVERSE_BLOCK, position)
+            position -= size
+            handle.seek(position)
+            lines = handle.read(size).split(b"\n")
+            if len(lines) == 1:
+                pending.append(lines[0])
+                continue
+            pending.append(lines[-1])
+            line = b"".join(reversed(pending))
+            if line.strip():
+                yield line
+            for line in reversed(lines[1:-1]):
+                if line.strip():
+                    yield line
+            pending = [lines[0]]
+        rest = b"".join(reversed(pending))
+        if rest.strip():
+            yield rest
+
+
+def tail_lines(path: Path, limit: int) -> list[bytes]:
+    out: list[bytes] = []
+    for line in reverse_lines(path):
+        out.append(line)
+        if len(out) >= limit:
+            break
+    out.reverse()
+    return out

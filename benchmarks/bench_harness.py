@@ -24,7 +24,8 @@ import psutil
 from backprop_mcp.core.clock import now_iso
 from backprop_mcp.core.records import TERMINAL_STATES, RunRecord, row_of
 from backprop_mcp.core.store import Store
-from backprop_mcp.runs.service import RunRequest, Service
+from backprop_mcp.runs.requests import RunRequest
+from backprop_mcp.runs.service import Service
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 PYTHON = sys.executable

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import psutil
 
-from backprop_mcp.runs.service import RunRequest, Service
+from backprop_mcp.runs.requests import RunRequest
+from backprop_mcp.runs.service import Service
 from tests.helpers import FIXTURES, processes_with_run_id, wait_until
 
 # How long a killed tree may take to vanish: SIGKILL is immediate, but psutil sees the exit late

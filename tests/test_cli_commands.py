@@ -9,7 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from backprop_mcp.runs.service import RunRequest, Service
+from backprop_mcp.runs.requests import RunRequest
+from backprop_mcp.runs.service import Service
 from tests.helpers import FIXTURES, WAIT_SECONDS, cli, cli_json, wait_for_end
 
 

@@ -13,7 +13,8 @@ from backprop_mcp.core.clock import parse_iso
 from backprop_mcp.core.config import load_settings, read_file
 from backprop_mcp.core.errors import ConfigError
 from backprop_mcp.core.settings import FIELDS, FIELDS_BY_NAME, Settings
-from backprop_mcp.runs.service import RunRequest, Service
+from backprop_mcp.runs.requests import RunRequest
+from backprop_mcp.runs.service import Service
 from tests.helpers import FIXTURES, cli, wait_for_end
 
 

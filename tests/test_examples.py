@@ -208,7 +208,8 @@ def test_no_config_file_in_examples_changes_the_defaults_an_example_run_gets(tmp
     """Issue 9, item 23: run from examples/ (as MCP does, in the script's folder), an example got
     examples/backprop.config.json's 30-minute box where the README promises 10."""
     from backprop_mcp.core.config import PROJECT_FILES
-    from backprop_mcp.runs.service import RunRequest, Service
+    from backprop_mcp.runs.requests import RunRequest
+    from backprop_mcp.runs.service import Service
     from tests.helpers import isolated_env
 
     assert not [name for name in PROJECT_FILES if (ROOT / "examples" / name).exists()]

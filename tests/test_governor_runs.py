@@ -8,7 +8,8 @@ import psutil
 import pytest
 
 from backprop_mcp.core.clock import parse_iso
-from backprop_mcp.runs.service import RunRequest, Service
+from backprop_mcp.runs.requests import RunRequest
+from backprop_mcp.runs.service import Service
 from tests.fake_gpu import FakeNvidiaSmi
 from tests.helpers import (
     FIXTURES,

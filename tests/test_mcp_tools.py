@@ -451,7 +451,7 @@ async def test_a_script_outside_the_allowed_roots_is_refused_naming_the_roots_an
 async def test_resuming_a_run_whose_script_is_outside_the_allowed_roots_is_refused(
     server: BackpropServer, service: Service, era: str, tmp_path: Path
 ) -> None:
-    from backprop_mcp.runs.service import RunRequest
+    from backprop_mcp.runs.requests import RunRequest
     from tests.helpers import wait_for_end
 
     elsewhere = write_script(tmp_path / "elsewhere")

@@ -25,7 +25,8 @@ from mcp_types import CallToolResult, TextContent
 from backprop_mcp.mcp_server.roots import Roots
 from backprop_mcp.mcp_server.tools import PATH_ARGUMENTS, build_server
 from backprop_mcp.runs import confine
-from backprop_mcp.runs.service import RunRequest, Service
+from backprop_mcp.runs.requests import RunRequest
+from backprop_mcp.runs.service import Service
 from tests.helpers import FIXTURES, isolated_env, wait_for_end
 
 # Bounds every MCP session: runs start slowly on a loaded 2-core machine.

@@ -19,7 +19,8 @@ import pytest
 
 from backprop_mcp.core.machine import ActiveRun, Decision
 from backprop_mcp.governor.admission import Admission
-from backprop_mcp.runs.service import RunRequest, Service
+from backprop_mcp.runs.requests import RunRequest
+from backprop_mcp.runs.service import Service
 from tests.fault_helpers import alive, assert_nothing_survives, start, supervisor_pid
 from tests.helpers import FIXTURES, processes_with_run_id, wait_for_end, wait_for_log, wait_until
 

@@ -13,7 +13,8 @@ import psutil
 import pytest
 
 from backprop_mcp.core.errors import NoCheckpoint, RunStateError, UsageError
-from backprop_mcp.runs.service import RunRequest, Service
+from backprop_mcp.runs.requests import RunRequest
+from backprop_mcp.runs.service import Service
 from tests.helpers import (
     FIXTURES,
     cli,

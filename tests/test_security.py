@@ -19,7 +19,8 @@ import pytest
 
 from backprop_mcp.core.errors import PathNotAllowed, UsageError
 from backprop_mcp.runs.confine import check_allowed
-from backprop_mcp.runs.service import RunRequest, Service
+from backprop_mcp.runs.requests import RunRequest
+from backprop_mcp.runs.service import Service
 from tests.fault_helpers import assert_nothing_survives, modes, start, supervisor_pid
 from tests.helpers import FIXTURES, cli, cli_json, wait_for_end, wait_for_log
 

@@ -17,7 +17,8 @@ from backprop_mcp.governor.decisions import evaluate
 from backprop_mcp.governor.probe_choice import make_probe
 from backprop_mcp.governor.probes import ProbeError
 from backprop_mcp.governor.rocm import ROCM_SMI_QUERY, parse_rocm_smi_json
-from backprop_mcp.runs.service import RunRequest, Service
+from backprop_mcp.runs.requests import RunRequest
+from backprop_mcp.runs.service import Service
 from tests.fake_rocm import FakeRocmSmi
 from tests.helpers import FIXTURES, WAIT_SECONDS, cli, cli_json, wait_for_end, wait_for_log
 

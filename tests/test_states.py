@@ -24,7 +24,8 @@ from backprop_mcp.core import store as store_module
 from backprop_mcp.core.clock import parse_iso
 from backprop_mcp.core.errors import StoreError
 from backprop_mcp.mcp_server.roots import Roots
-from backprop_mcp.runs.service import RunRequest, Service
+from backprop_mcp.runs.requests import RunRequest
+from backprop_mcp.runs.service import Service
 from tests.fault_helpers import alive, assert_nothing_survives, start, supervisor_pid
 from tests.helpers import FIXTURES, cli, cli_json, wait_for_end, wait_for_log, wait_until
 from tests.test_mcp_tools import GENEROUS, call, connect, make_server, wait_end, write_script

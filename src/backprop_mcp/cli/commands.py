@@ -243,7 +243,8 @@ def _escape(text: str) -> str:
 
 
 def _dispatch(ns: argparse.Namespace, script_args: list[str]) -> int:
-    from backprop_mcp.runs.service import RunRequest, Service
+    from backprop_mcp.runs.requests import RunRequest
+    from backprop_mcp.runs.service import Service
 
     service = Service(config_file=_explicit_config(ns.config) if ns.config is not None else None)
     if ns.verbose:

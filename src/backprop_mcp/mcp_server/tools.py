@@ -198,7 +198,7 @@ def build_tools(app: App) -> list[Tool]:
         nothing starts: it returns the command, environment and the governor's verdict instead.
         Omitted options come from the configuration (10-minute time box by default).
         """
-        from backprop_mcp.runs.service import RunRequest
+        from backprop_mcp.runs.requests import RunRequest
 
         roots = app.roots_for(client_roots)
         script_path, workdir = locate_script(script, cwd, roots, app.cwd)

@@ -1,0 +1,334 @@
+"""The use-cases over runs that exist: read one (marking it `lost` when its supervisor is gone),
+the machine's status, list, stop, read logs, compare. `Service` (in `service`) adds starting and
+resuming; both talk to the runs' supervisors only through a `Backend`."""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import json
+import os
+import re
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, cast
+
+from backprop_mcp.backends.base import Backend, SupervisorId
+from backprop_mcp.backends.local import LocalBackend
+from backprop_mcp.core.answers import Comparison, LogTail, RunPage, SystemStatus
+from backprop_mcp.core.clock import now_iso, parse_iso
+from backprop_mcp.core.config import resolve_settings
+from backprop_mcp.core.errors import (
+    RunNotFound,
+    RunStateError,
+    StoreCorrupt,
+    StoreError,
+    UsageError,
+)
+from backprop_mcp.core.files import atomic_write, tail_lines
+from backprop_mcp.core.records import (
+    ACTIVE_STATES,
+    ALL_STATES,
+    RunRecord,
+    RunRow,
+    row_of,
+)
+from backprop_mcp.core.settings import Settings
+from backprop_mcp.core.store import STOP_REQUEST_FILE, Store, check_run_id, default_home
+from backprop_mcp.core.stored import UNKNOWN_STATUS
+from backprop_mcp.governor import decisions, proctree
+from backprop_mcp.governor.admission import Admission
+from backprop_mcp.governor.probe_choice import make_probe
+from backprop_mcp.runs.launch import (
+    limits_of,
+)
+
+# A run whose supervisor has not yet written its pid is "launching", not lost, for this long:
+# the gap between creating the record and the supervisor's first write is normally ~0.1 s.
+LAUNCH_GRACE_SECONDS = 30.0
+MAX_LIST_LIMIT = 1000
+# A page cursor is an offset: ASCII digits, short enough that int() takes it at once.
+_CURSOR_RE = re.compile(r"[0-9]{1,18}")
+MAX_LOG_TAIL = 10_000
+# Log lines returned are cut to this many characters: a tail must stay bounded in size.
+MAX_LOG_LINE_CHARS = 2000
+# `stop --force` waits this long for a supervisor (continued if it was stopped) to kill its run
+# before killing the run itself: a responsive supervisor does it in well under a second.
+FORCE_STOP_WAIT_SECONDS = 5.0
+FORCE_STOP_POLL_SECONDS = 0.05
+
+
+class RunControl:
+    """The use-cases over one store's existing runs. Cheap to construct; holds no open resources."""
+
+    def __init__(
+        self,
+        home: Path | None = None,
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
+        config_file: Path | None = None,
+        backend: Backend | None = None,
+    ) -> None:
+        self.env: Mapping[str, str] = dict(os.environ) if env is None else env
+        self.store = Store(home or default_home(dict(self.env)))
+        self.cwd = cwd or Path.cwd()
+        self.config_file = config_file
+        """An explicit config file (`--config`), read instead of the project file."""
+        self.on_settings: Callable[[Settings, dict[str, str]], None] | None = None
+        """Called with every resolved configuration and the origin of each setting (--verbose)."""
+        self.backend: Backend = backend or LocalBackend()
+        """Where the runs' supervisors run: this machine unless another backend is given."""
+
+    # -- settings ---------------------------------------------------------------------------------
+
+    def settings(
+        self,
+        options: Mapping[str, object] | None = None,
+        source: str = "option",
+        *,
+        base: Mapping[str, object] | None = None,
+        cwd: Path | None = None,
+    ) -> Settings:
+        settings, origins = resolve_settings(
+            cwd or self.cwd, self.env, options, source=source, base=base, config_file=self.config_file
+        )
+        if self.on_settings is not None:
+            self.on_settings(settings, origins)
+        return settings
+
+    # -- reading ----------------------------------------------------------------------------------
+
+    def get(self, run_id: str) -> RunRecord:
+        """The run's record, marking it `lost` first if its supervisor is gone."""
+        check_run_id(run_id)
+        record = self.store.read(run_id)
+        if record["status"] in ACTIVE_STATES and not self._supervised(record):
+            with self.store.run_lock(run_id):
+                record = self.store.read(run_id)
+                if record["status"] in ACTIVE_STATES and not self._supervised(record):
+                    self._mark_lost(record)
+        return record
+
+    def _supervisor(self, record: RunRecord) -> SupervisorId | None:
+        """The supervisor serving the run, as its backend knows it; None while it is launched."""
+        return self.backend.supervisor(self.store, record)
+
+    def _supervised(self, record: RunRecord) -> bool:
+        """True while the run's supervisor lives and can still end the run in time: a supervisor
+        stopped (SIGSTOP) or hung past the run's end is treated like a dead one."""
+        supervisor = self._supervisor(record)
+        if supervisor is None:
+            return _age(record["updated_at"]) < LAUNCH_GRACE_SECONDS
+        return self.backend.is_alive(supervisor) and self._wedged(record, supervisor) is None
+
+    def _ledger(self, record: RunRecord) -> Path:
+        return proctree.ledger_path(self.store.run_dir(record["run_id"]), record["attempt"])
+
+    def _wedged(self, record: RunRecord, supervisor: tuple[int, float | None]) -> str | None:
+        must_end_by = proctree.read_ledger(self._ledger(record)).must_end_by
+        return proctree.wedged(*supervisor, must_end_by, time.time())
+
+    def _mark_lost(
+        self, record: RunRecord, *, status: str = "lost", reason: str = "supervisor_lost", why: str = ""
+    ) -> None:
+        """End a run whose supervisor is gone (or wedged, or unable to act on a forced stop): kill
+        the supervisor if it still lives, then every process of the run, and record the end."""
+        supervisor = self._supervisor(record)
+        wedged = self._wedged(record, supervisor) if supervisor else None
+        # A cleanup by another process (a queued supervisor) may have killed it already.
+        wedged = wedged or proctree.read_ledger(self._ledger(record)).wedged
+        if not why:
+            why = (
+                f"its supervisor was {wedged} past the run's end and was killed"
+                if wedged
+                else "its supervisor process died"
+            )
+        killed, left = proctree.end_run(self._ledger(record), supervisor=supervisor, wedged=wedged)
+        if supervisor is not None and not left:
+            Admission(self.store.governor_dir).release(record["run_id"], supervisor)
+        record["status"], record["termination_reason"] = status, reason
+        detail = why + (f"; {killed} process(es) of the run were killed" if killed else "")
+        record["status_detail"] = detail + (f"; {left} process(es) could not be killed" if left else "")
+        record["ended_at"] = now_iso()
+        record["attempts"][-1].update(
+            {
+                "status": status,
+                "termination_reason": reason,
+                "ended_at": record["ended_at"],
+                "step": record["step"],
+                "loss": record["loss"],
+            }
+        )
+        self.store.write(record)
+        self.store.append_event(
+            record["run_id"], {"type": "state", "status": status, "detail": record["status_detail"]}
+        )
+
+    def system_status(
+        self, options: Mapping[str, object] | None = None, source: str = "option"
+    ) -> SystemStatus:
+        """The machine, live and queued runs, and the verdict for a new run."""
+        settings = self.settings(options, source)
+        self.store.ensure()
+        probe = make_probe(settings.gpu_probe, cpu_cache=self.store.governor_dir / "cpu_sample.json")
+        snapshot = probe.snapshot()
+        admission = Admission(self.store.governor_dir)
+        active = admission.active()
+        live = self._rows(a["run_id"] for a in active)
+        queued = self._rows(admission.queued())
+        verdict = decisions.evaluate(snapshot, limits_of(settings), active, now=time.time())
+        return SystemStatus(
+            snapshot=snapshot, limits=limits_of(settings), live_runs=live, queued_runs=queued, verdict=verdict
+        )
+
+    def _rows(self, run_ids: Iterator[str] | list[str]) -> list[RunRow]:
+        rows = []
+        for run_id in run_ids:
+            try:
+                record = self.get(run_id)
+            except (StoreError, RunNotFound, UsageError):
+                continue
+            if record["status"] in ACTIVE_STATES:
+                rows.append(row_of(record))
+        return rows
+
+    def list_runs(
+        self,
+        *,
+        status: str | None = None,
+        name: str | None = None,
+        limit: int = 20,
+        cursor: str | None = None,
+    ) -> RunPage:
+        """Runs newest first, filtered by state and name glob, paged."""
+        if status is not None and status not in ALL_STATES:
+            raise UsageError(f"unknown status {status!r}; choose one of {', '.join(ALL_STATES)}")
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIST_LIMIT:
+            raise UsageError(f"limit must be a whole number from 1 to {MAX_LIST_LIMIT}, got {limit!r}")
+        offset = 0
+        if cursor is not None:
+            # ASCII digits only, and few of them: str.isdigit() also takes "²", which int() refuses.
+            if not isinstance(cursor, str) or not _CURSOR_RE.fullmatch(cursor):
+                raise UsageError(f"invalid cursor {cursor!r}; pass the next_cursor of a previous page")
+            offset = int(cursor)
+        page, complete = self._page(status, name, limit, offset)
+        if not complete or self.store.index_damaged:
+            # A full scan saw another number of runs than the store holds (a starter died between
+            # creating a run and indexing it; a record was moved aside), or the index had a bad
+            # line. Rebuild it from the run folders, which gives every run folder a row, and list
+            # again trusting that: one rebuild, never one per call, and never "no runs" when there are.
+            self.store.rebuild_index()
+            page, _ = self._page(status, name, limit, offset)
+        return page
+
+    def _page(self, status: str | None, name: str | None, limit: int, offset: int) -> tuple[RunPage, bool]:
+        """A page, and False when a full scan saw another number of runs than the store holds."""
+        runs: list[RunRow] = []
+        matched = 0
+        indexed_runs = 0
+        more = False
+        for indexed in self.store.index_rows():
+            indexed_runs += 1
+            stale = indexed["status"] in ACTIVE_STATES or indexed["status"] == UNKNOWN_STATUS
+            row = self._fresh_row(indexed) if stale else indexed
+            if status is not None and row.get("status") != status:
+                continue
+            if name is not None and not fnmatch.fnmatchcase(row.get("name") or "", name):
+                continue
+            matched += 1
+            if matched <= offset:
+                continue
+            if len(runs) == limit:
+                more = True
+                break
+            row.pop("new", None)  # the index's creation marker; the rest is a RunRow
+            runs.append(cast(RunRow, row))
+        complete = more or indexed_runs == self.store.count_runs()
+        next_cursor = str(offset + limit) if more else None
+        return RunPage(runs=runs, next_cursor=next_cursor, total_matching=None if more else matched), complete
+
+    def _fresh_row(self, row: dict[str, Any]) -> dict[str, Any]:
+        # Live rows come from the record itself: it has the current step and the liveness check.
+        # So do "unknown" ones, in case the record has become readable (permissions fixed).
+        try:
+            return dict(row_of(self.get(row["run_id"])))
+        except StoreCorrupt as exc:  # moved aside just now: the next listing rebuilds the index
+            return {**row, "status": UNKNOWN_STATUS, "note": exc.message}
+        except (StoreError, RunNotFound, UsageError):
+            return row
+
+    def stop(self, run_id: str, *, force: bool = False) -> RunRecord:
+        """Ask the run to stop gracefully (or kill it at once with force)."""
+        record = self.get(run_id)
+        if record["status"] not in ACTIVE_STATES:
+            raise RunStateError(f"run {run_id} has already ended ({record['status']}); nothing to stop")
+        # First the request in the run folder, then the signal to whatever supervisor is known by
+        # then: a supervisor reads this file after making its pid known, so a stop at any moment
+        # of a launch reaches it one way or the other (see `Supervisor.run`).
+        requested = self._request_stop(record, force)
+        supervisor = self._supervisor(self.store.read(run_id))
+        if supervisor is None and not requested:
+            raise RunStateError(f"run {run_id} is still launching; try again in a moment")
+        if supervisor is not None:
+            self.backend.stop(supervisor, force=force)
+        with contextlib.suppress(StoreError):  # the stop is on its way; a full disk loses only this note
+            self.store.append_event(run_id, {"type": "stop_requested", "force": force})
+        if force and supervisor is not None and not self._ended_by_supervisor(run_id, supervisor):
+            with self.store.run_lock(run_id):
+                record = self.store.read(run_id)
+                if record["status"] in ACTIVE_STATES:
+                    self._mark_lost(
+                        record,
+                        status="stopped",
+                        reason="stop_requested",
+                        why="killed by a forced stop: its supervisor did not act on it",
+                    )
+        return self.get(run_id)
+
+    def _request_stop(self, record: RunRecord, force: bool) -> bool:
+        request = {"attempt": record["attempt"], "force": force, "at": now_iso()}
+        path = self.store.run_dir(record["run_id"]) / STOP_REQUEST_FILE
+        try:
+            atomic_write(path, json.dumps(request).encode("utf-8"))
+        except StoreError:
+            return False
+        return True
+
+    def _ended_by_supervisor(self, run_id: str, supervisor: tuple[int, float | None]) -> bool:
+        """Wait (bounded) for a forcibly stopped run's supervisor to end it; False when it did
+        not (it was stopped again, or hangs)."""
+        deadline = time.monotonic() + FORCE_STOP_WAIT_SECONDS
+        while time.monotonic() < deadline:
+            if self.store.read(run_id)["status"] not in ACTIVE_STATES:
+                return True
+            if not self.backend.is_alive(supervisor):
+                return True  # it died: the lost cleanup of the next read ends the run
+            time.sleep(FORCE_STOP_POLL_SECONDS)
+        return False
+
+    def logs(self, run_id: str, *, tail: int = 100, attempt: int | None = None) -> LogTail:
+        """The last lines of a run's log (bounded)."""
+        record = self.get(run_id)
+        if isinstance(tail, bool) or not isinstance(tail, int) or not 1 <= tail <= MAX_LOG_TAIL:
+            raise UsageError(f"tail must be a whole number from 1 to {MAX_LOG_TAIL}, got {tail!r}")
+        which = record["attempt"] if attempt is None else attempt
+        if not 1 <= which <= record["attempt"]:
+            raise UsageError(f"run {run_id} has attempts 1 to {record['attempt']}; got attempt {which}")
+        path = self.backend.log_path(self.store, run_id, which)
+        raw = tail_lines(path, tail + 1)
+        lines = [line.decode("utf-8", "replace")[:MAX_LOG_LINE_CHARS] for line in raw]
+        truncated = len(lines) > tail
+        return LogTail(run_id=run_id, attempt=which, lines=lines[-tail:], truncated=truncated, path=str(path))
+
+    def compare(self, run_ids: Sequence[str], *, metric: str = "loss") -> Comparison:
+        """Runs side by side on one metric."""
+        from backprop_mcp.runs.compare import compare_runs
+
+        return compare_runs(self.get, run_ids, metric)
+
+
+def _age(iso: str) -> float:
+    at = parse_iso(iso)
+    return time.time() - at if at is not None else float("inf")

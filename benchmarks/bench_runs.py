@@ -42,8 +42,8 @@ from bench_harness import (
 from backprop_mcp.core.records import RunRecord
 from backprop_mcp.core.store import Store
 from backprop_mcp.governor import decisions
-from backprop_mcp.runs.supervisor import run as supervisor
 from backprop_mcp.runs.service import Service
+from backprop_mcp.runs.supervisor import run as supervisor
 
 LAUNCH_TARGET_S = 0.150
 INGEST_RATIO_TARGET = 1.5

@@ -257,7 +257,7 @@ def _commands(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> li
 def test_help_of_every_command_prints_and_exits_0(env: dict[str, str], tmp_path: Path) -> None:
     """Issue 9, item 20: argparse formats help with %, so a literal % in a help text crashed
     `run --help`. Every command the parser has, and the server's own --help, as real processes."""
-    from backprop_mcp.cli.commands import build_parser
+    from backprop_mcp.cli.parser import build_parser
 
     commands = _commands(build_parser())
     assert ("run",) in commands and ("resume",) in commands  # the enumeration found the subcommands

@@ -675,7 +675,7 @@ def test_the_tools_offer_exactly_the_frameworks_and_stop_signals_the_config_acce
 
     from backprop_mcp.core.parsers import STOP_SIGNALS
     from backprop_mcp.core.settings import FRAMEWORK_CHOICES
-    from backprop_mcp.mcp_server.tools import FrameworkName, SignalName
+    from backprop_mcp.mcp_server.arguments import FrameworkName, SignalName
 
     assert get_args(FrameworkName) == FRAMEWORK_CHOICES
     assert get_args(SignalName) == STOP_SIGNALS

@@ -22,8 +22,9 @@ import pytest
 from mcp import Client
 from mcp_types import CallToolResult, TextContent
 
+from backprop_mcp.mcp_server.arguments import PATH_ARGUMENTS
 from backprop_mcp.mcp_server.roots import Roots
-from backprop_mcp.mcp_server.tools import PATH_ARGUMENTS, build_server
+from backprop_mcp.mcp_server.tools import build_server
 from backprop_mcp.runs import confine
 from backprop_mcp.runs.requests import RunRequest
 from backprop_mcp.runs.service import Service

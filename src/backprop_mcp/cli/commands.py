@@ -1,175 +1,20 @@
-"""The `backprop` command line: parses arguments, calls the service, renders the result."""
+"""The `backprop` command line: parses arguments (`parser`), calls the service once per command
+and renders the result (`render`, `follow`)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
-import signal
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
-from backprop_mcp import __version__
+from backprop_mcp.cli.follow import EXIT_CODES, follow
+from backprop_mcp.cli.parser import build_parser, options
+from backprop_mcp.cli.render import print_json
 from backprop_mcp.core.errors import BackpropError, UsageError
-
-EXIT_CODES = {"completed": 0, "failed": 1, "lost": 1, "rejected": 3, "timed_out": 4, "stopped": 5}
-# How often the foreground view re-reads the record and the log: fast enough to feel live.
-FOLLOW_POLL_SECONDS = 0.25
-# Without a terminal, a progress line is printed at most this often (logs stay readable).
-PLAIN_PROGRESS_EVERY_SECONDS = 10.0
-
-# Run options shared by `run` and `resume`: (flags, config field, argparse kwargs).
-_RUN_OPTIONS: list[tuple[tuple[str, ...], str, dict[str, Any]]] = [
-    (("-m", "--max-run-minutes"), "max_run_minutes", {"metavar": "MIN"}),
-    (("--max-wall-minutes",), "max_wall_minutes", {"metavar": "MIN"}),
-    (("-f", "--framework"), "framework", {"metavar": "NAME"}),
-    (("-c", "--checkpoint-every-minutes"), "checkpoint_every_minutes", {"metavar": "MIN"}),
-    (("-g", "--gpu-memory-limit"), "gpu_memory_limit", {"metavar": "LIMIT"}),
-    (("--grace-seconds",), "grace_seconds", {"metavar": "S"}),
-    (("--stop-signal",), "stop_signal", {"metavar": "SIG"}),
-    (("--queue-timeout",), "queue_timeout_minutes", {"metavar": "MIN"}),
-    (("--gpus",), "gpus", {"metavar": "LIST"}),
-    (("--no-gpu",), "use_gpu", {"action": "store_const", "const": False}),
-    (("--no-queue",), "queue", {"action": "store_const", "const": False}),
-    (("--argv-compat",), "argv_compat", {"action": "store_const", "const": True}),
-]
-# Governor limits, also taken by `status` so it can show the verdict under them.
-_LIMIT_OPTIONS: list[tuple[tuple[str, ...], str, dict[str, Any]]] = [
-    (("-p", "--max-parallel"), "max_parallel", {"metavar": "N"}),
-    (("--min-free-ram",), "min_free_ram_gb", {"metavar": "GB"}),
-    (("--max-cpu-percent",), "max_cpu_percent", {"metavar": "PCT"}),
-    (("--gpu-probe",), "gpu_probe", {"metavar": "PROBE"}),
-    (("--gpu-min-vram",), "gpu_min_free_vram_mb", {"metavar": "MB"}),
-    (("--gpu-max-temp",), "gpu_max_temp_c", {"metavar": "C"}),
-    (("--gpu-resume-below",), "gpu_resume_below_c", {"metavar": "C"}),
-]
-
-
-def _int(text: str) -> int:
-    """argparse's int, but ASCII only: int() also reads other scripts' digits."""
-    if not text.isascii():
-        raise ValueError(text)
-    return int(text)
-
-
-_int.__name__ = "int"  # argparse names the type in its message: "invalid int value: '...'"
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        from backprop_mcp.cli.render import clean
-
-        self.print_usage(sys.stderr)
-        self.exit(2, f"backprop: error: {clean(message)}\n")  # it may quote what was typed
-
-
-def _add_options(
-    parser: argparse.ArgumentParser, specs: list[tuple[tuple[str, ...], str, dict[str, Any]]]
-) -> None:
-    from backprop_mcp.core.settings import FIELDS_BY_NAME
-
-    for flags, name, extra in specs:
-        # argparse formats help with %: a literal one ('"80%" of the GPU') must be doubled.
-        text = FIELDS_BY_NAME[name].help.replace("%", "%%")
-        parser.add_argument(*flags, dest=f"opt_{name}", default=None, help=text, **extra)
-
-
-def _add_global_options(parser: argparse.ArgumentParser, *, default: Any) -> None:
-    # The same options on the main parser and on every command, so `backprop --config x run` and
-    # `backprop run --config x` both work. On the commands their default is SUPPRESS: an option
-    # not repeated after the command keeps the value given before it.
-    parser.add_argument("-V", "--version", action="version", version=f"backprop {__version__}")
-    parser.add_argument(
-        "--config",
-        metavar="PATH",
-        default=default,
-        help="use this config file instead of the project's backprop.config.json",
-    )
-    parser.add_argument(
-        "--verbose",
-        action="store_true",
-        default=default,
-        help="print the resolved configuration, and where each setting came from, to stderr",
-    )
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="backprop", description="Safe, time-boxed, resumable ML training runs.")
-    _add_global_options(parser, default=None)
-    common = _Parser(add_help=False)
-    _add_global_options(common, default=argparse.SUPPRESS)
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-
-    def add_command(name: str, text: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=text, parents=[common])
-
-    run = add_command("run", "start a training script (arguments for it go after --)")
-    run.add_argument(
-        "script", nargs="?", help='the training script (default: "trainingScriptPath" of the config file)'
-    )
-    run.add_argument("-n", "--name", help="a human-readable name")
-    run.add_argument("--run-id", help="a unique id (letters, digits, -_.); generated if omitted")
-    run.add_argument("-r", "--resume-from", metavar="PATH", help="start from this checkpoint")
-    run.add_argument("--python", help="interpreter for the script")
-    run.add_argument("--cwd", help="working directory of the script (default: here)")
-    run.add_argument("--detach", action="store_true", help="print the run id and return at once")
-    run.add_argument("--dry-run", action="store_true", help="show the decision, command and environment only")
-    _add_options(run, _RUN_OPTIONS + _LIMIT_OPTIONS)
-
-    resume = add_command("resume", "start the next attempt of a run from its latest checkpoint")
-    resume.add_argument("run_id")
-    resume.add_argument("--from-scratch", action="store_true", help="resume without a checkpoint")
-    resume.add_argument("--python", help="interpreter for the script")
-    resume.add_argument("--cwd", help="working directory of the script")
-    resume.add_argument("--detach", action="store_true", help="print the run id and return at once")
-    resume.add_argument(
-        "--dry-run", action="store_true", help="show what the next attempt would do; change nothing"
-    )
-    _add_options(resume, _RUN_OPTIONS + _LIMIT_OPTIONS)
-
-    status = add_command("status", "the machine and its runs, or one run")
-    status.add_argument("run_id", nargs="?")
-    _add_options(status, _LIMIT_OPTIONS)
-
-    lst = add_command("list", "past and present runs, newest first")
-    lst.add_argument("--status", help="only runs in this state")
-    lst.add_argument("--name", help="only runs whose name matches this glob")
-    lst.add_argument("--limit", type=_int, default=20, help="at most this many (default 20)")
-    lst.add_argument("--cursor", help="continue after a previous page")
-
-    logs = add_command("logs", "a run's output")
-    logs.add_argument("run_id")
-    logs.add_argument("--tail", type=_int, default=50, help="last N lines (default 50)")
-    logs.add_argument("--attempt", type=_int, help="which attempt (default the latest)")
-    logs.add_argument(
-        "-f", "--follow", action="store_true", help="keep printing new output until the run ends"
-    )
-
-    stop = add_command("stop", "stop a run gracefully (the script can checkpoint)")
-    stop.add_argument("run_id")
-    stop.add_argument("--force", action="store_true", help="kill at once, without the grace period")
-
-    compare = add_command("compare", "runs side by side on a metric")
-    compare.add_argument("run_ids", nargs="+")
-    compare.add_argument("--metric", default="loss")
-
-    legacy = add_command("import-legacy", "import the seed's ~/.backprop/experiments.json")
-    legacy.add_argument("path", nargs="?")
-
-    for command in (run, resume, status, lst, logs, stop, compare, legacy):
-        command.add_argument("--json", action="store_true", help="print JSON (the MCP tools' shapes)")
-    return parser
-
-
-def _options(ns: argparse.Namespace) -> dict[str, object]:
-    return {k[4:]: v for k, v in vars(ns).items() if k.startswith("opt_") and v is not None}
-
-
-def _print_json(data: object) -> None:
-    sys.stdout.write(json.dumps(data, indent=2) + "\n")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -261,13 +106,13 @@ def _dispatch(ns: argparse.Namespace, script_args: list[str]) -> int:
             cwd=ns.cwd,
             python=ns.python,
             resume_from=ns.resume_from,
-            options=_options(ns),
+            options=options(ns),
             file_defaults=True,
         )
         if ns.dry_run:
             report = service.dry_run(request)
             if out:
-                _print_json(report)
+                print_json(report)
             else:
                 from backprop_mcp.cli.render import dry_run_text
 
@@ -277,10 +122,10 @@ def _dispatch(ns: argparse.Namespace, script_args: list[str]) -> int:
         return _after_start(service, record, detach=ns.detach, out=out)
     if ns.command == "resume" and ns.dry_run:
         preview = service.resume_dry_run(
-            ns.run_id, options=_options(ns), from_scratch=ns.from_scratch, python=ns.python, cwd=ns.cwd
+            ns.run_id, options=options(ns), from_scratch=ns.from_scratch, python=ns.python, cwd=ns.cwd
         )
         if out:
-            _print_json(preview)
+            print_json(preview)
         else:
             from backprop_mcp.cli.render import dry_run_text
 
@@ -288,7 +133,7 @@ def _dispatch(ns: argparse.Namespace, script_args: list[str]) -> int:
         return 0
     if ns.command == "resume":
         record = service.resume(
-            ns.run_id, options=_options(ns), from_scratch=ns.from_scratch, python=ns.python, cwd=ns.cwd
+            ns.run_id, options=options(ns), from_scratch=ns.from_scratch, python=ns.python, cwd=ns.cwd
         )
         return _after_start(service, record, detach=ns.detach, out=out)
     if ns.command == "status":
@@ -296,17 +141,17 @@ def _dispatch(ns: argparse.Namespace, script_args: list[str]) -> int:
 
         if ns.run_id:
             record = service.get(ns.run_id)
-            _print_json(record) if out else print(render.record_text(record))
+            print_json(record) if out else print(render.record_text(record))
             return 0
-        status = service.system_status(_options(ns))
-        _print_json(status) if out else print(render.status_text(status))
+        status = service.system_status(options(ns))
+        print_json(status) if out else print(render.status_text(status))
         return 0
     if ns.command == "list":
         from backprop_mcp.cli import render
 
         page = service.list_runs(status=ns.status, name=ns.name, limit=ns.limit, cursor=ns.cursor)
         if out:
-            _print_json(page)
+            print_json(page)
         else:
             print(render.table(page["runs"]))
             if page["next_cursor"]:
@@ -314,10 +159,10 @@ def _dispatch(ns: argparse.Namespace, script_args: list[str]) -> int:
         return 0
     if ns.command == "logs":
         if ns.follow:
-            return _follow(service, ns.run_id, out=False, show_progress=False)
+            return follow(service, ns.run_id, out=False, show_progress=False)
         tail = service.logs(ns.run_id, tail=ns.tail, attempt=ns.attempt)
         if out:
-            _print_json(tail)
+            print_json(tail)
         else:
             from backprop_mcp.cli.render import clean_log
 
@@ -326,7 +171,7 @@ def _dispatch(ns: argparse.Namespace, script_args: list[str]) -> int:
     if ns.command == "stop":
         record = service.stop(ns.run_id, force=ns.force)
         if out:
-            _print_json(record)
+            print_json(record)
         else:
             from backprop_mcp.cli.render import clean
 
@@ -335,7 +180,7 @@ def _dispatch(ns: argparse.Namespace, script_args: list[str]) -> int:
     if ns.command == "compare":
         comparison = service.compare(ns.run_ids, metric=ns.metric)
         if out:
-            _print_json(comparison)
+            print_json(comparison)
         else:
             from backprop_mcp.cli.render import clean, number
 
@@ -350,7 +195,7 @@ def _dispatch(ns: argparse.Namespace, script_args: list[str]) -> int:
     if ns.command == "import-legacy":
         imported = service.import_legacy(Path(ns.path) if ns.path else None)
         if out:
-            _print_json(imported)
+            print_json(imported)
         else:
             from backprop_mcp.cli.render import clean
 
@@ -371,85 +216,15 @@ def _after_start(service: Any, record: Any, *, detach: bool, out: bool) -> int:
         stream.write(f"config: {clean(config_files_text(record.get('config_files') or []))}\n")
     if record["status"] == "rejected":
         if out:
-            _print_json(record)
+            print_json(record)
         sys.stderr.write(
             clean(f"backprop: run {record['run_id']} rejected: {record['status_detail']}") + "\n"
         )
         return EXIT_CODES["rejected"]
     if detach:
         if out:
-            _print_json(record)
+            print_json(record)
         else:
             print(record["run_id"])
         return 0
-    return _follow(service, record["run_id"], out=out, show_progress=True)
-
-
-def _follow(service: Any, run_id: str, *, out: bool, show_progress: bool) -> int:
-    """Show a run until it ends: its output, state changes and progress. Ctrl-C once asks for a
-    graceful stop (the script can checkpoint); twice kills it."""
-    from backprop_mcp.cli import render
-    from backprop_mcp.core.records import TERMINAL_STATES
-    from backprop_mcp.runs.events import parse_line
-
-    tty = sys.stdout.isatty() and not out
-    stream = sys.stderr if out else sys.stdout
-    interrupts = 0
-
-    def on_interrupt(signum: int, frame: object) -> None:
-        nonlocal interrupts
-        interrupts += 1
-        try:
-            service.stop(run_id, force=interrupts > 1)
-        except BackpropError:
-            return
-        stream.write("\nstopping gracefully (Ctrl-C again to kill)\n" if interrupts == 1 else "\nkilling\n")
-
-    previous = signal.signal(signal.SIGINT, on_interrupt)
-    from backprop_mcp.runs.runlog import LogFollower
-
-    record = service.get(run_id)
-    follower = LogFollower(service.store.log_path(run_id, record["attempt"]))
-    last_state: tuple[str, str | None] | None = None
-    last_plain = 0.0
-    try:
-        while True:
-            record = service.get(run_id)
-            state = (record["status"], record["status_detail"])
-            if state != last_state:
-                last_state = state
-                detail = f": {record['status_detail']}" if record["status_detail"] else ""
-                header = render.clean(f"[{run_id}] {record['status']}{detail}")
-                stream.write(("\r\x1b[K" if tty else "") + header + "\n")
-            # Once the run has ended its log is complete: read it to the end, last unended line too.
-            ended = record["status"] in TERMINAL_STATES
-            for raw in follower.lines(final=ended):
-                if not show_progress or not parse_line(raw).events:
-                    text = render.clean_log(raw.decode("utf-8", "replace").removesuffix("\r"))
-                    stream.write(("\r\x1b[K" if tty else "") + text + "\n")
-            if ended:
-                break
-            if show_progress and record["status"] == "running" and record["step"] is not None:
-                left = render.seconds_until(record["deadline"])
-                line = render.progress_line(record, left, with_bar=tty)
-                if tty:
-                    stream.write("\r\x1b[K" + line)
-                elif time.monotonic() - last_plain >= PLAIN_PROGRESS_EVERY_SECONDS:
-                    last_plain = time.monotonic()
-                    stream.write(line + "\n")
-            stream.flush()
-            time.sleep(FOLLOW_POLL_SECONDS)
-    finally:
-        follower.close()
-        signal.signal(signal.SIGINT, previous)
-    if tty:
-        stream.write("\r\x1b[K")
-    if out:
-        _print_json(record)
-    else:
-        stream.write(render.record_text(record) + "\n")
-    return EXIT_CODES.get(record["status"], 1)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    return follow(service, record["run_id"], out=out, show_progress=True)

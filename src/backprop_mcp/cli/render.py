@@ -1,15 +1,18 @@
-"""Human-readable rendering of records, rows and status for the CLI (no decisions here), and the
-one escaping of what reaches a terminal (`clean`)."""
+"""Human-readable rendering of records, rows and status for the CLI (no decisions here), its
+`--json` output, and the one escaping of what reaches a terminal (`clean`)."""
 
 from __future__ import annotations
 
+import json
 import re
+import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from backprop_mcp.core.answers import SystemStatus
-from backprop_mcp.core.machine import Decision
-from backprop_mcp.core.records import RunRecord, RunRow
+if TYPE_CHECKING:  # only annotations: `--version` and `--json` output need not load the shapes
+    from backprop_mcp.core.answers import SystemStatus
+    from backprop_mcp.core.machine import Decision
+    from backprop_mcp.core.records import RunRecord, RunRow
 
 # What must never reach a terminal raw from stored or user-given text: C0 controls (a newline
 # forges a row, ESC starts escape codes that set the title or rewrite the screen), DEL, C1 controls
@@ -234,3 +237,8 @@ def dry_run_text(report: dict[str, Any]) -> str:
         f"config     {config_files_text(report['config_files'])}",
     ]
     return _lines(lines) + "\n" + decision_text(report["decision"]) + "\nnothing was started (--dry-run)"
+
+
+def print_json(data: object) -> None:
+    """`--json` output: the MCP tools' shapes, indented."""
+    sys.stdout.write(json.dumps(data, indent=2) + "\n")

@@ -16,7 +16,6 @@ from pydantic import Field
 from backprop_mcp import __version__
 from backprop_mcp.core.answers import Comparison, DryRun, LogTail, RunPage, SystemStatus
 from backprop_mcp.core.records import RunRecord, RunState
-from backprop_mcp.core.settings import FIELDS_BY_NAME
 from backprop_mcp.mcp_server.app import (
     WAIT_POLL_SECONDS,
     App,
@@ -32,78 +31,26 @@ from backprop_mcp.mcp_server.shapes import INSTRUCTIONS, RunStatus, RunWait
 if TYPE_CHECKING:
     from backprop_mcp.runs.service import Service
 
-# Bounds of what one call may ask for: a wait within a client's usual request timeout, a log tail
-# (of lines of at most 2000 characters) that fits in a model's context.
-MAX_WAIT_SECONDS = 300
-MAX_LOG_TAIL = 500
-
-
-# The choices of `config`, spelled out for the type checker (a test keeps them equal).
-FrameworkName = Literal["auto", "pytorch", "tensorflow", "jax", "none"]
-SignalName = Literal["SIGINT", "SIGTERM", "SIGHUP", "SIGUSR1", "SIGUSR2"]
-
-
-def _help(name: str) -> str:
-    text = FIELDS_BY_NAME[name].help
-    return text[0].upper() + text[1:] + "."
-
-
-def _option(name: str) -> Any:
-    """The pydantic Field of a setting: its help, and for a number the bounds of config's table
-    (so the schema cannot allow what the config layers refuse, or the reverse)."""
-    bounds = FIELDS_BY_NAME[name].bounds
-    if bounds is None:
-        return Field(description=_help(name))
-    number = int if bounds.whole else float
-    low, high = number(bounds.low), number(bounds.high)
-    return Field(
-        description=_help(name),
-        gt=low if bounds.low_open else None,
-        ge=None if bounds.low_open else low,
-        lt=high if bounds.high_open else None,
-        le=None if bounds.high_open else high,
-        allow_inf_nan=False,  # "Input should be a finite number", not "less than or equal to" for nan
-    )
-
-
-RunId = Annotated[
-    str,
-    Field(
-        description="The run's id, as returned by run_training or list_experiments.",
-        min_length=1,
-        max_length=128,
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
-    ),
-]
-Args = Annotated[
-    list[Annotated[str, Field(max_length=4096)]] | None,
-    Field(description="Extra command-line arguments passed to the script unchanged.", max_length=256),
-]
-Minutes = Annotated[float | None, _option("max_run_minutes")]
-WallMinutes = Annotated[float | None, _option("max_wall_minutes")]
-CheckpointEvery = Annotated[float | None, _option("checkpoint_every_minutes")]
-Grace = Annotated[float | None, _option("grace_seconds")]
-StopSignal = Annotated[SignalName | None, Field(description=_help("stop_signal"))]
-Queue = Annotated[bool | None, Field(description=_help("queue"))]
-QueueTimeout = Annotated[float | None, _option("queue_timeout_minutes")]
-UseGpu = Annotated[bool | None, Field(description=_help("use_gpu"))]
-Gpus = Annotated[
-    list[Annotated[str, Field(max_length=64)]] | None,
-    Field(
-        description='GPUs the run may use: indices like "0" or UUIDs like "GPU-8f3a..." (default all).',
-        max_length=64,
-    ),
-]
-GpuMemory = Annotated[str | None, Field(description=_help("gpu_memory_limit"), max_length=16)]
-Status = Annotated[RunState | None, Field(description="Only runs in this state.")]
-
-# The tools' arguments that name a path, and the field of `service.RunRequest` each one becomes:
-# the service checks those fields against the allowed roots (`confine.REQUEST_PATHS`) before it
-# looks at any of them. tests/test_security.py fails on a string argument that is in neither this
-# map nor its own list of arguments that are not paths.
-PATH_ARGUMENTS: dict[str, dict[str, str]] = {
-    "run_training": {"script": "script", "cwd": "cwd", "python": "python", "resume_from": "resume_from"},
-}
+from backprop_mcp.mcp_server.arguments import (
+    MAX_LOG_TAIL,
+    MAX_WAIT_SECONDS,
+    Args,
+    CheckpointEvery,
+    FrameworkName,
+    GpuMemory,
+    Gpus,
+    Grace,
+    Minutes,
+    Queue,
+    QueueTimeout,
+    RunId,
+    Status,
+    StopSignal,
+    UseGpu,
+    WallMinutes,
+    setting_field,
+    setting_help,
+)
 
 READ_ONLY = ToolAnnotations(read_only_hint=True, idempotent_hint=True, open_world_hint=False)
 
@@ -167,21 +114,21 @@ def build_tools(app: App) -> list[Tool]:
         ] = None,
         max_run_minutes: Minutes = None,
         max_wall_minutes: WallMinutes = None,
-        framework: Annotated[FrameworkName | None, Field(description=_help("framework"))] = None,
+        framework: Annotated[FrameworkName | None, Field(description=setting_help("framework"))] = None,
         checkpoint_every_minutes: CheckpointEvery = None,
         gpu_memory_limit: GpuMemory = None,
-        max_parallel: Annotated[int | None, _option("max_parallel")] = None,
-        min_free_ram_gb: Annotated[float | None, _option("min_free_ram_gb")] = None,
-        max_cpu_percent: Annotated[float | None, _option("max_cpu_percent")] = None,
-        gpu_min_free_vram_mb: Annotated[float | None, _option("gpu_min_free_vram_mb")] = None,
-        gpu_max_temp_c: Annotated[float | None, _option("gpu_max_temp_c")] = None,
+        max_parallel: Annotated[int | None, setting_field("max_parallel")] = None,
+        min_free_ram_gb: Annotated[float | None, setting_field("min_free_ram_gb")] = None,
+        max_cpu_percent: Annotated[float | None, setting_field("max_cpu_percent")] = None,
+        gpu_min_free_vram_mb: Annotated[float | None, setting_field("gpu_min_free_vram_mb")] = None,
+        gpu_max_temp_c: Annotated[float | None, setting_field("gpu_max_temp_c")] = None,
         gpus: Gpus = None,
         use_gpu: UseGpu = None,
         grace_seconds: Grace = None,
         stop_signal: StopSignal = None,
         queue: Queue = None,
         queue_timeout_minutes: QueueTimeout = None,
-        argv_compat: Annotated[bool | None, Field(description=_help("argv_compat"))] = None,
+        argv_compat: Annotated[bool | None, Field(description=setting_help("argv_compat"))] = None,
         dry_run: Annotated[
             bool,
             Field(

@@ -1,10 +1,7 @@
 """The shapes of the service's answers, shared by the CLI's `--json` and the MCP tools: a page of
 runs, the machine's status, a log tail, a dry run, a comparison and an import report.
 
-They are `TypedDict`s, not pydantic models, on purpose: the supervisor and the fast CLI paths
-(`status`, `list`) must start in a few tens of milliseconds and importing pydantic costs ~150 ms.
-A TypedDict costs nothing at run time, type-checks strictly, and the MCP server still gets full
-JSON schemas from it (pydantic reads TypedDicts, their docstrings and attribute docstrings).
+TypedDicts, like every shape in `core` (see `records` for why).
 """
 
 from __future__ import annotations

@@ -1,10 +1,7 @@
 """The governor's shapes: what a probe saw of the machine (`SystemSnapshot`, `GpuInfo`), the
 limits a run is held to, the live runs it counts and its verdict (`Decision`).
 
-They are `TypedDict`s, not pydantic models, on purpose: the supervisor and the fast CLI paths
-(`status`, `list`) must start in a few tens of milliseconds and importing pydantic costs ~150 ms.
-A TypedDict costs nothing at run time, type-checks strictly, and the MCP server still gets full
-JSON schemas from it (pydantic reads TypedDicts, their docstrings and attribute docstrings).
+TypedDicts, like every shape in `core` (see `records` for why).
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ SESSION_SECONDS = 120
 GENEROUS = {"use_gpu": False, "min_free_ram_gb": 0, "max_cpu_percent": 100}
 
 # Every string argument of every tool that is NOT a path, and why: a new string argument must be
-# classified here or in mcp_tools.PATH_ARGUMENTS, where the service checks it against the roots.
+# classified here or in mcp_server.arguments.PATH_ARGUMENTS, where the service checks it against the roots.
 NOT_PATHS = {
     "args": "passed to the script unchanged; the server never opens them",
     "name": "a label (and a glob over labels in list_experiments)",
@@ -142,7 +142,7 @@ async def test_every_string_argument_of_every_tool_is_a_guarded_path_or_known_no
         assert set(guarded) <= set(tool.input_schema["properties"]), tool.name
         # Each guarded argument becomes a request field the service checks before looking at it.
         assert set(guarded.values()) <= set(confine.REQUEST_PATHS), tool.name
-    assert unknown == [], "classify these in mcp_tools.PATH_ARGUMENTS or in NOT_PATHS here"
+    assert unknown == [], "classify these in mcp_server.arguments.PATH_ARGUMENTS or in NOT_PATHS here"
     assert set(RunRequest._fields) == set(confine.REQUEST_PATHS) | NOT_PATH_FIELDS
 
 

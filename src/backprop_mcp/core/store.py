@@ -11,7 +11,7 @@ Layout under the home folder (0700 folders, 0600 files):
     runs/<run_id>/stop-request.json  a stop asked for the current attempt (read by its supervisor)
     index.jsonl                   one row per change of a run's listing fields, newest last
     index.lock                    flock serialising index appends and compaction
-    governor/                     the machine-wide queue and slots (see admission.py)
+    governor/                     the machine-wide queue and slots (see governor/admission.py)
 
 Stdlib only: the supervisor and the CLI's fast paths import it.
 """

@@ -1,4 +1,4 @@
-"""Checks of what is read back from the store (records, index rows) against the shapes of models.py.
+"""Checks of what is read back from the store (records, index rows) against the shapes of records.py.
 
 Nothing read from disk is trusted: a hand-edited, damaged or foreign file must give a clear error
 or be moved aside, never a KeyError or a TypeError in a reader far away. The checks follow the
@@ -126,7 +126,7 @@ def _check(value: Any, hint: Any, where: str) -> Any:
     elif is_typeddict(hint):
         if isinstance(value, dict):
             return _check_shape(value, hint, where, frozenset())
-    else:  # pragma: no cover - a shape of models.py with a type this module does not know
+    else:  # pragma: no cover - a shape of records.py with a type this module does not know
         raise TypeError(f"cannot check {where} of type {hint!r}")
     raise Invalid(f"{where} must be {_describe(hint)}, got {_shown(value)}")
 

@@ -17,7 +17,7 @@ MAX_WAIT_SECONDS = 300
 MAX_LOG_TAIL = 500
 
 
-# The choices of `config`, spelled out for the type checker (a test keeps them equal).
+# The choices of `core.settings`, spelled out for the type checker (a test keeps them equal).
 FrameworkName = Literal["auto", "pytorch", "tensorflow", "jax", "none"]
 SignalName = Literal["SIGINT", "SIGTERM", "SIGHUP", "SIGUSR1", "SIGUSR2"]
 

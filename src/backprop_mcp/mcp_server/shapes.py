@@ -1,6 +1,6 @@
 """The MCP server's own output shapes (a run with its log tail and next step; the result of a
 wait), the advice each run state gives an agent, and the rendering of errors as text a model can
-act on. Everything else the tools return is a shape from `models`."""
+act on. Everything else the tools return is a shape from `core`."""
 
 from __future__ import annotations
 
@@ -94,7 +94,7 @@ class RunWait(TypedDict):
     """How long the call waited."""
 
 
-# As in `models`: field docstrings become the descriptions of the output schema.
+# As in `core.records`: field docstrings become the descriptions of the output schema.
 _DOCUMENTED: tuple[Any, ...] = (RunStatus, RunWait)
 for _shape in _DOCUMENTED:
     _shape.__pydantic_config__ = {"use_attribute_docstrings": True}

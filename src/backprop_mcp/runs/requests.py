@@ -19,7 +19,7 @@ from backprop_mcp.core.errors import (
 class RunRequest(NamedTuple):
     """A request to start a run: the script, its arguments and the run options.
 
-    `options` maps config field names (see `config.FIELDS`, e.g. "max_run_minutes",
+    `options` maps config field names (see `core.settings.FIELDS`, e.g. "max_run_minutes",
     "gpu_min_free_vram_mb") to raw values: strings from the CLI, typed values from MCP. They are
     validated by the same parsers as config files, and `source` names where they came from in
     error messages ("option" for the CLI, "argument" for MCP tools).

@@ -71,7 +71,7 @@ CLI_CASES: list[tuple[list[str], int, str]] = [
     (["run", SCRIPT, "-p", "1.5"], 2, "--max-parallel"),
     (["run", SCRIPT, "-p", "99999"], 2, "--max-parallel"),
     (["run", SCRIPT, "--min-free-ram", "-1"], 2, "--min-free-ram must be >= 0"),
-    (["run", SCRIPT, "--max-cpu-percent", "101"], 2, "must be > 0 and <= 100"),
+    (["run", SCRIPT, "--max-cpu-percent", "101"], 2, "must be >= 1 and <= 100"),
     (["run", SCRIPT, "-m", "1e308"], 2, "option --max-run-minutes must be > 0 and <= 10080"),
     (["run", SCRIPT, "-m", "1e16"], 2, "option --max-run-minutes must be > 0 and <= 10080"),
     (["run", SCRIPT, "-p", "\u00b2"], 2, "--max-parallel must be a whole number from 1 to 1024 in ASCII"),

@@ -78,7 +78,7 @@ def test_the_dot_backprop_json_name_is_accepted(tmp_path: Path) -> None:
         ({"gpu": 80}, 'key "gpu" must be an object with the keys probe,'),
         ({"framework": "mxnet"}, "must be one of auto, pytorch, tensorflow, jax, none"),
         ({"stopSignal": "SIGKILL"}, "must be one of SIGINT, SIGTERM"),
-        ({"maxCpuPercent": 150}, "must be > 0 and <= 100 (a percentage), got 150"),
+        ({"maxCpuPercent": 150}, "must be >= 1 and <= 100 (a percentage), got 150"),
         ({"maxRunMinutes": 1e16}, "must be > 0 and <= 10080 (7 days), got 1e+16"),
         ({"maxParallel": "\u00b2"}, "whole number from 1 to 1024 in ASCII digits"),
         ({"gpu": {"devices": "zero"}}, "GPU indices or UUIDs"),

@@ -119,7 +119,7 @@ FIELDS: tuple[Field, ...] = (
         "maxCpuPercent",
         "BACKPROP_MAX_CPU_PERCENT",
         "--max-cpu-percent",
-        Range(0, 100, low_open=True, note="a percentage"),
+        Range(1, 100, note="a percentage"),
         "highest machine CPU load to start or keep running, percent (default 90)",
     ),
     Field(

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from backprop_mcp.runs.requests import RunRequest
 from backprop_mcp.runs.service import Service
@@ -272,3 +275,31 @@ def test_help_of_every_command_prints_and_exits_0(env: dict[str, str], tmp_path:
         assert done.stdout.startswith("usage: "), (argv, done.stdout)
         if argv[1:] == ["run", "--help"]:
             assert '"80%" of the GPU' in done.stdout  # the literal %, shown once
+
+
+@pytest.mark.parametrize("args", [("status",), ("list",), ("status", "r0"), ("list", "--json")])
+def test_a_reader_that_stops_reading_ends_the_cli_with_141_and_no_traceback(
+    env: dict[str, str], tmp_path: Path, args: tuple[str, ...]
+) -> None:
+    service = Service(Path(env["BACKPROP_HOME"]), env=env, cwd=tmp_path)
+    for number in range(3):
+        service.start(
+            RunRequest(script=str(FIXTURES / "counts_and_exits.py"), args=["1"], run_id=f"r{number}")
+        )
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first byte: `backprop list | head -0`
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "backprop_mcp", *args],
+            env=env,
+            cwd=tmp_path,
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=WAIT_SECONDS,
+            check=False,
+        )
+    finally:
+        os.close(write)
+    assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr
+    assert done.returncode == 141, done.stderr

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,8 +17,27 @@ from backprop_mcp.cli.parser import build_parser, options
 from backprop_mcp.cli.render import print_json
 from backprop_mcp.core.errors import BackpropError, UsageError
 
+# 128 + SIGPIPE, what a shell reports for a program whose reader went away.
+EXIT_BROKEN_PIPE = 141
+
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        try:
+            code = _main(argv)
+        except SystemExit as stop:  # argparse: --help, --version and usage errors
+            code = stop.code if isinstance(stop.code, int) else int(stop.code is not None)
+        sys.stdout.flush()  # here, not at exit: a reader that went away is handled below
+    except BrokenPipeError:
+        # The reader stopped reading (`backprop list | head`): nothing is wrong with the command.
+        # Exit as a program killed by SIGPIPE would, and point stdout at /dev/null so that the
+        # interpreter's last flush does not fail again with a traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+    return code
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     script_args: list[str] = []
     if "--" in args:

@@ -72,20 +72,52 @@ _GPU_DEFAULTS: dict[str, object] = {
 }
 
 
-class FakeNvidiaSmi:
+class FakeCommand:
+    """An executable `name` in `tmp_path/<folder>` that answers from a JSON state file: the fake
+    side of a probe boundary (nvidia-smi, rocm-smi). Subclasses give the script and the state."""
+
+    def __init__(
+        self, tmp_path: Path, *, folder: str, name: str, script: str, state: dict[str, object]
+    ) -> None:
+        self.bin_dir = tmp_path / folder
+        self.bin_dir.mkdir(parents=True, exist_ok=True)
+        self.state_path = tmp_path / f"{name.replace('-', '_')}_state.json"
+        self.executable = self.bin_dir / name
+        self._state = state
+        self._save()
+        self.executable.write_text(
+            script.format(python=sys.executable, state=str(self.state_path)), encoding="utf-8"
+        )
+        self.executable.chmod(self.executable.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+
+    @property
+    def path(self) -> str:
+        """A PATH value with the fake first."""
+        return os.pathsep.join([str(self.bin_dir), os.environ.get("PATH", os.defpath)])
+
+    def env(self, base: Mapping[str, str] | None = None) -> dict[str, str]:
+        """`base` (default: this process's environment) with the fake first on PATH."""
+        env = dict(os.environ if base is None else base)
+        env["PATH"] = os.pathsep.join([str(self.bin_dir), env.get("PATH", os.defpath)])
+        return env
+
+    def _save(self) -> None:
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self._state), encoding="utf-8")
+        os.replace(tmp, self.state_path)
+
+
+class FakeNvidiaSmi(FakeCommand):
     """An executable `nvidia-smi` in `tmp_path/bin` answering from `tmp_path/nvidia_smi_state.json`."""
 
     def __init__(self, tmp_path: Path) -> None:
-        self.bin_dir = tmp_path / "bin"
-        self.bin_dir.mkdir(parents=True, exist_ok=True)
-        self.state_path = tmp_path / "nvidia_smi_state.json"
-        self.executable = self.bin_dir / "nvidia-smi"
-        self._state: dict[str, object] = {"gpus": [], "processes": [], "fail": None, "hang": False}
-        self._save()
-        self.executable.write_text(
-            _SCRIPT.format(python=sys.executable, state=str(self.state_path)), encoding="utf-8"
+        super().__init__(
+            tmp_path,
+            folder="bin",
+            name="nvidia-smi",
+            script=_SCRIPT,
+            state={"gpus": [], "processes": [], "fail": None, "hang": False},
         )
-        self.executable.chmod(self.executable.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
 
     def set_gpus(self, gpus: Sequence[Mapping[str, object]]) -> None:
         """The GPU table: dicts with GpuInfo's keys; `index` is required, the rest have defaults.
@@ -130,19 +162,3 @@ class FakeNvidiaSmi:
         self._state["fail"] = None
         self._state["hang"] = False
         self._save()
-
-    @property
-    def path(self) -> str:
-        """A PATH value with the fake first."""
-        return os.pathsep.join([str(self.bin_dir), os.environ.get("PATH", os.defpath)])
-
-    def env(self, base: Mapping[str, str] | None = None) -> dict[str, str]:
-        """`base` (default: this process's environment) with the fake first on PATH."""
-        env = dict(os.environ if base is None else base)
-        env["PATH"] = os.pathsep.join([str(self.bin_dir), env.get("PATH", os.defpath)])
-        return env
-
-    def _save(self) -> None:
-        tmp = self.state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self._state), encoding="utf-8")
-        os.replace(tmp, self.state_path)

@@ -12,13 +12,11 @@ change it while a run is going; writes are atomic.
 from __future__ import annotations
 
 import json
-import os
-import stat
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 
 from backprop_mcp.governor.rocm import ROCM_SMI_QUERY
+from tests.fake_gpu import FakeCommand
 
 _SCRIPT = """#!{python}
 # Fake rocm-smi written by tests/fake_rocm.py.
@@ -36,25 +34,17 @@ sys.exit(state["status"])
 """
 
 
-class FakeRocmSmi:
+class FakeRocmSmi(FakeCommand):
     """An executable `rocm-smi` in `tmp_path/rocm-bin` answering from `tmp_path/rocm_smi_state.json`."""
 
     def __init__(self, tmp_path: Path) -> None:
-        self.bin_dir = tmp_path / "rocm-bin"
-        self.bin_dir.mkdir(parents=True, exist_ok=True)
-        self.state_path = tmp_path / "rocm_smi_state.json"
-        self.executable = self.bin_dir / "rocm-smi"
-        self._state: dict[str, object] = {
-            "query": list(ROCM_SMI_QUERY),
-            "output": "{}",
-            "status": 0,
-            "hang": False,
-        }
-        self._save()
-        self.executable.write_text(
-            _SCRIPT.format(python=sys.executable, state=str(self.state_path)), encoding="utf-8"
+        super().__init__(
+            tmp_path,
+            folder="rocm-bin",
+            name="rocm-smi",
+            script=_SCRIPT,
+            state={"query": list(ROCM_SMI_QUERY), "output": "{}", "status": 0, "hang": False},
         )
-        self.executable.chmod(self.executable.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
 
     def set_output(self, output: str, status: int = 0) -> None:
         """What every call prints on stdout, and its exit status."""
@@ -69,19 +59,3 @@ class FakeRocmSmi:
         """Make every call hang (for an hour), as a wedged driver does."""
         self._state["hang"] = hang
         self._save()
-
-    @property
-    def path(self) -> str:
-        """A PATH value with the fake first."""
-        return os.pathsep.join([str(self.bin_dir), os.environ.get("PATH", os.defpath)])
-
-    def env(self, base: Mapping[str, str] | None = None) -> dict[str, str]:
-        """`base` (default: this process's environment) with the fake first on PATH."""
-        env = dict(os.environ if base is None else base)
-        env["PATH"] = os.pathsep.join([str(self.bin_dir), env.get("PATH", os.defpath)])
-        return env
-
-    def _save(self) -> None:
-        tmp = self.state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self._state), encoding="utf-8")
-        os.replace(tmp, self.state_path)

@@ -51,6 +51,22 @@ def atomic_write(path: Path, data: bytes) -> None:
         raise storage_error("write", path, exc) from None
 
 
+def replace_json(path: Path, data: object) -> None:
+    """Replace a JSON file by temp file + rename (0600, its folder made 0700), without fsync:
+    for caches and ledgers that are rewritten often and cost nothing when a power cut loses
+    them. Raises OSError, leaving no temp file behind."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(data, handle)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
 def append_line(path: Path, obj: object) -> None:
     """Append one JSON line with a single O_APPEND write (atomic with respect to other appenders)."""
     data = (json.dumps(obj, separators=(",", ":"), allow_nan=False) + "\n").encode("utf-8")

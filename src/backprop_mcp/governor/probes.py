@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Collection
 from datetime import UTC, datetime
@@ -26,6 +25,7 @@ from typing import NamedTuple, Protocol
 
 import psutil
 
+from backprop_mcp.core.files import replace_json
 from backprop_mcp.core.machine import GpuInfo, SystemSnapshot
 
 log = logging.getLogger(__name__)
@@ -163,7 +163,7 @@ class CachedCpu:
             "percent": pct,
         }
         try:
-            _write_json_atomic(self.path, data)
+            replace_json(self.path, data)
         except OSError as exc:
             log.debug("cannot write the CPU sample cache %s: %s", self.path, exc)
         return pct
@@ -204,20 +204,7 @@ def prime_cpu_cache(path: Path) -> None:
         pass
     with contextlib.suppress(OSError, psutil.Error):
         now = _read_cpu_times()
-        _write_json_atomic(path, {"version": 1, "busy": now.busy, "total": now.total, "monotonic": now.at})
-
-
-def _write_json_atomic(path: Path, data: object) -> None:
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+        replace_json(path, {"version": 1, "busy": now.busy, "total": now.total, "monotonic": now.at})
 
 
 def _ram() -> tuple[float | None, float | None]:

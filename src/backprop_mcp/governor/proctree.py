@@ -11,13 +11,14 @@ import math
 import os
 import signal
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import NamedTuple
 
 import psutil
+
+from backprop_mcp.core.files import replace_json
 
 log = logging.getLogger(__name__)
 
@@ -291,15 +292,7 @@ def write_ledger(path: Path, ledger: Ledger) -> None:
         "wedged": ledger.wedged,
     }
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                json.dump(data, handle)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        replace_json(path, data)
     except OSError as exc:
         log.warning("cannot write the process ledger %s: %s", path, exc)
 

@@ -53,7 +53,7 @@ NOT_PATHS = {
     "since": "one of the run states",
 }
 # The fields of RunRequest that are not paths.
-NOT_PATH_FIELDS = {"args", "name", "run_id", "options", "source", "file_defaults"}
+NOT_PATH_FIELDS = {"args", "name", "run_id", "options", "source", "file_defaults", "sweep"}
 
 
 @pytest.fixture

@@ -52,6 +52,8 @@ ENV_FRAMEWORK = "BACKPROP_FRAMEWORK"
 ENV_GPU_MEMORY_LIMIT_MB = "BACKPROP_GPU_MEMORY_LIMIT_MB"
 ENV_GPU_MEMORY_FRACTION = "BACKPROP_GPU_MEMORY_FRACTION"
 ENV_STOP_SIGNAL = "BACKPROP_STOP_SIGNAL"
+ENV_SWEEP_ID = "BACKPROP_SWEEP_ID"
+ENV_PARAMS = "BACKPROP_PARAMS"
 
 EVENT_PROGRESS = "progress"
 EVENT_METRIC = "metric"
@@ -124,6 +126,15 @@ def attempt() -> int:
 def resume_from() -> str | None:
     """The checkpoint to resume from, or None when the script should start fresh."""
     return os.environ.get(ENV_RESUME_FROM) or None
+
+
+def params() -> dict[str, Any]:
+    """A sweep trial's parameters (also given as `--name value` arguments); {} outside a sweep."""
+    try:
+        value = json.loads(os.environ.get(ENV_PARAMS) or "{}")
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def deadline() -> float | None:

@@ -44,8 +44,8 @@ def _main(argv: Sequence[str] | None) -> int:
         cut = args.index("--")
         args, script_args = args[:cut], args[cut + 1 :]
     ns = build_parser().parse_args(args)
-    if script_args and ns.command != "run":
-        sys.stderr.write("backprop: error: arguments after -- are only for `backprop run`\n")
+    if script_args and ns.command not in ("run", "sweep"):
+        sys.stderr.write("backprop: error: arguments after -- are only for `backprop run` and `sweep`\n")
         return 2
     _show_warnings()
     try:
@@ -117,6 +117,10 @@ def _dispatch(ns: argparse.Namespace, script_args: list[str]) -> int:
         if ns.command not in ("run", "resume") and not (ns.command == "status" and not ns.run_id):
             service.settings()  # commands that read no settings still show them when asked
     out = ns.json
+    if ns.command.startswith("sweep"):
+        from backprop_mcp.cli.sweep import dispatch_sweep
+
+        return dispatch_sweep(service, ns, script_args)
     if ns.command == "run":
         request = RunRequest(
             script=ns.script,
@@ -169,7 +173,9 @@ def _dispatch(ns: argparse.Namespace, script_args: list[str]) -> int:
     if ns.command == "list":
         from backprop_mcp.cli import render
 
-        page = service.list_runs(status=ns.status, name=ns.name, limit=ns.limit, cursor=ns.cursor)
+        page = service.list_runs(
+            status=ns.status, name=ns.name, limit=ns.limit, cursor=ns.cursor, sweep=ns.sweep
+        )
         if out:
             print_json(page)
         else:

@@ -146,10 +146,61 @@ def build_parser() -> argparse.ArgumentParser:
 
     legacy = add_command("import-legacy", "import the seed's ~/.backprop/experiments.json")
     legacy.add_argument("path", nargs="?")
+    lst.add_argument("--sweep", metavar="SWEEP_ID", help="only the trials of this sweep")
 
-    for command in (run, resume, status, lst, logs, stop, compare, legacy):
+    sweeps = _add_sweep_commands(add_command)
+    for command in (run, resume, status, lst, logs, stop, compare, legacy, *sweeps):
         command.add_argument("--json", action="store_true", help="print JSON (the MCP tools' shapes)")
     return parser
+
+
+def _add_sweep_commands(add_command: Any) -> list[argparse.ArgumentParser]:
+    sweep = add_command(
+        "sweep", "search hyperparameters: many short runs of a script (script arguments after --)"
+    )
+    sweep.add_argument("script", help="the training script")
+    sweep.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="NAME=SPEC",
+        help="a parameter: values (layers=1,2,3) or a distribution (lr=loguniform(1e-4,1e-1)); "
+        "uniform, loguniform, int, intlog, choice",
+    )
+    sweep.add_argument("--metric", default="loss", help="the metric to optimise (default loss)")
+    sweep.add_argument("--mode", default="min", help="min (lower is better, the default) or max")
+    sweep.add_argument("--method", help="grid, random or tpe (default: grid for lists only, else random)")
+    sweep.add_argument(
+        "--trials", type=_int, help="at most this many trials (default: the whole grid, or 10)"
+    )
+    sweep.add_argument("--seed", type=_int, help="makes random and tpe sweeps reproducible")
+    sweep.add_argument(
+        "--parallel", type=_int, help="at most this many trials at once (default: max-parallel)"
+    )
+    sweep.add_argument("--budget-minutes", type=float, metavar="MIN", help="stop the sweep after this long")
+    sweep.add_argument("--objective", default="final", help="score by the final (default) or best value")
+    sweep.add_argument("--no-prune", action="store_true", help="never stop a trial early (median rule)")
+    sweep.add_argument("-n", "--name", help="a human-readable name")
+    sweep.add_argument("--sweep-id", help="a unique id (letters, digits, -_.); generated if omitted")
+    sweep.add_argument("--python", help="interpreter for the script")
+    sweep.add_argument("--cwd", help="working directory of the script (default: here)")
+    sweep.add_argument("--detach", action="store_true", help="print the sweep id and return at once")
+    _add_options(sweep, _RUN_OPTIONS + _LIMIT_OPTIONS)
+
+    status = add_command("sweep-status", "a sweep's trials and best result, or the list of sweeps")
+    status.add_argument("sweep_id", nargs="?")
+    status.add_argument("--all", action="store_true", help="every trial, not only the best and active ones")
+
+    stop = add_command("sweep-stop", "stop a sweep: no new trials; running ones stop gracefully")
+    stop.add_argument("sweep_id")
+
+    resume = add_command("sweep-resume", "continue an ended sweep: its unfinished trials, then new ones")
+    resume.add_argument("sweep_id")
+    resume.add_argument("--trials", type=_int, help="raise the sweep's number of trials to this")
+    resume.add_argument("--budget-minutes", type=float, metavar="MIN", help="a new time budget")
+    resume.add_argument("--detach", action="store_true", help="print the sweep id and return at once")
+    _add_options(resume, _RUN_OPTIONS + _LIMIT_OPTIONS)
+    return [sweep, status, stop, resume]
 
 
 def options(ns: argparse.Namespace) -> dict[str, object]:

@@ -17,6 +17,9 @@ ENV_FRAMEWORK = "BACKPROP_FRAMEWORK"
 ENV_GPU_MEMORY_LIMIT_MB = "BACKPROP_GPU_MEMORY_LIMIT_MB"
 ENV_GPU_MEMORY_FRACTION = "BACKPROP_GPU_MEMORY_FRACTION"
 ENV_STOP_SIGNAL = "BACKPROP_STOP_SIGNAL"
+# A sweep's trial only: its sweep and its parameters as one JSON object.
+ENV_SWEEP_ID = "BACKPROP_SWEEP_ID"
+ENV_PARAMS = "BACKPROP_PARAMS"
 
 # All the variables above, for documentation and for `--dry-run`.
 CONTRACT_ENV = (
@@ -31,6 +34,8 @@ CONTRACT_ENV = (
     ENV_GPU_MEMORY_LIMIT_MB,
     ENV_GPU_MEMORY_FRACTION,
     ENV_STOP_SIGNAL,
+    ENV_SWEEP_ID,
+    ENV_PARAMS,
 )
 
 # Event names a script may print, one JSON object per stdout line.

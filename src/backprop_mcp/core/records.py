@@ -52,6 +52,7 @@ TerminationReason = Literal[
     "queue_error",
     "rejected",
     "start_failed",
+    "pruned",
 ]
 
 # Pydantic reads attribute docstrings as field descriptions in the MCP schemas; setting the
@@ -95,6 +96,17 @@ class AttemptSummary(TypedDict):
     """Last loss reported in this attempt."""
     resume_from: str | None
     """Checkpoint this attempt was started from."""
+
+
+class SweepRef(TypedDict):
+    """The sweep a run is a trial of, and the parameters it was given."""
+
+    id: str
+    """Sweep id."""
+    trial: int
+    """Trial number within the sweep, from 1."""
+    params: dict[str, str | int | float | bool]
+    """The trial's parameters (also in the script's environment as BACKPROP_PARAMS)."""
 
 
 class RunRecord(TypedDict):
@@ -156,7 +168,8 @@ class RunRecord(TypedDict):
     """Signal that ended the script, e.g. SIGKILL."""
     termination_reason: str | None
     """Why the run ended: exit_zero, exit_nonzero, signal, deadline, wall_clock_cap, stop_requested,
-    gpu_memory_limit, supervisor_lost, queue_timeout, queue_error, rejected or start_failed."""
+    gpu_memory_limit, supervisor_lost, queue_timeout, queue_error, rejected, start_failed or pruned
+    (stopped by its sweep's early-stopping rule)."""
     attempts: list[AttemptSummary]
     """History of attempts, oldest first."""
     resume_from: str | None
@@ -174,6 +187,8 @@ class RunRecord(TypedDict):
     config_files: NotRequired[list[str]]
     """Config files that applied to the current attempt, lowest precedence first (absent from
     records written before it was kept)."""
+    sweep: NotRequired[SweepRef]
+    """Present on a trial of a sweep: the sweep, the trial number and its parameters."""
     bad_event_lines: int
     """Lines that looked like events but were not valid (logged and skipped)."""
     supervisor_pid: int | None
@@ -211,6 +226,8 @@ class RunRow(TypedDict):
     """Script path."""
     termination_reason: str | None
     """Why it ended."""
+    sweep: NotRequired[str]
+    """Present on a trial of a sweep: the sweep's id."""
     note: NotRequired[str]
     """Present only on a run whose record this backprop cannot read (status "unknown"): why, e.g. a
     record written by a newer backprop."""
@@ -218,14 +235,14 @@ class RunRow(TypedDict):
 
 # Set after the class bodies, as pydantic's own `with_config` does: written inside a TypedDict
 # body, a type checker takes `__pydantic_config__` for a required key of the shape.
-_DOCUMENTED: tuple[Any, ...] = (Checkpoint, AttemptSummary, RunRecord, RunRow)
+_DOCUMENTED: tuple[Any, ...] = (Checkpoint, AttemptSummary, SweepRef, RunRecord, RunRow)
 for _shape in _DOCUMENTED:
     _shape.__pydantic_config__ = _DOC_CONFIG
 
 
 def row_of(record: RunRecord) -> RunRow:
     """The index row of a record."""
-    return RunRow(
+    row = RunRow(
         run_id=record["run_id"],
         name=record["name"],
         status=record["status"],
@@ -238,6 +255,9 @@ def row_of(record: RunRecord) -> RunRow:
         script=record["script"],
         termination_reason=record["termination_reason"],
     )
+    if "sweep" in record:
+        row["sweep"] = record["sweep"]["id"]
+    return row
 
 
 def new_attempt(number: int, resume_from: str | None = None) -> AttemptSummary:

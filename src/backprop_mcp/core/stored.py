@@ -171,6 +171,15 @@ def check_record(data: object) -> RunRecord:
     return record
 
 
+def check_shape(data: object, shape: type, core: frozenset[str], what: str) -> dict[str, Any]:
+    """A stored object of another kind (a sweep's record) checked against its TypedDict by the same
+    rule as a run's record: wrong types and missing `core` fields are Invalid, other missing
+    fields that admit None take None."""
+    if not isinstance(data, dict):
+        raise Invalid(f"{what} is not a JSON object")
+    return _check_shape(data, shape, "", core)
+
+
 def check_row(data: object, valid_id: typing.Callable[[str], bool]) -> RunRow:
     """An index row, checked; Invalid says what is wrong."""
     if not isinstance(data, dict):

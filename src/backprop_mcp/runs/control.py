@@ -201,8 +201,9 @@ class RunControl:
         name: str | None = None,
         limit: int = 20,
         cursor: str | None = None,
+        sweep: str | None = None,
     ) -> RunPage:
-        """Runs newest first, filtered by state and name glob, paged."""
+        """Runs newest first, filtered by state, name glob and sweep id, paged."""
         if status is not None and status not in ALL_STATES:
             raise UsageError(f"unknown status {status!r}; choose one of {', '.join(ALL_STATES)}")
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIST_LIMIT:
@@ -213,17 +214,19 @@ class RunControl:
             if not isinstance(cursor, str) or not _CURSOR_RE.fullmatch(cursor):
                 raise UsageError(f"invalid cursor {cursor!r}; pass the next_cursor of a previous page")
             offset = int(cursor)
-        page, complete = self._page(status, name, limit, offset)
+        page, complete = self._page(status, name, limit, offset, sweep)
         if not complete or self.store.index_damaged:
             # A full scan saw another number of runs than the store holds (a starter died between
             # creating a run and indexing it; a record was moved aside), or the index had a bad
             # line. Rebuild it from the run folders, which gives every run folder a row, and list
             # again trusting that: one rebuild, never one per call, and never "no runs" when there are.
             self.store.rebuild_index()
-            page, _ = self._page(status, name, limit, offset)
+            page, _ = self._page(status, name, limit, offset, sweep)
         return page
 
-    def _page(self, status: str | None, name: str | None, limit: int, offset: int) -> tuple[RunPage, bool]:
+    def _page(
+        self, status: str | None, name: str | None, limit: int, offset: int, sweep: str | None = None
+    ) -> tuple[RunPage, bool]:
         """A page, and False when a full scan saw another number of runs than the store holds."""
         runs: list[RunRow] = []
         matched = 0
@@ -236,6 +239,8 @@ class RunControl:
             if status is not None and row.get("status") != status:
                 continue
             if name is not None and not fnmatch.fnmatchcase(row.get("name") or "", name):
+                continue
+            if sweep is not None and row.get("sweep") != sweep:
                 continue
             matched += 1
             if matched <= offset:
@@ -259,15 +264,16 @@ class RunControl:
         except (StoreError, RunNotFound, UsageError):
             return row
 
-    def stop(self, run_id: str, *, force: bool = False) -> RunRecord:
-        """Ask the run to stop gracefully (or kill it at once with force)."""
+    def stop(self, run_id: str, *, force: bool = False, pruned: str | None = None) -> RunRecord:
+        """Ask the run to stop gracefully (or kill it at once with force). `pruned` (why, in words)
+        makes it a sweep's early stop: the run ends `stopped` with the reason `pruned`."""
         record = self.get(run_id)
         if record["status"] not in ACTIVE_STATES:
             raise RunStateError(f"run {run_id} has already ended ({record['status']}); nothing to stop")
         # First the request in the run folder, then the signal to whatever supervisor is known by
         # then: a supervisor reads this file after making its pid known, so a stop at any moment
         # of a launch reaches it one way or the other (see `Supervisor.run`).
-        requested = self._request_stop(record, force)
+        requested = self._request_stop(record, force, pruned)
         supervisor = self._supervisor(self.store.read(run_id))
         if supervisor is None and not requested:
             raise RunStateError(f"run {run_id} is still launching; try again in a moment")
@@ -287,8 +293,10 @@ class RunControl:
                     )
         return self.get(run_id)
 
-    def _request_stop(self, record: RunRecord, force: bool) -> bool:
-        request = {"attempt": record["attempt"], "force": force, "at": now_iso()}
+    def _request_stop(self, record: RunRecord, force: bool, pruned: str | None = None) -> bool:
+        request: dict[str, object] = {"attempt": record["attempt"], "force": force, "at": now_iso()}
+        if pruned is not None:
+            request.update(reason="pruned", detail=pruned)
         path = self.store.run_dir(record["run_id"]) / STOP_REQUEST_FILE
         try:
             atomic_write(path, json.dumps(request).encode("utf-8"))

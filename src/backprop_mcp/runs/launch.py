@@ -4,6 +4,7 @@ contract environment; and the handshake by which a new supervisor waits for its 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -111,6 +112,9 @@ def contract_env(record: RunRecord, run_dir: Path, deadline: float | None) -> di
         env[contract.ENV_DEADLINE] = f"{deadline:.3f}"
     if record["resume_from"]:
         env[contract.ENV_RESUME_FROM] = record["resume_from"]
+    if "sweep" in record:
+        env[contract.ENV_SWEEP_ID] = record["sweep"]["id"]
+        env[contract.ENV_PARAMS] = json.dumps(record["sweep"]["params"], separators=(",", ":"))
     gpu = record["gpu"]
     if gpu is not None and options.get("gpu_probe") == "rocm":
         # AMD: ROCr exposes only the chosen GPU (by the UUID rocm-smi gave, else by index); HIP's

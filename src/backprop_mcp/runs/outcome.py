@@ -40,8 +40,8 @@ def classify(stop_reason: str | None, returncode: int | None, *, box_used: float
         code, sig = None, signal.Signals(-returncode).name
     if stop_reason in ("deadline", "wall_clock_cap"):
         return Outcome("timed_out", stop_reason, code, sig)
-    if stop_reason == "stop_requested":
-        return Outcome("stopped", "stop_requested", code, sig)
+    if stop_reason in ("stop_requested", "pruned"):
+        return Outcome("stopped", stop_reason, code, sig)
     if stop_reason == "gpu_memory_limit":
         return Outcome("failed", "gpu_memory_limit", code, sig)
     if sig is not None:
@@ -70,4 +70,6 @@ def describe(outcome: Outcome, detail: str | None = None) -> str:
         return "the wall-clock cap (paused time included) ended"
     if reason == "gpu_memory_limit":
         return detail or "the run exceeded its GPU memory limit"
+    if reason == "pruned":
+        return detail or "pruned by its sweep: its metric was worse than the median of earlier trials"
     return "stopped on request"

@@ -14,6 +14,7 @@ from typing import NamedTuple
 from backprop_mcp.core.errors import (
     UsageError,
 )
+from backprop_mcp.core.records import SweepRef
 
 
 class RunRequest(NamedTuple):
@@ -37,6 +38,8 @@ class RunRequest(NamedTuple):
     file_defaults: bool = False
     """Take a missing script, run id and resume_from from the config files' `trainingScriptPath`,
     `runId` and `resumeFrom` (the seed's keys; the CLI's `backprop run`, never MCP arguments)."""
+    sweep: SweepRef | None = None
+    """Set by a sweep's runner on each trial: the record names its sweep and parameters."""
 
 
 def check_python(python: str | None, cwd: Path, env: Mapping[str, str]) -> str | None:

@@ -120,7 +120,13 @@ class Service(RunControl):
             options=settings.as_options(),
             config_files=list(settings.sources),
         )
+        if request.sweep is not None:
+            record["sweep"] = request.sweep
         return record, settings
+
+    def check(self, request: RunRequest, *, allowed_roots: Sequence[Path] | None = None) -> RunRecord:
+        """The record `start` would create, with every check `start` makes; starts and stores nothing."""
+        return self._prepare(request, allowed_roots)[0]
 
     def start(self, request: RunRequest, *, allowed_roots: Sequence[Path] | None = None) -> RunRecord:
         """Create the run and launch its supervisor; returns the record at once (queued or running,

@@ -102,16 +102,35 @@ class SupervisorBase:
         # pending, and is handled now instead of having killed a supervisor without handlers.
         signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_SIGNALS)
 
-    def _read_stop_request(self) -> None:
-        """Honour a stop that `stop` left in the run folder before this supervisor's pid was known."""
+    def _stop_request(self) -> dict[str, Any] | None:
+        """The stop request `stop` left in the run folder for this attempt, if any."""
         path = self.store.run_dir(self.run_id) / STOP_REQUEST_FILE
         try:
             request = json.loads(path.read_text("utf-8"))
         except (OSError, ValueError):
-            return
+            return None
         if isinstance(request, dict) and request.get("attempt") == self.record["attempt"]:
+            return request
+        return None
+
+    def _read_stop_request(self) -> None:
+        """Honour a stop that `stop` left in the run folder before this supervisor's pid was known."""
+        request = self._stop_request()
+        if request is not None:
             self.stop_reason = self.stop_reason or "stop_requested"
             self.kill_now = self.kill_now or request.get("force") is True
+
+    def _requested_reason(self, reason: str | None) -> tuple[str | None, str | None]:
+        """The stop reason to record, and its words: a requested stop whose request names a sweep's
+        early stop (`stop(..., pruned=why)`) is `pruned`. The request file says so, not the signal,
+        because a signal carries no reason."""
+        if reason != "stop_requested":
+            return reason, None
+        request = self._stop_request()
+        if request is not None and request.get("reason") == "pruned":
+            detail = request.get("detail")
+            return "pruned", detail if isinstance(detail, str) else None
+        return reason, None
 
     def _on_stop(self, signum: int, frame: object) -> None:
         if self.stop_reason is None:

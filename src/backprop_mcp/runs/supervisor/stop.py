@@ -74,14 +74,15 @@ class EndingSupervisor(QueuedSupervisor):
         record["ended_at"] = now_iso()
         record["eta_seconds"] = None
         # A stop (or deadline) that came after the script had exited on its own changed nothing.
-        outcome = classify(self.stop_reason if self.stop_acted else None, code, box_used=self.box_used)
+        reason, why = self._requested_reason(self.stop_reason if self.stop_acted else None)
+        outcome = classify(reason, code, box_used=self.box_used)
         record["exit_code"], record["signal"] = outcome.exit_code, outcome.signal
         record["termination_reason"] = outcome.reason
         self._close_attempt(outcome.status)
         # Released before the final state is written: whoever sees the run ended (and resumes
         # it) finds its slot free, and this release can only ever remove this attempt's slot.
         self._release()
-        detail = describe(outcome, record["status_detail"])
+        detail = describe(outcome, why or record["status_detail"])
         if self.leftovers_ended:
             detail += f"; {self.leftovers_ended} process(es) it left behind were killed"
         self.set_state(

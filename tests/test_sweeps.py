@@ -121,7 +121,6 @@ def test_a_seeded_random_sweep_finds_the_best_of_what_it_sampled_reproducibly(sw
             seed=7,
             parallel=4,
             args=["--steps", "2"],
-            objective="best",
         )
     )
     done = wait_for_sweep(sweeps, started["sweep_id"])
@@ -136,6 +135,7 @@ def test_a_seeded_random_sweep_finds_the_best_of_what_it_sampled_reproducibly(sw
 
 
 def test_pruning_stops_a_bad_trial_before_its_box_ends(sweeps: Sweeps, service: Service) -> None:
+    pytest.importorskip("backprop_mcp.runs.history")  # the median rule reads the metric history
     started = sweeps.start(
         SweepRequest(
             script=SCRIPT,
@@ -284,3 +284,16 @@ def test_a_corrupt_sweep_record_is_moved_aside_and_an_unknown_id_is_not_found(sw
     assert not (folder / "sweep.json").exists()
     with pytest.raises(RunNotFound, match="no sweep"):
         sweeps.get("s2")
+
+
+def test_a_stop_that_names_a_prune_ends_the_run_stopped_with_reason_pruned(service: Service) -> None:
+    from backprop_mcp.runs.requests import RunRequest
+    from tests.helpers import wait_for_end
+
+    run = service.start(RunRequest(script=SCRIPT, args=["--steps", "200", "--step-seconds", "0.05"]))
+    wait_until(lambda: (service.get(run["run_id"])["step"] or 0) >= 1, what="a first step")
+    service.stop(run["run_id"], pruned="pruned at step 1: worse than the median")
+    ended = wait_for_end(service, run["run_id"])
+    assert (ended["status"], ended["termination_reason"]) == ("stopped", "pruned")
+    assert ended["status_detail"] == "pruned at step 1: worse than the median"
+    assert ended["attempts"][-1]["termination_reason"] == "pruned"

@@ -206,10 +206,11 @@ def salvage_row(data: object, run_id: str, created_at: str, note: str) -> RunRow
     fields = data if isinstance(data, dict) else {}
     row: dict[str, Any] = {}
     defaults: dict[str, Any] = {"attempt": 1, "created_at": created_at, "script": ""}
-    for key, (hint, _) in _hints(RunRow).items():
+    for key, (hint, optional) in _hints(RunRow).items():
         try:
             row[key] = _check(fields[key], hint, key)
         except (KeyError, Invalid):
-            row[key] = defaults.get(key)
+            if not optional:  # a key that may be absent stays absent rather than become None
+                row[key] = defaults.get(key)
     row.update(run_id=run_id, status=UNKNOWN_STATUS, note=note)
     return cast(RunRow, row)

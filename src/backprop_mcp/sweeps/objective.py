@@ -5,12 +5,14 @@ correlation for numbers, in the standard library). Pure functions over records a
 
 from __future__ import annotations
 
+import importlib
 import math
 import statistics
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 from backprop_mcp.core.records import ACTIVE_STATES, RunRecord
+from backprop_mcp.core.store import Store
 from backprop_mcp.sweeps.shapes import Best, ParamSummary, Spread, Trial
 from backprop_mcp.sweeps.space import Dimension, format_value
 
@@ -25,6 +27,18 @@ MAX_BY_VALUE = 10
 
 Series = Callable[[RunRecord, str], list[tuple[float, float]]]
 """A run's metric history: (step, value) points, all attempts joined, step ascending."""
+
+
+def read_series(store: Store, record: RunRecord, metric: str) -> list[tuple[float, float]]:
+    """The run's metric history (`runs.history.series`); empty where this build keeps none."""
+    # Looked up by name until the metric history (branch h1-history) is merged: then this becomes
+    # `from backprop_mcp.runs.history import series`. Without it, pruning never fires and the
+    # `best` objective is the final value.
+    try:
+        history = importlib.import_module("backprop_mcp.runs.history")
+    except ImportError:
+        return []
+    return list(history.series(store, record, metric))
 
 
 class Score(NamedTuple):

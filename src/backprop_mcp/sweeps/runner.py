@@ -190,9 +190,7 @@ class Runner:
         return dict(trial) != before
 
     def _series(self, run: RunRecord, metric: str) -> list[tuple[float, float]]:
-        from backprop_mcp.runs import history
-
-        return history.series(self.service.store, run, metric)
+        return objective.read_series(self.service.store, run, metric)
 
     def _next_params(self, number: int) -> dict[str, str | int | float | bool] | None:
         record = self.record

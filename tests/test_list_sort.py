@@ -147,12 +147,18 @@ def _strip_new_fields(store: Store) -> None:
 
 def test_rows_indexed_by_the_previous_version_are_filled_from_the_record(runs: Service) -> None:
     _strip_new_fields(runs.store)
-    assert ids(runs.list_runs(sort="-val_acc")) == ["b", "d", "a", "c"]
     row = runs.list_runs(limit=1)["runs"][0]
     assert row["run_id"] == "d" and row["args"] == ["--lr", "0.001"] and row["metrics"] == {"val_acc": 0.8}
-    # Nothing was counted as damage: the index was not rebuilt to fill them.
+    # Not damage, and a page newest first reads a few records: the index is left as it is.
     assert not runs.store.index_damaged
     assert "args" not in runs.store.index_path.read_text(encoding="utf-8")
+    assert ids(runs.list_runs(sort="-val_acc")) == ["b", "d", "a", "c"]
+    # A sorted listing read every record to fill them: it wrote the rows whole, once.
+    rows = [json.loads(line) for line in runs.store.index_path.read_text(encoding="utf-8").splitlines()]
+    assert {r["run_id"]: r["args"] for r in rows}["a"] == ["--lr", "0.1"]
+    inode = runs.store.index_path.stat().st_ino
+    assert ids(runs.list_runs(sort="-val_acc")) == ["b", "d", "a", "c"]
+    assert runs.store.index_path.stat().st_ino == inode
 
 
 def test_an_old_row_whose_record_cannot_be_read_lists_with_empty_args(runs: Service) -> None:

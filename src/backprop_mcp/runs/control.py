@@ -227,19 +227,26 @@ class RunControl:
                 raise UsageError(f"invalid cursor {cursor!r}; pass the next_cursor of a previous page")
             offset = int(cursor)
         page, complete = self._page(status, name, limit, offset, order)
-        if not complete or self.store.index_damaged:
+        if complete is False or self.store.index_damaged:
             # A full scan saw another number of runs than the store holds (a starter died between
             # creating a run and indexing it; a record was moved aside), or the index had a bad
             # line. Rebuild it from the run folders, which gives every run folder a row, and list
             # again trusting that: one rebuild, never one per call, and never "no runs" when there are.
             self.store.rebuild_index()
             page, _ = self._page(status, name, limit, offset, order)
+        elif complete is None:
+            # A sorted listing filled rows an earlier version indexed from their records: write
+            # them whole once, so the next sorted listing reads the index alone (a store that
+            # cannot be written is listed all the same).
+            with contextlib.suppress(StoreError):
+                self.store.rebuild_index()
         return page
 
     def _page(
         self, status: str | None, name: str | None, limit: int, offset: int, order: Order | None
-    ) -> tuple[RunPage, bool]:
-        """A page, and False when a full scan saw another number of runs than the store holds."""
+    ) -> tuple[RunPage, bool | None]:
+        """A page, and False when a full scan saw another number of runs than the store holds
+        (None when it was complete but had to fill rows of an earlier version from records)."""
         counts = [0, 0]  # index rows read, rows matching
         matching = self._matching(status, name, counts)
         if order is None:
@@ -247,12 +254,15 @@ class RunControl:
             runs = list(itertools.islice(matching, offset, offset + limit + 1))
         else:
             found = list(matching)
+            old_rows = sum(1 for row in found if "args" not in row or "metrics" not in row)
             if needs_metrics(order):
                 found = [self._with_args_and_metrics(row) for row in found]
             runs = ordered(found, order)[offset : offset + limit + 1]
         more = len(runs) > limit
         page = [cast(RunRow, self._with_args_and_metrics(row)) for row in runs[:limit]]
-        complete = more or counts[0] == self.store.count_runs()
+        complete: bool | None = more or counts[0] == self.store.count_runs()
+        if complete and order is not None and needs_metrics(order) and old_rows:
+            complete = None
         next_cursor = str(offset + limit) if more else None
         total = None if more and order is None else counts[1]
         return RunPage(runs=page, next_cursor=next_cursor, total_matching=total), complete

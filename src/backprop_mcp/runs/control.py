@@ -34,8 +34,6 @@ from backprop_mcp.core.records import (
     ALL_STATES,
     RunRecord,
     RunRow,
-    row_args,
-    row_metrics,
     row_of,
 )
 from backprop_mcp.core.settings import Settings
@@ -47,7 +45,8 @@ from backprop_mcp.governor.probe_choice import make_probe
 from backprop_mcp.runs.launch import (
     limits_of,
 )
-from backprop_mcp.runs.listing import Order, needs_metrics, ordered, parse_sort
+from backprop_mcp.runs.listing import Order, complete_row, is_old_row, needs_metrics, ordered, parse_sort
+from backprop_mcp.runs.runlog import empty_note
 
 # A run whose supervisor has not yet written its pid is "launching", not lost, for this long:
 # the gap between creating the record and the supervisor's first write is normally ~0.1 s.
@@ -254,12 +253,12 @@ class RunControl:
             runs = list(itertools.islice(matching, offset, offset + limit + 1))
         else:
             found = list(matching)
-            old_rows = sum(1 for row in found if "args" not in row or "metrics" not in row)
+            old_rows = sum(1 for row in found if is_old_row(row))
             if needs_metrics(order):
-                found = [self._with_args_and_metrics(row) for row in found]
+                found = [complete_row(row, self.store.read) for row in found]
             runs = ordered(found, order)[offset : offset + limit + 1]
         more = len(runs) > limit
-        page = [cast(RunRow, self._with_args_and_metrics(row)) for row in runs[:limit]]
+        page = [cast(RunRow, complete_row(row, self.store.read)) for row in runs[:limit]]
         complete: bool | None = more or counts[0] == self.store.count_runs()
         if complete and order is not None and needs_metrics(order) and old_rows:
             complete = None
@@ -281,17 +280,6 @@ class RunControl:
             row.pop("new", None)  # the index's creation marker; the rest is a RunRow
             counts[1] += 1
             yield row
-
-    def _with_args_and_metrics(self, row: dict[str, Any]) -> dict[str, Any]:
-        """The row with `args` and `metrics`: a row indexed by a version that did not keep them
-        takes them from the run's record (empty when it cannot be read)."""
-        if "args" in row and "metrics" in row:
-            return row
-        try:
-            record = self.store.read(row["run_id"])
-        except (StoreError, RunNotFound, UsageError):
-            return {"args": [], "metrics": {}, **row}
-        return {**row, "args": row_args(record["args"]), "metrics": row_metrics(record["metrics"])}
 
     def _fresh_row(self, row: dict[str, Any]) -> dict[str, Any]:
         # Live rows come from the record itself: it has the current step and the liveness check.
@@ -408,7 +396,7 @@ class RunControl:
             run_id=run_id, attempt=which, lines=lines[-tail:], truncated=truncated, path=str(path)
         )
         if not lines:
-            answer["note"] = _empty_log_note(record, which, path)
+            answer["note"] = empty_note(record, which, path)
         return answer
 
     def compare(self, run_ids: Sequence[str], *, metric: str = "loss") -> Comparison:
@@ -416,26 +404,6 @@ class RunControl:
         from backprop_mcp.runs.compare import compare_runs
 
         return compare_runs(self.get, run_ids, metric)
-
-
-def _empty_log_note(record: RunRecord, attempt: int, path: Path) -> str:
-    """Why an attempt's log has no lines, in words."""
-    from backprop_mcp.runs.runlog import rotated_path
-
-    with contextlib.suppress(OSError):
-        if rotated_path(path).stat().st_size:
-            return f"nothing printed since the log was rotated; earlier output is in {rotated_path(path)}"
-    summary = record["attempts"][attempt - 1] if attempt <= len(record["attempts"]) else None
-    current = attempt == record["attempt"]
-    started = summary["started_at"] if summary is not None else record["started_at"]
-    if current and record["status"] == "queued":
-        return "the run is queued: its script has not started yet"
-    if started is None and not (current and record["status"] in ACTIVE_STATES):
-        status = summary["status"] if summary is not None else record["status"]
-        return f"the script never started (the attempt ended {status})"
-    if current and record["status"] in ACTIVE_STATES:
-        return "the script printed nothing yet"
-    return "the script printed nothing"
 
 
 def _age(iso: str) -> float:

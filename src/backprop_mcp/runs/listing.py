@@ -1,13 +1,14 @@
-"""The order of `list`: the sort keys it accepts (`parse_sort`), a row's value under one, and the
-order of the rows a page is cut from (`ordered`). Pure functions over index rows; `RunControl`
-reads the rows."""
+"""The order of `list`: the sort keys it accepts (`parse_sort`), a row's value under one, the
+order of the rows a page is cut from (`ordered`), and completing the rows an earlier version
+indexed (`complete_row`). Functions over index rows; `RunControl` reads the rows."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
-from backprop_mcp.core.errors import UsageError
+from backprop_mcp.core.errors import BackpropError, UsageError
+from backprop_mcp.core.records import RunRecord, row_args, row_metrics
 
 # Keys that name a row's own field rather than a metric.
 FIELD_KEYS = ("created", "name", "step")
@@ -69,6 +70,23 @@ def ordered(rows: Sequence[dict[str, Any]], order: Order) -> list[dict[str, Any]
     # sorted() is stable also with reverse=True: equal values keep the newest-first order.
     present.sort(key=lambda r: value_of(r, order.key), reverse=order.descending)
     return present + missing
+
+
+def is_old_row(row: Mapping[str, Any]) -> bool:
+    """True for a row indexed by a version that did not keep a run's `args` and `metrics`."""
+    return "args" not in row or "metrics" not in row
+
+
+def complete_row(row: dict[str, Any], read: Callable[[str], RunRecord]) -> dict[str, Any]:
+    """The row with `args` and `metrics`: an old row takes them from the run's record, `read`
+    (empty when it cannot be read)."""
+    if not is_old_row(row):
+        return row
+    try:
+        record = read(row["run_id"])
+    except BackpropError:
+        return {"args": [], "metrics": {}, **row}
+    return {**row, "args": row_args(record["args"]), "metrics": row_metrics(record["metrics"])}
 
 
 def _has_control(text: str) -> bool:

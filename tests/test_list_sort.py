@@ -235,3 +235,13 @@ def test_a_sorted_listing_of_an_isolated_store_sees_live_rows_fresh(tmp_path: Pa
     service.store.write(record, index=False)
     # Running but no supervisor: read fresh (within the launch grace it is not lost yet).
     assert ids(service.list_runs(sort="-val_acc"))[0] == "live"
+
+
+def test_a_run_of_a_newer_backprop_is_listed_with_its_arguments_bounded(service: Service) -> None:
+    record = add(service.store, "newer", 1, args=[f"--x{i}" for i in range(MAX_ROW_ARGS + 5)])
+    path = service.store.record_path("newer")
+    path.write_text(json.dumps({**record, "schema_version": 99}), encoding="utf-8")
+    service.store.rebuild_index()
+    (row,) = service.list_runs()["runs"]
+    assert row["status"] == "unknown" and "newer backprop" in row.get("note", "")
+    assert len(row["args"]) == MAX_ROW_ARGS + 1 and row["metrics"] == {}

@@ -212,5 +212,6 @@ def salvage_row(data: object, run_id: str, created_at: str, note: str) -> RunRow
         except (KeyError, Invalid):
             row[key] = defaults.get(key)
     row.update(run_id=run_id, status=UNKNOWN_STATUS, note=note)
-    row.update(args=row_args(row["args"]), metrics=row_metrics(row["metrics"]))
+    # Bounded as `row_of` bounds them: the record may be a newer backprop's, with more of both.
+    row.update(args=row_args(row.get("args") or []), metrics=row_metrics(row.get("metrics") or {}))
     return cast(RunRow, row)

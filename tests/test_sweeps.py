@@ -107,6 +107,11 @@ def test_a_grid_sweep_from_the_cli_finds_the_best_point_holds_max_parallel_and_o
     assert given == trial["sweep"]["params"]
     assert oct(modes(service.store.home)[f"sweeps/{sweep_id}/sweep.json"]) == oct(0o600)
     assert cli(env, "list", "--sweep", sweep_id).stdout.count(sweep_id) == 9
+    # The sweep filter composes with the sort, and the next page's line keeps it.
+    best_row = service.list_runs(sweep=sweep_id, sort="val_loss", limit=1)["runs"][0]
+    assert best_row["run_id"] == done["best"]["run_id"]
+    last = cli(env, "list", "--sweep", sweep_id, "--limit", "4").stdout.splitlines()[-1]
+    assert last == f"more: backprop list --sweep={sweep_id} --limit=4 --cursor 4"
 
 
 def test_a_seeded_random_sweep_finds_the_best_of_what_it_sampled_reproducibly(sweeps: Sweeps) -> None:

@@ -147,14 +147,16 @@ def test_pruning_stops_a_bad_trial_before_its_box_ends(sweeps: Sweeps, service: 
             params={"x": [0.3, 0.35, 0.4, 3.0], "layers": [2]},
             metric="val_loss",
             parallel=1,
-            args=["--steps", "10", "--step-seconds", "0.1"],
+            # The bad trial's steps take a second each: unpruned, it would run 20 s; the median rule
+            # can judge it from its second step on, so being pruned well before its end is no luck.
+            args=["--steps", "20", "--bad-step-seconds", "1"],
             options={"max_run_minutes": 1},
         )
     )
     done = wait_for_sweep(sweeps, started["sweep_id"])
     bad = done["trials"][3]
     assert bad["status"] == "stopped" and bad.get("reason") == "pruned", bad
-    assert bad.get("step", 0) < 10
+    assert bad.get("step", 0) < 20
     record = service.get(bad["run_id"])
     assert record["termination_reason"] == "pruned"
     assert "median" in (record["status_detail"] or "")

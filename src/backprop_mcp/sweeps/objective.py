@@ -41,6 +41,18 @@ def read_series(store: Store, record: RunRecord, metric: str) -> list[tuple[floa
     return list(history.series(store, record, metric))
 
 
+def with_latest(
+    points: list[tuple[float, float]], record: RunRecord, metric: str
+) -> list[tuple[float, float]]:
+    """`points` (the run's history) and, when the record is ahead of it, the record's latest value
+    at the record's step: a supervisor rewrites the history every few seconds but the record every
+    second, so a live trial is judged by what it reached, not by what was last written."""
+    value, step = latest_value(record, metric), record["step"]
+    if value is None or step is None or (points and points[-1][0] >= step):
+        return points
+    return [*points, (float(step), value)]
+
+
 class Score(NamedTuple):
     objective: float | None
     unfinished: bool

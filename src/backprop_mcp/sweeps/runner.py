@@ -69,6 +69,9 @@ class Runner:
         )
         self.stopping = False
         self.pruned_at: dict[str, float] = {}  # run id -> the step last judged, so each step is judged once
+        # Run id -> the metric history of a trial that has ended (it changes no more until resumed):
+        # each look at a live trial then reads only its own history, not every earlier trial's.
+        self.ended_series: dict[str, list[tuple[float, float]]] = {}
         self.poll = poll_seconds()
         self.started = time.monotonic()
         self.elapsed_before = record["elapsed_seconds"]
@@ -264,6 +267,7 @@ class Runner:
 
     def _resume(self, trial: Trial) -> None:
         trial.pop("resume", None)
+        self.ended_series.pop(trial["run_id"], None)
         record = self.record
         try:
             run = self.service.resume(
@@ -292,9 +296,9 @@ class Runner:
             self.pruned_at[trial["run_id"]] = step
             try:
                 run = self.service.get(trial["run_id"])
-                mine = self._series(run, metric)
+                mine = objective.with_latest(self._series(run, metric), run, metric)
                 earlier = [
-                    self._series(self.service.get(t["run_id"]), metric)
+                    self._earlier_series(t)
                     for t in record["trials"]
                     if t["number"] < trial["number"] and t["status"] != STARTING
                 ]
@@ -307,6 +311,17 @@ class Runner:
                     self.service.stop(trial["run_id"], pruned=why)
                 except BackpropError:
                     continue  # it ended meanwhile: its own outcome stands
+
+    def _earlier_series(self, trial: Trial) -> list[tuple[float, float]]:
+        """An earlier trial's history to judge a later one by: read once when it has ended."""
+        cached = self.ended_series.get(trial["run_id"])
+        if cached is not None:
+            return cached
+        run = self.service.get(trial["run_id"])
+        points = objective.with_latest(self._series(run, self.record["metric"]), run, self.record["metric"])
+        if run["status"] not in ACTIVE_STATES:
+            self.ended_series[trial["run_id"]] = points
+        return points
 
     def _end_all(self, status: str, detail: str) -> None:
         """Stop every active trial gracefully (queued ones never start), wait for them to end

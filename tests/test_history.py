@@ -286,6 +286,12 @@ def test_a_metric_without_a_step_takes_the_last_step_seen_and_a_script_without_s
     assert (got["loss"]["steps"], got["val_loss"]["steps"]) == ([1, 2], [3])
 
 
+def test_the_history_keeps_as_many_names_as_the_record_and_the_loss() -> None:
+    from backprop_mcp.runs.progress import MAX_METRICS
+
+    assert history.MAX_NAMES == 1 + MAX_METRICS
+
+
 def test_metric_names_are_bounded_and_the_rest_is_counted(service: Service) -> None:
     lines = [json.dumps({"event": "metric", "name": f"m{i:03d}", "value": i, "step": i}) for i in range(100)]
     _ended(service, "prints_each_argument_as_a_line.py", "names", json.dumps({"step": 0, "loss": 1}), *lines)

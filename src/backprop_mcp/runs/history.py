@@ -23,10 +23,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
-
-from backprop_mcp.runs.progress import MAX_METRICS
+from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -38,9 +35,11 @@ SCHEMA_VERSION = 1
 # Points kept per metric per attempt: enough for a smooth curve and a true best at any run length,
 # while a file of every metric stays a few hundred KB at most.
 MAX_POINTS = 1000
-# Metric names kept per run: the loss and as many as the record keeps (a script inventing a new
-# name per line must not grow the history forever). Later names are counted, not kept.
-MAX_NAMES = 1 + MAX_METRICS
+# Metric names kept per attempt: the loss and as many others as the record keeps
+# (`progress.MAX_METRICS`, not imported: readers such as `status RUN_ID` need not load the event
+# parser): a script inventing a new name per line must not grow the history forever. Values of
+# later names are counted, not kept.
+MAX_NAMES = 1 + 64
 LOSS = "loss"
 HISTORY_DIR = "history"
 
@@ -52,8 +51,7 @@ def history_path(store: Store, run_id: str, attempt: int) -> Path:
     return store.run_dir(run_id) / HISTORY_DIR / f"{attempt}.json"
 
 
-@dataclass
-class Attempt:
+class Attempt(NamedTuple):
     """One attempt's stored history, checked."""
 
     attempt: int
@@ -70,22 +68,27 @@ class Attempt:
         return max(ends) if ends else None
 
 
-@dataclass
 class _Segment:
-    attempt: Attempt
-    start: float  # where it begins on the joined curve
-    offset: float = 0.0  # added to its steps (an attempt that counted instead of giving steps)
-    until: float = math.inf  # its points at or after this step were replaced by a later attempt
+    """One attempt's place on the joined curve."""
+
+    __slots__ = ("attempt", "offset", "start", "until")
+
+    def __init__(self, attempt: Attempt, start: float, offset: float = 0.0) -> None:
+        self.attempt = attempt
+        self.start = start  # where it begins on the joined curve
+        self.offset = offset  # added to its steps (an attempt that counted instead of giving steps)
+        self.until = math.inf  # its points at or after this step were replaced by a later attempt
 
 
-@dataclass
 class RunHistory:
-    """A run's stored history: each attempt's file, and the attempts joined into one curve."""
+    """A run's stored history: each attempt's file, and the attempts joined into one curve.
+    (Plain classes here, not dataclasses: `status RUN_ID` reads it and must start fast.)"""
 
-    attempts: list[Attempt] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)
-    """What could not be read (a corrupt file moved aside, one of a newer schema), in words."""
-    segments: list[_Segment] = field(default_factory=list)
+    def __init__(self) -> None:
+        self.attempts: list[Attempt] = []
+        self.problems: list[str] = []
+        """What could not be read (a corrupt file moved aside, one of a newer schema), in words."""
+        self.segments: list[_Segment] = []
 
     def names(self) -> list[str]:
         """Every metric any attempt reported, the loss first, then in the order first seen."""

@@ -12,7 +12,6 @@ from backprop_mcp.core.records import ACTIVE_STATES, RunRecord
 from backprop_mcp.core.store import Store
 from backprop_mcp.runs import history
 from backprop_mcp.runs.compare import lower_is_better, metric_of
-from backprop_mcp.runs.events import MAX_METRIC_NAME_CHARS
 
 # Runs per call: each costs a few files to read, and the answer grows with them.
 MAX_METRIC_RUNS = 20
@@ -51,6 +50,8 @@ def _check_names(metrics: Sequence[str] | None) -> list[str] | None:
         return None
     if isinstance(metrics, str):
         raise UsageError('metrics must be a list of metric names, e.g. ["loss", "val_acc"]')
+    from backprop_mcp.runs.events import MAX_METRIC_NAME_CHARS  # only when names are asked for
+
     if len(metrics) > MAX_ASKED_METRICS:
         raise UsageError(f"ask for at most {MAX_ASKED_METRICS} metrics at once, got {len(metrics)}")
     for name in metrics:

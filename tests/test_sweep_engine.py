@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import statistics
 import sys
+from typing import Any
 
 import pytest
 
@@ -211,6 +212,17 @@ def test_spearman_handles_ties_and_constant_sides() -> None:
 
 def _curve(base: float, steps: int) -> list[tuple[float, float]]:
     return [(float(s), base + 1 / s) for s in range(1, steps + 1)]
+
+
+def test_a_live_trial_is_judged_by_its_records_latest_value_when_the_history_lags() -> None:
+    record: Any = _record("running", val_loss=0.4)
+    history = [(1.0, 0.9), (2.0, 0.6)]
+    record["step"] = 5
+    assert objective.with_latest(history, record, "val_loss") == [*history, (5.0, 0.4)]
+    record["step"] = 2  # the history has caught up: nothing is added twice
+    assert objective.with_latest(history, record, "val_loss") == history
+    fresh: Any = _record("running")
+    assert objective.with_latest([], fresh, "val_loss") == []  # nothing reported yet
 
 
 def test_the_median_rule_stops_a_trial_worse_than_the_earlier_ones_at_its_step() -> None:

@@ -140,7 +140,6 @@ def test_a_seeded_random_sweep_finds_the_best_of_what_it_sampled_reproducibly(sw
 
 
 def test_pruning_stops_a_bad_trial_before_its_box_ends(sweeps: Sweeps, service: Service) -> None:
-    pytest.importorskip("backprop_mcp.runs.history")  # the median rule reads the metric history
     started = sweeps.start(
         SweepRequest(
             script=SCRIPT,
@@ -163,6 +162,25 @@ def test_pruning_stops_a_bad_trial_before_its_box_ends(sweeps: Sweeps, service: 
     assert [t["status"] for t in done["trials"][:3]] == ["completed"] * 3
     assert done["best"] is not None and done["best"]["params"]["x"] == 0.3
     assert done["next_step"].startswith("best: trial 1")
+
+
+@pytest.mark.parametrize(("kind", "expected"), [("best", 1 / 3), ("final", 1 / 3 + 0.03)])
+def test_the_best_objective_is_read_from_the_metric_history(
+    sweeps: Sweeps, kind: str, expected: float
+) -> None:
+    # val_loss falls to 1/3 at step 3, then rises to 1/3 + 0.03 at step 6: only the history has the dip.
+    started = sweeps.start(
+        SweepRequest(
+            script=SCRIPT,
+            params={"x": [0.3], "layers": [2]},
+            metric="val_loss",
+            objective=kind,
+            args=["--steps", "6", "--overfit-after", "3"],
+        )
+    )
+    done = wait_for_sweep(sweeps, started["sweep_id"])
+    assert done["best"] is not None
+    assert done["best"]["objective"] == pytest.approx(expected, abs=1e-5)
 
 
 def test_a_killed_runner_leaves_a_lost_sweep_that_resume_continues(sweeps: Sweeps, service: Service) -> None:

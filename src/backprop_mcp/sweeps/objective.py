@@ -5,7 +5,6 @@ correlation for numbers, in the standard library). Pure functions over records a
 
 from __future__ import annotations
 
-import importlib
 import math
 import statistics
 from collections.abc import Callable, Sequence
@@ -13,6 +12,7 @@ from typing import NamedTuple
 
 from backprop_mcp.core.records import ACTIVE_STATES, RunRecord
 from backprop_mcp.core.store import Store
+from backprop_mcp.runs import history
 from backprop_mcp.sweeps.shapes import Best, ParamSummary, Spread, Trial
 from backprop_mcp.sweeps.space import Dimension, format_value
 
@@ -30,15 +30,8 @@ Series = Callable[[RunRecord, str], list[tuple[float, float]]]
 
 
 def read_series(store: Store, record: RunRecord, metric: str) -> list[tuple[float, float]]:
-    """The run's metric history (`runs.history.series`); empty where this build keeps none."""
-    # Looked up by name until the metric history (branch h1-history) is merged: then this becomes
-    # `from backprop_mcp.runs.history import series`. Without it, pruning never fires and the
-    # `best` objective is the final value.
-    try:
-        history = importlib.import_module("backprop_mcp.runs.history")
-    except ImportError:
-        return []
-    return list(history.series(store, record, metric))
+    """The run's metric history (see `runs.history.series`)."""
+    return history.series(store, record, metric)
 
 
 def with_latest(

@@ -49,7 +49,8 @@ async def test_run_training_and_resume_run_say_which_config_files_applied(tmp_pa
         async with Client(server, mode="legacy") as client:
             started = await _call(client, "run_training", script="train.py", options={"use_gpu": False})
             wait_for_end(service, started["run_id"])
-            resumed = await _call(client, "resume_run", run_id=started["run_id"])
+            # New arguments: the run completed its steps, and resuming it as it is would be refused.
+            resumed = await _call(client, "resume_run", run_id=started["run_id"], args=["6"])
             dry = await _call(client, "run_training", script="train.py", dry_run=True)
     assert (started["config_files"], started["max_run_minutes"]) == ([str(config)], 3.0)
     assert (resumed["config_files"], resumed["max_run_minutes"]) == ([str(config)], 3.0)
@@ -77,7 +78,9 @@ def test_the_cli_says_which_config_files_applied_to_a_run_it_starts(
     assert f"config: {config}" in foreground.stdout
     as_json = cli_json(env, "run", "train.py", "--run-id", "j", cwd=project)
     assert (as_json["config_files"], as_json["max_run_minutes"]) == ([str(config)], 4.0)
-    resumed = cli_json(env, "resume", "j", cwd=project)
+    resumed_cli = cli(env, "resume", "j", "--json", "--", "6", cwd=project)  # more steps: see above
+    assert resumed_cli.returncode == 0, resumed_cli.stderr
+    resumed = json.loads(resumed_cli.stdout)
     assert resumed["config_files"] == [str(config)]
     status = cli(env, "status", "j", cwd=project)
     assert f"config     {config}" in status.stdout

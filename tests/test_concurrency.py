@@ -182,7 +182,9 @@ def test_locks_held_by_a_killed_process_never_block_the_next_command(
     holder.kill()
     holder.wait()
     holder.stdout.close()
-    again = cli_json(env, "resume", "first", "--detach")
+    resumed = cli(env, "resume", "first", "--detach", "--json", "--", "6")  # it completed its steps
+    assert resumed.returncode == 0, resumed.stderr
+    again = json.loads(resumed.stdout)
     assert again["attempt"] == 2
     second = cli_json(env, "run", str(FIXTURES / "counts_and_exits.py"), "--run-id", "second", cwd=tmp_path)
     assert second["status"] == "completed"

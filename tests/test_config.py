@@ -254,6 +254,7 @@ def test_resuming_a_run_stored_with_a_box_past_the_maximum_is_a_clear_error(
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "stored max_run_minutes must be > 0 and <= 10080 (7 days), got 1e+16" in result.stderr
     assert path.read_bytes() == before
-    replaced = cli(env, "resume", "old", "-m", "1", "--json", cwd=tmp_path)
+    # New arguments as well: the run completed its steps, so resuming it as it is would be refused.
+    replaced = cli(env, "resume", "old", "-m", "1", "--json", "--", "6", cwd=tmp_path)
     assert replaced.returncode == 0, replaced.stderr
     assert json.loads(replaced.stdout)["status"] == "completed"

@@ -178,7 +178,7 @@ def test_a_secret_in_the_starters_environment_never_reaches_the_store_or_the_cli
     for args in (
         ["run", str(FIXTURES / "counts_and_exits.py"), "--run-id", "s1", "--json"],
         ["run", str(FIXTURES / "counts_and_exits.py"), "--dry-run", "--json"],
-        ["resume", "s1", "--json"],
+        ["resume", "s1", "--json", "--", "6"],  # new arguments: s1 completed its steps
         ["status", "s1", "--json"],
         ["status", "--json"],
         ["list", "--json"],

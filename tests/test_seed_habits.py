@@ -145,14 +145,17 @@ def test_resume_dry_run_shows_the_next_attempt_and_changes_nothing(
     run_id = _finished_run(service, tmp_path)
     run_dir = service.store.run_dir(run_id)
     before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
-    report = cli_json(env, "resume", run_id, "--dry-run", "-m", "4", cwd=tmp_path)
+    # It completed its 2 steps: resumed with new arguments (3 steps), the stored ones replaced.
+    shown = cli(env, "resume", run_id, "--dry-run", "-m", "4", "--json", "--", "3", cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    report = json.loads(shown.stdout)
     assert report["environment"]["BACKPROP_ATTEMPT"] == "2"
     assert report["environment"]["BACKPROP_RESUME_FROM"] == str(tmp_path / "ck.json")
     assert report["environment"]["BACKPROP_RUN_ID"] == run_id
-    assert report["command"][1:] == [SCRIPT, "2"]
+    assert report["command"][1:] == [SCRIPT, "3"]
     assert report["options"]["max_run_minutes"] == 4 and report["decision"]["allowed"] is True
     assert report["config_files"] == []
-    text = cli(env, "resume", run_id, "--dry-run", cwd=tmp_path)
+    text = cli(env, "resume", run_id, "--dry-run", "--", "3", cwd=tmp_path)
     assert text.returncode == 0, text.stderr
     assert f"attempt    2, from {tmp_path / 'ck.json'}" in text.stdout
     assert "nothing was started (--dry-run)" in text.stdout
@@ -160,7 +163,7 @@ def test_resume_dry_run_shows_the_next_attempt_and_changes_nothing(
     after.pop("lock", None)  # the run's (empty) lock file, taken to read a consistent record
     assert after == before  # record, events and logs untouched; no supervisor started
     assert service.get(run_id)["attempt"] == 1
-    assert service.resume(run_id)["attempt"] == 2  # and a real resume still works after it
+    assert service.resume(run_id, args=["3"])["attempt"] == 2  # and a real resume still works after it
 
 
 def test_resume_dry_run_gives_the_same_errors_as_resume(

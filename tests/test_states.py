@@ -78,7 +78,7 @@ def test_a_stop_from_an_earlier_attempt_does_not_stop_the_resumed_one(service: S
     assert wait_for_end(service, run_id)["status"] == "completed"
     stale = service.store.run_dir(run_id) / store_module.STOP_REQUEST_FILE
     stale.write_text(json.dumps({"attempt": 1, "force": False}), encoding="utf-8")
-    service.resume(run_id)
+    service.resume(run_id, args=["6"])  # new arguments: the run completed its steps
     end = wait_for_end(service, run_id)
     assert (end["attempt"], end["status"]) == (2, "completed")
 
@@ -338,13 +338,13 @@ def test_a_resume_that_cannot_launch_leaves_the_run_as_it_was(
     else:
         monkeypatch.setattr(local, "spawn_supervisor", cannot_spawn)
     with pytest.raises(StoreError):
-        service.resume(run_id)
+        service.resume(run_id, args=["6"])  # new arguments: the run completed its steps
     monkeypatch.undo()
     assert service.store.record_path(run_id).read_bytes() == record_before
     assert service.store.events_path(run_id).read_bytes() == events_before
     assert _index_rows(service, run_id) == rows_before
     assert not list(service.store.run_dir(run_id).glob("run.json.*"))
     assert service.get(run_id)["status"] == "completed"
-    service.resume(run_id)
+    service.resume(run_id, args=["6"])
     end = wait_for_end(service, run_id)
     assert (end["attempt"], end["status"]) == (2, "completed")

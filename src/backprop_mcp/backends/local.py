@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -20,11 +21,19 @@ from backprop_mcp.core.files import atomic_write, tail_lines
 from backprop_mcp.core.records import RunRecord
 from backprop_mcp.core.store import SUPERVISOR_PID_FILE, Store
 from backprop_mcp.governor import proctree
+from backprop_mcp.governor.admission import Admission
 from backprop_mcp.runs.launch import AWAIT_GO_FLAG, GO, HELD_SIGNALS
+
+logger = logging.getLogger(__name__)
 
 # A supervisor told to abandon its start exits as soon as its interpreter is up (well under a
 # second); this bounds the wait on a machine stalled for a long while before it is killed.
 ABANDON_WAIT_SECONDS = 30.0
+# The starter waits this long for the queue's lock to take the run's place. A hold is normally
+# milliseconds (admission decides on a snapshot taken outside the lock; reclaiming a dead run's
+# processes takes a few seconds at most); past this the supervisor joins by itself, retrying, rather
+# than the caller being held up for the queue's own minute-long limit.
+JOIN_LOCK_TIMEOUT_SECONDS = 10.0
 # The last line of a supervisor's log quoted when it dies at its start: a tail stays bounded.
 MAX_QUOTED_CHARS = 2000
 
@@ -47,25 +56,43 @@ class LocalBackend:
             proc = spawn_supervisor(store.home, run_id, env)
         except OSError as exc:
             raise StoreError(f"could not start the supervisor of run {run_id}: {exc}") from None
+        queue = Admission(store.governor_dir, lock_timeout=JOIN_LOCK_TIMEOUT_SECONDS)
+        started: float | None = None
         try:
             started = proctree.start_time(proc.pid)
             # Through the store's atomic write: the file is 0600 like the rest of the store
             # (write_text would follow the umask), and a reader never sees it half written.
             atomic_write(pid_file, json.dumps({"pid": proc.pid, "started": started}).encode("utf-8"))
+            # The run's place in the queue is taken now, before the caller gets its answer, so runs
+            # are admitted in the order they were submitted, not in the order their supervisors
+            # happen to start. The ticket is the supervisor's (its pid and start time): a starter
+            # that exits at once leaves nothing of its own, and the supervisor's own join keeps it.
+            # (No start time: it died already; the release below says so.)
+            if started is not None:
+                _join(queue, run_id, proc.pid, started)
         except BaseException:
-            abandon(proc, ABANDON_WAIT_SECONDS)
+            self._undo(queue, run_id, proc, started)
             raise
         try:
             release(proc)
         except OSError:
             # The pid file first: a supervisor without its go goes on only if that file names it.
             pid_file.unlink(missing_ok=True)
-            abandon(proc, ABANDON_WAIT_SECONDS)
+            self._undo(queue, run_id, proc, started)
             log = store.run_dir(run_id) / "supervisor.log"
             raise StoreError(
                 f"the supervisor of run {run_id} ended as it started (exit status {proc.returncode})"
                 + _last_line(log)
             ) from None
+
+    @staticmethod
+    def _undo(queue: Admission, run_id: str, proc: subprocess.Popen[bytes], started: float | None) -> None:
+        """Roll back a launch: the held supervisor exits untouched and its ticket goes (a ticket of
+        a dead process would be dropped by the next look at the queue anyway; this is at once)."""
+        abandon(proc, ABANDON_WAIT_SECONDS)
+        if started is not None:
+            with contextlib.suppress(OSError, StoreError):
+                queue.release(run_id, (proc.pid, started))
 
     def supervisor(self, store: Store, record: RunRecord) -> SupervisorId | None:
         """From the record, else from the pid file the starter wrote at launch (before the
@@ -92,6 +119,21 @@ class LocalBackend:
 
     def log_path(self, store: Store, run_id: str, attempt: int) -> Path:
         return store.log_path(run_id, attempt)
+
+
+def _join(queue: Admission, run_id: str, pid: int, started: float) -> None:
+    """Take the run's place in the queue for its supervisor. A queue that cannot be used now (a full
+    disk, a broken or wedged lock) does not fail the start: the supervisor joins by itself and, as
+    long as the queue stays unusable, retries and says so in the record (docs/governor.md)."""
+    try:
+        queue.join(run_id, pid, started)
+    except (OSError, StoreError) as exc:
+        text = exc.message if isinstance(exc, StoreError) else (exc.strerror or str(exc))
+        logger.warning(
+            "run %s: could not take its place in the run queue now (%s); its supervisor will join",
+            run_id,
+            text,
+        )
 
 
 def spawn_supervisor(home: Path, run_id: str, env: Mapping[str, str]) -> subprocess.Popen[bytes]:

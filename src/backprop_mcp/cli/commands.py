@@ -39,13 +39,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(argv: Sequence[str] | None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    script_args: list[str] = []
+    script_args: list[str] | None = None
     if "--" in args:
         cut = args.index("--")
         args, script_args = args[:cut], args[cut + 1 :]
     ns = build_parser().parse_args(args)
-    if script_args and ns.command != "run":
-        sys.stderr.write("backprop: error: arguments after -- are only for `backprop run`\n")
+    if script_args and ns.command not in ("run", "resume"):
+        sys.stderr.write("backprop: error: arguments after -- are only for `backprop run` and `resume`\n")
         return 2
     _show_warnings()
     try:
@@ -107,7 +107,7 @@ def _escape(text: str) -> str:
     return "".join(c if c.isprintable() else json.dumps(c)[1:-1] for c in text)
 
 
-def _dispatch(ns: argparse.Namespace, script_args: list[str]) -> int:
+def _dispatch(ns: argparse.Namespace, script_args: list[str] | None) -> int:
     from backprop_mcp.runs.requests import RunRequest
     from backprop_mcp.runs.service import Service
 
@@ -120,7 +120,7 @@ def _dispatch(ns: argparse.Namespace, script_args: list[str]) -> int:
     if ns.command == "run":
         request = RunRequest(
             script=ns.script,
-            args=script_args,
+            args=script_args or [],
             name=ns.name,
             run_id=ns.run_id,
             cwd=ns.cwd,
@@ -142,7 +142,12 @@ def _dispatch(ns: argparse.Namespace, script_args: list[str]) -> int:
         return _after_start(service, record, detach=ns.detach, out=out)
     if ns.command == "resume" and ns.dry_run:
         preview = service.resume_dry_run(
-            ns.run_id, options=options(ns), from_scratch=ns.from_scratch, python=ns.python, cwd=ns.cwd
+            ns.run_id,
+            options=options(ns),
+            from_scratch=ns.from_scratch,
+            args=script_args,
+            python=ns.python,
+            cwd=ns.cwd,
         )
         if out:
             print_json(preview)
@@ -153,7 +158,12 @@ def _dispatch(ns: argparse.Namespace, script_args: list[str]) -> int:
         return 0
     if ns.command == "resume":
         record = service.resume(
-            ns.run_id, options=options(ns), from_scratch=ns.from_scratch, python=ns.python, cwd=ns.cwd
+            ns.run_id,
+            options=options(ns),
+            from_scratch=ns.from_scratch,
+            args=script_args,
+            python=ns.python,
+            cwd=ns.cwd,
         )
         return _after_start(service, record, detach=ns.detach, out=out)
     if ns.command == "status":
@@ -169,13 +179,16 @@ def _dispatch(ns: argparse.Namespace, script_args: list[str]) -> int:
     if ns.command == "list":
         from backprop_mcp.cli import render
 
-        page = service.list_runs(status=ns.status, name=ns.name, limit=ns.limit, cursor=ns.cursor)
+        page = service.list_runs(
+            status=ns.status, name=ns.name, limit=ns.limit, cursor=ns.cursor, sort=ns.sort
+        )
         if out:
             print_json(page)
         else:
-            print(render.table(page["runs"]))
+            print(render.table(page["runs"], sort=ns.sort))
             if page["next_cursor"]:
-                print(f"more: backprop list --cursor {page['next_cursor']}")
+                shown = {"--sort": ns.sort, "--status": ns.status, "--name": ns.name, "--limit": ns.limit}
+                print(render.next_page_text(shown, page["next_cursor"]))
         return 0
     if ns.command == "logs":
         if ns.follow:
@@ -187,16 +200,27 @@ def _dispatch(ns: argparse.Namespace, script_args: list[str]) -> int:
             from backprop_mcp.cli.render import clean_log
 
             sys.stdout.write("".join(clean_log(line) + "\n" for line in tail["lines"]))
+            if "note" in tail:
+                sys.stderr.write(f"backprop: {tail['note']}\n")
         return 0
     if ns.command == "stop":
-        record = service.stop(ns.run_id, force=ns.force)
-        if out:
-            print_json(record)
-        else:
-            from backprop_mcp.cli.render import clean
+        if len(ns.run_ids) == 1:  # one run: its record, or its error and exit code, as always
+            record = service.stop(ns.run_ids[0], force=ns.force)
+            if out:
+                print_json(record)
+            else:
+                from backprop_mcp.cli.render import clean
 
-            print(clean(f"stop requested for {ns.run_id}; it is {record['status']}"))
-        return 0
+                print(clean(f"stop requested for {ns.run_ids[0]}; it is {record['status']}"))
+            return 0
+        stops = service.stop_runs(ns.run_ids, force=ns.force)
+        if out:
+            print_json(stops)
+        else:
+            from backprop_mcp.cli.render import stop_report_text
+
+            print(stop_report_text(stops))
+        return 0 if stops["all_stopped"] else 1
     if ns.command == "compare":
         comparison = service.compare(ns.run_ids, metric=ns.metric)
         if out:

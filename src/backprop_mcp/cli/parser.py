@@ -50,6 +50,9 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         from backprop_mcp.cli.render import clean
 
+        if message.startswith("argument --sort: expected one argument"):
+            # argparse takes "-val_acc" after a space for an option of its own.
+            message += "; for a descending sort write it with '=': --sort=-val_acc"
         self.print_usage(sys.stderr)
         self.exit(2, f"backprop: error: {clean(message)}\n")  # it may quote what was typed
 
@@ -107,7 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dry-run", action="store_true", help="show the decision, command and environment only")
     _add_options(run, _RUN_OPTIONS + _LIMIT_OPTIONS)
 
-    resume = add_command("resume", "start the next attempt of a run from its latest checkpoint")
+    resume = add_command(
+        "resume", "start the next attempt of a run from its latest checkpoint (new script arguments after --)"
+    )
     resume.add_argument("run_id")
     resume.add_argument("--from-scratch", action="store_true", help="resume without a checkpoint")
     resume.add_argument("--python", help="interpreter for the script")
@@ -122,7 +127,13 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("run_id", nargs="?")
     _add_options(status, _LIMIT_OPTIONS)
 
-    lst = add_command("list", "past and present runs, newest first")
+    lst = add_command("list", "past and present runs, newest first or sorted")
+    lst.add_argument(
+        "--sort",
+        metavar="KEY",
+        help="order by a metric's last value (loss: lowest first; --sort=-val_acc: highest first), "
+        "or by created, name or step; runs without it come last",
+    )
     lst.add_argument("--status", help="only runs in this state")
     lst.add_argument("--name", help="only runs whose name matches this glob")
     lst.add_argument("--limit", type=_int, default=20, help="at most this many (default 20)")
@@ -136,8 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
         "-f", "--follow", action="store_true", help="keep printing new output until the run ends"
     )
 
-    stop = add_command("stop", "stop a run gracefully (the script can checkpoint)")
-    stop.add_argument("run_id")
+    stop = add_command("stop", "stop runs gracefully (the script can checkpoint)")
+    stop.add_argument("run_ids", nargs="+", metavar="run_id")
     stop.add_argument("--force", action="store_true", help="kill at once, without the grace period")
 
     compare = add_command("compare", "runs side by side on a metric")

@@ -10,7 +10,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # only annotations: `--version` and `--json` output need not load the shapes
-    from backprop_mcp.core.answers import SystemStatus
+    from backprop_mcp.core.answers import StopReport, SystemStatus
     from backprop_mcp.core.machine import Decision
     from backprop_mcp.core.records import RunRecord, RunRow
 
@@ -141,10 +141,34 @@ def record_text(record: RunRecord, now: float | None = None) -> str:
     return _lines(lines)
 
 
-def table(rows: list[RunRow]) -> str:
+# The ARGS column of `list` shows at most this many characters of a run's arguments: a table row
+# stays one readable line, and `status RUN_ID` (or --json) shows them whole.
+MAX_ARGS_CELL = 40
+# `list` sorted by a metric other than loss shows that metric's column.
+_FIELD_SORTS = ("loss", "created", "name", "step")
+
+
+def shortened(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def table(rows: list[RunRow], *, sort: str | None = None) -> str:
     if not rows:
         return "no runs"
-    head = ("RUN ID", "NAME", "STATUS", "ATT", "STEP", "LOSS", "CREATED", "REASON")
+    metric = (sort or "").removeprefix("-")
+    shown = metric if metric and metric not in _FIELD_SORTS else None
+    head = (
+        "RUN ID",
+        "NAME",
+        "STATUS",
+        "ATT",
+        "STEP",
+        "LOSS",
+        *([shown] if shown else []),
+        "ARGS",
+        "CREATED",
+        "REASON",
+    )
     body = [
         tuple(
             clean(cell)
@@ -155,16 +179,46 @@ def table(rows: list[RunRow]) -> str:
                 str(r["attempt"]),
                 step_text(r["step"], r["total"]),
                 number(r["loss"]),
+                *([number((r.get("metrics") or {}).get(shown))] if shown else []),
+                shortened(" ".join(r.get("args") or []), MAX_ARGS_CELL),
                 r["created_at"][:19].replace("T", " "),
                 r["termination_reason"] or r.get("note") or "",
             )
         )
         for r in rows
     ]
+    head = tuple(clean(cell) for cell in head)
     widths = [max(len(str(row[i])) for row in (head, *body)) for i in range(len(head))]
     return "\n".join(
         "  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in (head, *body)
     )
+
+
+def next_page_text(options: dict[str, str | int | None], cursor: str) -> str:
+    """The `backprop list` line that shows the next page with the same options."""
+    import shlex
+
+    words = ["backprop", "list"]
+    for flag, value in options.items():
+        if value is not None and not (flag == "--limit" and value == 20):
+            # "--sort=-val_acc": argparse would take "-val_acc" after a space for an option.
+            words.append(f"{flag}={value}")
+    words += ["--cursor", cursor]
+    return clean("more: " + shlex.join(words))
+
+
+def stop_report_text(report: StopReport) -> str:
+    """One line per run asked to stop: its state now, or why it could not be stopped."""
+    lines = []
+    for result in report["runs"]:
+        record = result["record"]
+        if result["error"] is None:
+            lines.append(
+                f"stop requested for {result['run_id']}; it is {record['status'] if record else '?'}"
+            )
+        else:
+            lines.append(f"could not stop {result['run_id']}: {result['error']}")
+    return _lines(lines)
 
 
 def decision_text(decision: Decision) -> str:

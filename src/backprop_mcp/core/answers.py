@@ -6,13 +6,13 @@ TypedDicts, like every shape in `core` (see `records` for why).
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, NotRequired
 
 # pydantic needs typing_extensions.TypedDict on Python < 3.12 to read nested TypedDicts.
 from typing_extensions import TypedDict
 
 from backprop_mcp.core.machine import Decision, Limits, SystemSnapshot
-from backprop_mcp.core.records import RunRow
+from backprop_mcp.core.records import RunRecord, RunRow
 
 # Pydantic reads attribute docstrings as field descriptions in the MCP schemas; setting the
 # config as a plain dict keeps pydantic out of this module's imports.
@@ -20,10 +20,10 @@ _DOC_CONFIG: Any = {"use_attribute_docstrings": True}
 
 
 class RunPage(TypedDict):
-    """One page of runs, newest first."""
+    """One page of runs, newest first unless sorted."""
 
     runs: list[RunRow]
-    """Runs on this page, newest first."""
+    """Runs on this page, newest first, or in the order asked for."""
     next_cursor: str | None
     """Pass as `cursor` to get the next page; None on the last page."""
     total_matching: int | None
@@ -58,6 +58,30 @@ class LogTail(TypedDict):
     """True when earlier lines were left out."""
     path: str
     """Log file path."""
+    note: NotRequired[str]
+    """Present only when there are no lines: why (the script printed nothing, or has not started)."""
+
+
+class StopResult(TypedDict):
+    """What became of one run asked to stop."""
+
+    run_id: str
+    """Run id."""
+    stopped: bool
+    """True when the stop was sent (the run ends `stopped` soon, or already has with force)."""
+    error: str | None
+    """Why the run could not be stopped (it had ended, no such run), when it could not."""
+    record: RunRecord | None
+    """The run's record after the request; None when it cannot be read."""
+
+
+class StopReport(TypedDict):
+    """Several runs asked to stop, each reported."""
+
+    runs: list[StopResult]
+    """One entry per run id, in the order given (repeats once)."""
+    all_stopped: bool
+    """True when every run was asked to stop; False when some could not be (see their error)."""
 
 
 class DryRun(TypedDict):
@@ -133,6 +157,16 @@ class ImportReport(TypedDict):
 
 # Set after the class bodies, as pydantic's own `with_config` does: written inside a TypedDict
 # body, a type checker takes `__pydantic_config__` for a required key of the shape.
-_DOCUMENTED: tuple[Any, ...] = (RunPage, SystemStatus, LogTail, DryRun, ComparedRun, Comparison, ImportReport)
+_DOCUMENTED: tuple[Any, ...] = (
+    RunPage,
+    SystemStatus,
+    LogTail,
+    StopResult,
+    StopReport,
+    DryRun,
+    ComparedRun,
+    Comparison,
+    ImportReport,
+)
 for _shape in _DOCUMENTED:
     _shape.__pydantic_config__ = _DOC_CONFIG

@@ -39,6 +39,14 @@ ALL_STATES: tuple[str, ...] = (
     "rejected",
 )
 
+# An index row is appended at every state change of every run and read back by each listing, so
+# what it carries of a run's arguments and metrics is bounded: a row stays a few hundred bytes for
+# ordinary runs and under 7 KB for the largest (long arguments, many metrics with long names).
+MAX_ROW_ARGS = 24
+MAX_ROW_ARG_CHARS = 100
+MAX_ROW_METRICS = 32
+MAX_ROW_METRIC_NAME_CHARS = 100
+
 TerminationReason = Literal[
     "exit_zero",
     "exit_nonzero",
@@ -211,6 +219,14 @@ class RunRow(TypedDict):
     """Script path."""
     termination_reason: str | None
     """Why it ended."""
+    args: NotRequired[list[str]]
+    """The script's arguments (its hyperparameters), shortened: at most `MAX_ROW_ARGS`, each cut to
+    `MAX_ROW_ARG_CHARS` characters ending in "..."; a last "..." stands for those left out. Absent
+    from rows written before it was kept (a listing fills it from the record)."""
+    metrics: NotRequired[dict[str, float]]
+    """Latest value of each metric, at most `MAX_ROW_METRICS` of them (the first the script
+    reported, names up to `MAX_ROW_METRIC_NAME_CHARS` characters). Absent from rows written before
+    it was kept (a listing fills it from the record)."""
     note: NotRequired[str]
     """Present only on a run whose record this backprop cannot read (status "unknown"): why, e.g. a
     record written by a newer backprop."""
@@ -224,7 +240,7 @@ for _shape in _DOCUMENTED:
 
 
 def row_of(record: RunRecord) -> RunRow:
-    """The index row of a record."""
+    """The index row of a record, with its arguments and metrics shortened to fit a row."""
     return RunRow(
         run_id=record["run_id"],
         name=record["name"],
@@ -237,7 +253,27 @@ def row_of(record: RunRecord) -> RunRow:
         loss=record["loss"],
         script=record["script"],
         termination_reason=record["termination_reason"],
+        args=row_args(record["args"]),
+        metrics=row_metrics(record["metrics"]),
     )
+
+
+def row_args(args: list[str]) -> list[str]:
+    """`args` as an index row keeps them (see `RunRow.args`)."""
+    cut = MAX_ROW_ARG_CHARS - 3
+    kept = [a if len(a) <= MAX_ROW_ARG_CHARS else a[:cut] + "..." for a in args[:MAX_ROW_ARGS]]
+    return [*kept, "..."] if len(args) > MAX_ROW_ARGS else kept
+
+
+def row_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """`metrics` as an index row keeps them (see `RunRow.metrics`)."""
+    kept: dict[str, float] = {}
+    for name, value in metrics.items():
+        if len(kept) == MAX_ROW_METRICS:
+            break
+        if len(name) <= MAX_ROW_METRIC_NAME_CHARS:
+            kept[name] = value
+    return kept
 
 
 def new_attempt(number: int, resume_from: str | None = None) -> AttemptSummary:

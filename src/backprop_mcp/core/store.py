@@ -48,8 +48,9 @@ SUPERVISOR_PID_FILE = "supervisor.pid"
 # stays proportional to the number of runs rather than to the number of state changes ever made.
 COMPACT_RATIO = 4
 COMPACT_SLACK = 1000
-# An index row is about this long; used to estimate the line count from the file size.
-_TYPICAL_ROW_BYTES = 250
+# An index row (with a few script arguments and metrics) is about this long; used to estimate the
+# line count from the file size.
+_TYPICAL_ROW_BYTES = 320
 
 
 def default_home(env: os._Environ[str] | dict[str, str]) -> Path:

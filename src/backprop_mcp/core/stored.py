@@ -25,7 +25,15 @@ from typing import Any, Literal, NotRequired, cast
 
 from typing_extensions import get_type_hints, is_typeddict
 
-from backprop_mcp.core.records import ALL_STATES, SCHEMA_VERSION, RunRecord, RunRow, new_record
+from backprop_mcp.core.records import (
+    ALL_STATES,
+    SCHEMA_VERSION,
+    RunRecord,
+    RunRow,
+    new_record,
+    row_args,
+    row_metrics,
+)
 
 # Fields without which a record says nothing usable about its run.
 CORE_FIELDS: frozenset[str] = frozenset(
@@ -197,10 +205,13 @@ def salvage_row(data: object, run_id: str, created_at: str, note: str) -> RunRow
     fields = data if isinstance(data, dict) else {}
     row: dict[str, Any] = {}
     defaults: dict[str, Any] = {"attempt": 1, "created_at": created_at, "script": ""}
+    defaults.update(args=[], metrics={})
     for key, (hint, _) in _hints(RunRow).items():
         try:
             row[key] = _check(fields[key], hint, key)
         except (KeyError, Invalid):
             row[key] = defaults.get(key)
     row.update(run_id=run_id, status=UNKNOWN_STATUS, note=note)
+    # Bounded as `row_of` bounds them: the record may be a newer backprop's, with more of both.
+    row.update(args=row_args(row.get("args") or []), metrics=row_metrics(row.get("metrics") or {}))
     return cast(RunRow, row)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import itertools
 import json
 import os
 import re
@@ -16,10 +17,11 @@ from typing import Any, cast
 
 from backprop_mcp.backends.base import Backend, SupervisorId
 from backprop_mcp.backends.local import LocalBackend
-from backprop_mcp.core.answers import Comparison, LogTail, RunPage, SystemStatus
+from backprop_mcp.core.answers import Comparison, LogTail, RunPage, StopReport, StopResult, SystemStatus
 from backprop_mcp.core.clock import now_iso, parse_iso
 from backprop_mcp.core.config import resolve_settings
 from backprop_mcp.core.errors import (
+    BackpropError,
     RunNotFound,
     RunStateError,
     StoreCorrupt,
@@ -43,6 +45,8 @@ from backprop_mcp.governor.probe_choice import make_probe
 from backprop_mcp.runs.launch import (
     limits_of,
 )
+from backprop_mcp.runs.listing import Order, complete_row, is_old_row, needs_metrics, ordered, parse_sort
+from backprop_mcp.runs.runlog import empty_note
 
 # A run whose supervisor has not yet written its pid is "launching", not lost, for this long:
 # the gap between creating the record and the supervisor's first write is normally ~0.1 s.
@@ -57,6 +61,8 @@ MAX_LOG_LINE_CHARS = 2000
 # before killing the run itself: a responsive supervisor does it in well under a second.
 FORCE_STOP_WAIT_SECONDS = 5.0
 FORCE_STOP_POLL_SECONDS = 0.05
+# Runs one `stop_runs` call takes: a page of a listing, not a whole store.
+MAX_STOP_RUNS = 100
 
 
 class RunControl:
@@ -201,53 +207,79 @@ class RunControl:
         name: str | None = None,
         limit: int = 20,
         cursor: str | None = None,
+        sort: str | None = None,
     ) -> RunPage:
-        """Runs newest first, filtered by state and name glob, paged."""
+        """Runs filtered by state and name glob, paged. Newest first by default; `sort` orders by a
+        metric's last value ("loss" lowest first, "-val_acc" highest first) or by "created",
+        "name" or "step" ("-" for descending). Runs without the metric come last either way; ties
+        stay newest first, so a cursor pages through a sorted list stably. Every row carries the
+        run's `args` and `metrics` (filled from the record for rows an older version indexed)."""
         if status is not None and status not in ALL_STATES:
             raise UsageError(f"unknown status {status!r}; choose one of {', '.join(ALL_STATES)}")
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIST_LIMIT:
             raise UsageError(f"limit must be a whole number from 1 to {MAX_LIST_LIMIT}, got {limit!r}")
+        order = parse_sort(sort)
         offset = 0
         if cursor is not None:
             # ASCII digits only, and few of them: str.isdigit() also takes "²", which int() refuses.
             if not isinstance(cursor, str) or not _CURSOR_RE.fullmatch(cursor):
                 raise UsageError(f"invalid cursor {cursor!r}; pass the next_cursor of a previous page")
             offset = int(cursor)
-        page, complete = self._page(status, name, limit, offset)
-        if not complete or self.store.index_damaged:
+        page, complete = self._page(status, name, limit, offset, order)
+        if complete is False or self.store.index_damaged:
             # A full scan saw another number of runs than the store holds (a starter died between
             # creating a run and indexing it; a record was moved aside), or the index had a bad
             # line. Rebuild it from the run folders, which gives every run folder a row, and list
             # again trusting that: one rebuild, never one per call, and never "no runs" when there are.
             self.store.rebuild_index()
-            page, _ = self._page(status, name, limit, offset)
+            page, _ = self._page(status, name, limit, offset, order)
+        elif complete is None:
+            # A sorted listing filled rows an earlier version indexed from their records: write
+            # them whole once, so the next sorted listing reads the index alone (a store that
+            # cannot be written is listed all the same).
+            with contextlib.suppress(StoreError):
+                self.store.rebuild_index()
         return page
 
-    def _page(self, status: str | None, name: str | None, limit: int, offset: int) -> tuple[RunPage, bool]:
-        """A page, and False when a full scan saw another number of runs than the store holds."""
-        runs: list[RunRow] = []
-        matched = 0
-        indexed_runs = 0
-        more = False
+    def _page(
+        self, status: str | None, name: str | None, limit: int, offset: int, order: Order | None
+    ) -> tuple[RunPage, bool | None]:
+        """A page, and False when a full scan saw another number of runs than the store holds
+        (None when it was complete but had to fill rows of an earlier version from records)."""
+        counts = [0, 0]  # index rows read, rows matching
+        matching = self._matching(status, name, counts)
+        if order is None:
+            # Newest first is the index's own order: read only as far back as the page needs.
+            runs = list(itertools.islice(matching, offset, offset + limit + 1))
+        else:
+            found = list(matching)
+            old_rows = sum(1 for row in found if is_old_row(row))
+            if needs_metrics(order):
+                found = [complete_row(row, self.store.read) for row in found]
+            runs = ordered(found, order)[offset : offset + limit + 1]
+        more = len(runs) > limit
+        page = [cast(RunRow, complete_row(row, self.store.read)) for row in runs[:limit]]
+        complete: bool | None = more or counts[0] == self.store.count_runs()
+        if complete and order is not None and needs_metrics(order) and old_rows:
+            complete = None
+        next_cursor = str(offset + limit) if more else None
+        total = None if more and order is None else counts[1]
+        return RunPage(runs=page, next_cursor=next_cursor, total_matching=total), complete
+
+    def _matching(self, status: str | None, name: str | None, counts: list[int]) -> Iterator[dict[str, Any]]:
+        """Index rows newest first (live ones fresh from their record) that pass the filters;
+        counts the rows read in `counts[0]` and those that passed in `counts[1]`."""
         for indexed in self.store.index_rows():
-            indexed_runs += 1
+            counts[0] += 1
             stale = indexed["status"] in ACTIVE_STATES or indexed["status"] == UNKNOWN_STATUS
             row = self._fresh_row(indexed) if stale else indexed
             if status is not None and row.get("status") != status:
                 continue
             if name is not None and not fnmatch.fnmatchcase(row.get("name") or "", name):
                 continue
-            matched += 1
-            if matched <= offset:
-                continue
-            if len(runs) == limit:
-                more = True
-                break
             row.pop("new", None)  # the index's creation marker; the rest is a RunRow
-            runs.append(cast(RunRow, row))
-        complete = more or indexed_runs == self.store.count_runs()
-        next_cursor = str(offset + limit) if more else None
-        return RunPage(runs=runs, next_cursor=next_cursor, total_matching=None if more else matched), complete
+            counts[1] += 1
+            yield row
 
     def _fresh_row(self, row: dict[str, Any]) -> dict[str, Any]:
         # Live rows come from the record itself: it has the current step and the liveness check.
@@ -261,6 +293,42 @@ class RunControl:
 
     def stop(self, run_id: str, *, force: bool = False) -> RunRecord:
         """Ask the run to stop gracefully (or kill it at once with force)."""
+        supervisor = self._send_stop(run_id, force)
+        if force and supervisor is not None:
+            self._end_forced(run_id, supervisor)
+        return self.get(run_id)
+
+    def stop_runs(self, run_ids: Sequence[str], *, force: bool = False) -> StopReport:
+        """Stop several runs: each one is tried and reported, one that cannot be stopped (ended
+        already, unknown) does not keep the others from stopping. Malformed ids are refused
+        before anything is stopped. Forced stops are all sent before any is waited for."""
+        if isinstance(run_ids, str) or not 1 <= len(run_ids) <= MAX_STOP_RUNS:
+            raise UsageError(f"give 1 to {MAX_STOP_RUNS} run ids to stop")
+        wanted = list(dict.fromkeys(check_run_id(run_id) for run_id in run_ids))
+        sent: dict[str, SupervisorId | None] = {}
+        errors: dict[str, str] = {}
+        for run_id in wanted:
+            try:
+                sent[run_id] = self._send_stop(run_id, force)
+            except BackpropError as exc:
+                errors[run_id] = exc.message
+        results: list[StopResult] = []
+        for run_id in wanted:
+            supervisor = sent.get(run_id)
+            record: RunRecord | None = None
+            try:
+                if force and supervisor is not None:
+                    self._end_forced(run_id, supervisor)
+                record = self.get(run_id)
+            except BackpropError as exc:
+                errors.setdefault(run_id, exc.message)
+            error = errors.get(run_id)
+            results.append(StopResult(run_id=run_id, stopped=error is None, error=error, record=record))
+        return StopReport(runs=results, all_stopped=not errors)
+
+    def _send_stop(self, run_id: str, force: bool) -> SupervisorId | None:
+        """Leave the stop request and signal the run's supervisor; returns that supervisor (None
+        while it is being launched: it reads the request itself)."""
         record = self.get(run_id)
         if record["status"] not in ACTIVE_STATES:
             raise RunStateError(f"run {run_id} has already ended ({record['status']}); nothing to stop")
@@ -275,17 +343,21 @@ class RunControl:
             self.backend.stop(supervisor, force=force)
         with contextlib.suppress(StoreError):  # the stop is on its way; a full disk loses only this note
             self.store.append_event(run_id, {"type": "stop_requested", "force": force})
-        if force and supervisor is not None and not self._ended_by_supervisor(run_id, supervisor):
-            with self.store.run_lock(run_id):
-                record = self.store.read(run_id)
-                if record["status"] in ACTIVE_STATES:
-                    self._mark_lost(
-                        record,
-                        status="stopped",
-                        reason="stop_requested",
-                        why="killed by a forced stop: its supervisor did not act on it",
-                    )
-        return self.get(run_id)
+        return supervisor
+
+    def _end_forced(self, run_id: str, supervisor: SupervisorId) -> None:
+        """After a forced stop: end the run here if its supervisor does not, in time."""
+        if self._ended_by_supervisor(run_id, supervisor):
+            return
+        with self.store.run_lock(run_id):
+            record = self.store.read(run_id)
+            if record["status"] in ACTIVE_STATES:
+                self._mark_lost(
+                    record,
+                    status="stopped",
+                    reason="stop_requested",
+                    why="killed by a forced stop: its supervisor did not act on it",
+                )
 
     def _request_stop(self, record: RunRecord, force: bool) -> bool:
         request = {"attempt": record["attempt"], "force": force, "at": now_iso()}
@@ -320,7 +392,12 @@ class RunControl:
         raw = tail_lines(path, tail + 1)
         lines = [line.decode("utf-8", "replace")[:MAX_LOG_LINE_CHARS] for line in raw]
         truncated = len(lines) > tail
-        return LogTail(run_id=run_id, attempt=which, lines=lines[-tail:], truncated=truncated, path=str(path))
+        answer = LogTail(
+            run_id=run_id, attempt=which, lines=lines[-tail:], truncated=truncated, path=str(path)
+        )
+        if not lines:
+            answer["note"] = empty_note(record, which, path)
+        return answer
 
     def compare(self, run_ids: Sequence[str], *, metric: str = "loss") -> Comparison:
         """Runs side by side on one metric."""

@@ -15,6 +15,11 @@ from backprop_mcp.core.errors import (
     UsageError,
 )
 
+# A missing script's error names at most this many `.py` files of its folder (then "and N more"),
+# read from at most this many entries: the error stays one readable line in any folder.
+MAX_SHOWN_SCRIPTS = 8
+MAX_SCANNED_ENTRIES = 10_000
+
 
 class RunRequest(NamedTuple):
     """A request to start a run: the script, its arguments and the run options.
@@ -62,17 +67,60 @@ def check_python(python: str | None, cwd: Path, env: Mapping[str, str]) -> str |
     return str(path)
 
 
-def resolve_script(script: str, cwd: Path) -> Path:
+def resolve_script(script: str, cwd: Path, roots: Sequence[Path] | None = None) -> Path:
+    """The script's absolute path, which must be a file. When it is not, the error shows what the
+    folder it looked in holds (its `.py` files), but only a folder inside `roots` when roots apply
+    (the caller has already refused a script outside them; an empty `roots` lists nothing)."""
     if not script or "\0" in script:
         raise UsageError("the script path is empty or contains a NUL byte")
     path = Path(script).expanduser()
     path = path if path.is_absolute() else cwd / path
     path = Path(os.path.normpath(path))
     if not path.exists():
-        raise UsageError(f"script not found: {path}")
+        raise UsageError(f"script not found: {path}{_folder_view(path.parent, roots)}")
+    if path.is_dir():
+        raise UsageError(f"the script must be a file, but {path} is a folder{_folder_view(path, roots)}")
     if not path.is_file():
         raise UsageError(f"the script must be a file, but {path} is not")
     return path
+
+
+def _folder_view(folder: Path, roots: Sequence[Path] | None) -> str:
+    """ "; .py files in FOLDER: a.py, b.py and 3 more" (or that there are none, or that the folder
+    does not exist), for the error of a script that is not there; empty for a folder outside `roots`."""
+    from backprop_mcp.runs.confine import confined
+
+    where = folder if roots is None else confined(folder, roots)
+    if where is None:
+        return ""
+    names: list[str] = []
+    more = False
+    try:
+        with os.scandir(where) as entries:
+            for seen, entry in enumerate(entries):
+                if seen == MAX_SCANNED_ENTRIES:
+                    more = True  # a huge folder: say there are more rather than read it all
+                    break
+                # Links are not followed: one may lead outside the roots, where nothing is looked at.
+                plain = entry.is_file(follow_symlinks=False) or entry.is_symlink()
+                if plain and entry.name.endswith(".py"):
+                    names.append(entry.name)
+    except FileNotFoundError:
+        return f"; the folder {folder} does not exist"
+    except NotADirectoryError:
+        return f"; {folder} is not a folder"
+    except OSError as exc:
+        return f"; the folder {folder} cannot be read ({exc.strerror or exc})"
+    if not names:
+        return f"; there are no .py files in {folder}" + (" among its first entries" if more else "")
+    names.sort()
+    listed = ", ".join(names[:MAX_SHOWN_SCRIPTS])
+    rest = len(names) - MAX_SHOWN_SCRIPTS
+    if more:
+        listed += " and more"
+    elif rest > 0:
+        listed += f" and {rest} more"
+    return f"; .py files in {folder}: {listed}"
 
 
 def new_run_id(name: str | None) -> str:

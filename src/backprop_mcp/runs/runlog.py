@@ -1,14 +1,17 @@
 """An attempt's log file: raw stdout and stderr appended as they arrive, rotated past a size cap
 so a script flooding its output for a whole time box cannot fill the disk; and the follower that
-reads it as it grows (`logs -f`, the foreground view), across rotations."""
+reads it as it grows (`logs -f`, the foreground view), across rotations; and why a log is empty."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import BinaryIO
+
+from backprop_mcp.core.records import ACTIVE_STATES, RunRecord
 
 log = logging.getLogger(__name__)
 
@@ -145,3 +148,21 @@ class LogFollower:
         if self._handle is not None:
             self._handle.close()
         self._handle, self._inode = None, None
+
+
+def empty_note(record: RunRecord, attempt: int, path: Path) -> str:
+    """Why an attempt's log has no lines, in words."""
+    with contextlib.suppress(OSError):
+        if rotated_path(path).stat().st_size:
+            return f"nothing printed since the log was rotated; earlier output is in {rotated_path(path)}"
+    summary = record["attempts"][attempt - 1] if attempt <= len(record["attempts"]) else None
+    current = attempt == record["attempt"]
+    started = summary["started_at"] if summary is not None else record["started_at"]
+    if current and record["status"] == "queued":
+        return "the run is queued: its script has not started yet"
+    if started is None and not (current and record["status"] in ACTIVE_STATES):
+        status = summary["status"] if summary is not None else record["status"]
+        return f"the script never started (the attempt ended {status})"
+    if current and record["status"] in ACTIVE_STATES:
+        return "the script printed nothing yet"
+    return "the script printed nothing"

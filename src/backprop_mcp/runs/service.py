@@ -4,6 +4,7 @@ reading, listing and stopping are inherited from `control.RunControl`."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import time
@@ -15,6 +16,7 @@ from backprop_mcp.core.clock import now_iso
 from backprop_mcp.core.errors import (
     NoCheckpoint,
     RunStateError,
+    StoreError,
     UsageError,
 )
 from backprop_mcp.core.machine import Decision
@@ -64,7 +66,9 @@ class Service(RunControl):
             )
         if not cwd.is_dir():
             if request.script and Path(request.script).expanduser().is_absolute():
-                resolve_script(request.script, cwd)  # a missing script is the error to report first
+                # A missing script is the error to report first; its folder is listed only where
+                # the roots were checked (the configured roots need settings, read from the cwd).
+                resolve_script(request.script, cwd, () if allowed_roots is None else allowed_roots)
             raise UsageError(f"working directory {str(cwd)!r} does not exist or is not a folder")
         settings = self.settings(request.options, request.source, cwd=cwd)
         if request.file_defaults:
@@ -80,12 +84,12 @@ class Service(RunControl):
                 "no training script given: name one (`backprop run train.py`) or set "
                 '"trainingScriptPath" in backprop.config.json'
             )
-        script = resolve_script(request.script, cwd)
         roots = (
             list(allowed_roots)
             if allowed_roots is not None
             else ([Path(r) for r in settings.allowed_roots] if settings.allowed_roots else None)
         )
+        script = resolve_script(request.script, cwd, roots)
         if roots is not None:
             check_allowed(script, roots)
         run_id = check_run_id(request.run_id) if request.run_id is not None else new_run_id(request.name)
@@ -143,7 +147,7 @@ class Service(RunControl):
         except BaseException:
             self.store.remove_run(record["run_id"], since)
             raise
-        return self.store.read(record["run_id"])
+        return self._launched(record["run_id"])
 
     def _create(self, record: RunRecord) -> int:
         """Store a new run, all of it or none of it (record, index row, first event); returns
@@ -169,6 +173,15 @@ class Service(RunControl):
     def _launch(self, run_id: str) -> None:
         """Submit the run's current attempt to the backend, all or nothing (see `Backend.submit`)."""
         self.backend.submit(self.store, run_id, self.env)
+
+    def _launched(self, run_id: str) -> RunRecord:
+        """The record of a run just launched. Queued, it says its place in the queue: the ticket
+        was taken at launch, before its supervisor first wrote the record."""
+        record = self.store.read(run_id)
+        if record["status"] == "queued" and record["queue_position"] is None:
+            with contextlib.suppress(StoreError, OSError):  # the place is a courtesy; the run is on
+                record["queue_position"] = Admission(self.store.governor_dir).position(run_id)
+        return record
 
     def _decide(self, settings: Settings) -> Decision:
         self.store.ensure()
@@ -273,6 +286,8 @@ class Service(RunControl):
                     "(from_scratch=true in the MCP tool)",
                 )
             settings = self.settings(options, source, base=record["options"], cwd=new_cwd)
+            if args is None and not from_scratch:
+                _refuse_a_finished_run(record)
             if python:
                 record["python"], record["python_source"] = python, "option"
             if args is not None:
@@ -319,7 +334,7 @@ class Service(RunControl):
                     run_id, {"type": "resumed", "attempt": attempt, "resume_from": checkpoint}
                 )
                 self._launch(run_id)
-        return self.store.read(run_id)
+        return self._launched(run_id)
 
     def resume_dry_run(
         self,
@@ -354,3 +369,20 @@ class Service(RunControl):
 
         source = path or Path(self.env.get("HOME", str(Path.home()))) / ".backprop" / "experiments.json"
         return import_experiments(self.store, source)
+
+
+def _refuse_a_finished_run(record: RunRecord) -> None:
+    """A run that completed all its steps would resume only to end at once: say so, and how to
+    train on (new arguments) or start again (from scratch)."""
+    step, total = record["step"], record["total"]
+    if record["status"] != "completed" or step is None or total is None or step < total:
+        return
+    run_id = record["run_id"]
+    raise RunStateError(
+        f"run {run_id} already completed its {total} steps (step {step}); resumed as it is, the "
+        "next attempt would end at once",
+        hint="to train longer, resume it with script arguments that ask for more steps; they "
+        f"replace the stored ones ({' '.join(record['args'])[:200] or 'none'}): "
+        f"`backprop resume {run_id} -- ARGS...`, or `args` in the resume_run tool. To start again "
+        "from the beginning: --from-scratch (from_scratch=true)",
+    )

@@ -313,15 +313,14 @@ def test_every_bad_number_is_refused_by_the_mcp_tools_too(tmp_path: Path) -> Non
                     ("resume_run", {"run_id": "ghost"}),
                 ):
                     for spec in NUMERIC_FIELDS:
-                        if spec.name in schemas[tool]["properties"]:
-                            where = lambda value, name=spec.name: {name: value}  # noqa: E731
-                        elif spec.name in OPTION_NAMES and "options" in schemas[tool]["properties"]:
-                            where = lambda value, name=spec.name: {"options": {name: value}}  # noqa: E731
-                        else:
+                        top = spec.name in schemas[tool]["properties"]
+                        nested = spec.name in OPTION_NAMES and "options" in schemas[tool]["properties"]
+                        if not (top or nested):
                             continue
                         checked.add(spec.name)
                         for label, _, _, argument in bad_numbers(spec):
-                            result = await client.call_tool(tool, {**base, **where(argument)})
+                            given = {spec.name: argument} if top else {"options": {spec.name: argument}}
+                            result = await client.call_tool(tool, {**base, **given})
                             text = "".join(getattr(block, "text", "") for block in result.content)
                             if (
                                 not result.is_error

@@ -128,7 +128,7 @@ def test_an_interrupted_run_is_told_to_resume_or_to_start_over_when_it_saved_no_
     status: str,
 ) -> None:
     saved = summary(record(status=status, step=12, total=100, checkpoints=[checkpoint(10)]))
-    assert 'resume_run(run_id="lr-1")' in saved["next_step"] and "from_scratch" not in saved["next_step"]
+    assert "resume_run(run_id)" in saved["next_step"] and "from_scratch" not in saved["next_step"]
     unsaved = summary(record(status=status, step=12, total=100))
     assert "from_scratch=true" in unsaved["next_step"]
 
@@ -141,7 +141,7 @@ def test_a_pruned_trial_says_so() -> None:
 def test_a_failed_run_points_to_its_logs_with_its_exit_code() -> None:
     failed = summary(record(status="failed", termination_reason="exit_nonzero", exit_code=3))
     assert failed["reason"] == "exit_nonzero (exit 3)"
-    assert 'get_logs(run_id="lr-1")' in failed["next_step"]
+    assert "get_logs(run_id)" in failed["next_step"]
     killed = summary(record(status="failed", termination_reason="signal", signal="SIGSEGV"))
     assert killed["reason"] == "signal (SIGSEGV)"
 

@@ -123,7 +123,7 @@ def build(app: App) -> list[Tool]:
             name=name,
             limit=limit,
             cursor=cursor,
-            **({"sort": sort} if sort else {}),  # H2TEMP
+            sort=sort,
         )
         metric = sort.lstrip("-+") if sort else None
         rows = summaries(page["runs"], keep=metric)

@@ -9,7 +9,7 @@ from mcp.server.mcpserver.tools import Tool
 from mcp_types import ToolAnnotations
 from pydantic import Field
 
-from backprop_mcp.core.errors import BackpropError, UsageError
+from backprop_mcp.core.errors import UsageError
 from backprop_mcp.core.records import RunRecord
 from backprop_mcp.mcp_server.app import App, ClientRoots
 from backprop_mcp.mcp_server.arguments import (
@@ -24,7 +24,6 @@ from backprop_mcp.mcp_server.arguments import (
 )
 from backprop_mcp.mcp_server.roots import locate_script
 from backprop_mcp.mcp_server.schema import ROWS, SUMMARY, SUMMARY_REF, SUMMARY_TEXT, output, tool
-from backprop_mcp.mcp_server.shapes import render_error
 from backprop_mcp.mcp_server.summary import counts, summaries, summary
 
 # Hints at their default values (not read-only, not idempotent) are left out: tools/list is paid for.
@@ -138,20 +137,18 @@ def build(app: App) -> list[Tool]:
         run_id: OneOrMoreRuns,
         force: Annotated[bool, Field(description="Kill at once, without the grace period.")] = False,
     ) -> dict[str, Any]:
-        ids = run_ids_of(run_id)
-        stopped, errors = [], {}
-        for one in ids:
-            try:
-                stopped.append(await app.call(app.service.stop, one, force=force))
-            except BackpropError as exc:
-                if len(ids) == 1:
-                    raise
-                errors[one] = render_error(exc)
-        if not stopped:
-            raise UsageError(
-                "none of the runs could be stopped:\n" + "\n".join(f"{k}: {v}" for k, v in errors.items())
-            )
-        rows = summaries(stopped)
+        if isinstance(run_id, str):
+            # One run: its refusal (ended already, no such run) is the call's error.
+            rows = [summary(await app.call(app.service.stop, run_id, force=force), advice=False)]
+            errors: dict[str, str] = {}
+        else:
+            report = await app.call(app.service.stop_runs, run_ids_of(run_id), force=force)
+            rows = summaries(r["record"] for r in report["runs"] if r["stopped"] and r["record"] is not None)
+            errors = {r["run_id"]: r["error"] or "" for r in report["runs"] if not r["stopped"]}
+            if not rows:
+                raise UsageError(
+                    "none of the runs could be stopped: " + "; ".join(f"{k}: {v}" for k, v in errors.items())
+                )
         return {
             "runs": rows,
             "errors": errors,

@@ -149,12 +149,13 @@ def summary(record: Mapping[str, Any], *, advice: bool = True, keep: str | None 
 def next_step(record: Mapping[str, Any], row: Mapping[str, Any] | None = None) -> str:
     """One line of advice that is right for the run's state."""
     row = row if row is not None else summary(record, advice=False)
-    status, run = row.get("status"), f'run_id="{row.get("run_id")}"'
+    # "run_id": the answer names the run already; the model passes it back.
+    status, run = row.get("status"), "run_id"
     step, total = row.get("step"), row.get("total")
     at = f" at step {step}" + (f"/{total}" if total else "") if step is not None else ""
     if status == "queued":
         where = f" at position {row['queue_position']}" if row.get("queue_position") else ""
-        return f"Queued{where} (reason says why). wait_for_run({run}) returns when it starts."
+        return f"Queued{where}. wait_for_run({run}) returns when it starts."
     if status == "running":
         eta, left = row.get("eta_s"), row.get("left_s")
         if eta is not None and left is not None and eta > left:

@@ -102,6 +102,10 @@ async def test_a_six_trial_sweep_and_the_resume_of_its_best_trial_stay_within_th
             listed = await client.list_tools()
             tools_bytes = compact_bytes(listed.model_dump(mode="json", by_alias=True, exclude_none=True))
             instructions = client.instructions or ""
+            # Not part of the sweep: the server option is in force.
+            machine = await client.call_tool("get_status", {})
+            assert (machine.structured_content or {})["limits"]["max_parallel"] == 3
+            assert "max_parallel=3" in instructions
             agent = Ledger(client)
             ids = []
             for lr in LEARNING_RATES:

@@ -6,6 +6,7 @@ left, the queue position of a queued run, the logs of a failed one."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -30,7 +31,7 @@ from backprop_mcp.mcp_server.summary import (
 from backprop_mcp.mcp_server.tools import build_server
 from backprop_mcp.mcp_server.waiting import advice, settled
 from backprop_mcp.runs.service import Service
-from tests.helpers import isolated_env
+from tests.helpers import FIXTURES, isolated_env
 from tests.test_mcp_stdio import WAIT, server_command
 from tests.test_mcp_tools import GENEROUS, call, connect, make_server, run_to_end, write_script
 from tests.test_stored_data import add_run
@@ -321,3 +322,32 @@ def test_a_bad_server_option_stops_the_server_with_a_message(
     )
     assert (done.returncode, done.stdout) == (2, "")
     assert fragment in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.anyio
+async def test_get_metrics_gives_curves_with_the_true_best_within_4_kb_unless_more_points_are_asked(
+    server: BackpropServer, project: Path
+) -> None:
+    shutil.copy(FIXTURES / "trains_a_tiny_model_by_lr_and_width.py", project / "sweep.py")
+    async with connect(server, "legacy") as client:
+        runs = [
+            await run_to_end(client, script="sweep.py", args=["--lr", lr, "--steps", "300"])
+            for lr in ("0.1", "0.01", "0.001")
+        ]
+        ids = [run["run_id"] for run in runs]
+        bounded = await client.call_tool("get_metrics", {"run_ids": ids})
+        asked = await client.call_tool("get_metrics", {"run_ids": ids, "points": 50})
+        one = await call(client, "get_metrics", run_ids=ids[:1], metrics=["loss"], points=20)
+    text = bounded.content[0].text if isinstance(bounded.content[0], TextContent) else ""
+    more = asked.content[0].text if isinstance(asked.content[0], TextContent) else ""
+    assert len(text.encode()) <= ANSWER_BYTES < len(more.encode())
+    answer = json.loads(text)
+    assert [run["run_id"] for run in answer["runs"]] == ids
+    assert {"loss", "val_loss", "val_acc"} <= set(answer["runs"][0]["metrics"])
+    [run] = one["runs"]
+    loss = run["metrics"]["loss"]
+    assert (
+        len(loss["steps"]) == len(loss["values"]) <= 20 and loss["steps"][0] == 1 and loss["steps"][-1] == 300
+    )
+    # The loss falls all the way: the best is the last point, whatever the downsampling kept.
+    assert (loss["best_step"], loss["last_step"]) == (300, 300) and loss["best"] == loss["last"]

@@ -383,32 +383,44 @@ async def test_get_logs_returns_a_bounded_tail_of_the_runs_output(server: Backpr
 
 
 @pytest.mark.anyio
-async def test_compare_runs_ranks_runs_by_their_last_loss_and_names_the_top_run(
+async def test_compare_runs_ranks_by_the_last_or_the_best_value_and_flags_runs_that_ended_early(
     server: BackpropServer, era: str, project: Path
 ) -> None:
-    """Issue 9, item 24: `dipped` fell to 0.1 and ended at 0.9; it ranks at 0.9, behind `short`
-    (0.5), and no field calls any value best: the structured result and the published output
-    schema both say last_value."""
+    """Issue 9, item 24 and issue 11, point 3: `dipped` fell to 0.1 and ended at 0.9. By its last
+    value it ranks behind `short` (0.5); by its best, first. A run that timed out is flagged."""
     shutil.copy(FIXTURES / "loss_dips_then_rises.py", project / "dips.py")
     async with connect(server, era) as client:
         short = await run_to_end(client, script="train.py", args=["2"])
         long = await run_to_end(client, script="train.py", args=["8"])
         dipped = await run_to_end(client, script="dips.py", args=["0.5", "0.1", "0.9"])
+        cut = await run_to_end(client, script="train.py", args=["100000", "0.02"], max_run_minutes=0.02)
         ids = [short["run_id"], long["run_id"], dipped["run_id"]]
-        comparison = await call(client, "compare_runs", run_ids=ids)
-        schema = next(t for t in (await client.list_tools()).tools if t.name == "compare_runs").output_schema
-    assert comparison["lower_is_better"] is True and comparison["ranked_by"] == "last_value"
-    assert comparison["top_run_id"] == long["run_id"]
-    assert [(run["run_id"], run["last_value"]) for run in comparison["runs"]] == [
-        (long["run_id"], 1 / 8),
-        (short["run_id"], 1 / 2),
+        by_last = await call(client, "compare_runs", run_ids=ids)
+        by_best = await call(client, "compare_runs", run_ids=ids, metric="loss", by="best")
+        with_cut = await call(client, "compare_runs", run_ids=[*ids, cut["run_id"]])
+        unknown = await fails(client, "compare_runs", run_ids=ids, metric="val_acc")
+    assert (by_last["by"], by_last["lower_is_better"], by_last["top_run_id"]) == (
+        "last",
+        True,
+        long["run_id"],
+    )
+    assert [(run["run_id"], run["value"]) for run in by_last["runs"]] == [
+        (long["run_id"], 0.125),
+        (short["run_id"], 0.5),
         (dipped["run_id"], 0.9),
     ]
-    assert schema is not None
-    fields = set(schema["properties"]) | set(schema["$defs"]["ComparedRun"]["properties"])
-    assert "last_value" in fields and "ranked_by" in fields
-    assert not [name for name in fields if "best" in name]
-    assert "best" not in json.dumps(comparison)
+    assert [(run["run_id"], run["value"]) for run in by_best["runs"]] == [
+        (dipped["run_id"], 0.1),
+        (long["run_id"], 0.125),
+        (short["run_id"], 0.5),
+    ]
+    assert (
+        by_best["top_run_id"] == dipped["run_id"] and f'run_id="{dipped["run_id"]}"' in by_best["next_step"]
+    )
+    assert by_last["runs"][0]["args"] == ["8"] and "next_step" not in by_last["runs"][0]
+    flagged = {run["run_id"] for run in with_cut["runs"] if run.get("ended_early")}
+    assert flagged == {cut["run_id"]}
+    assert "val_acc" in unknown and "loss" in unknown  # names the metrics the runs did report
 
 
 # -- errors -----------------------------------------------------------------------------------------

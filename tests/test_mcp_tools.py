@@ -387,7 +387,8 @@ async def test_compare_runs_ranks_by_the_last_or_the_best_value_and_flags_runs_t
     server: BackpropServer, era: str, project: Path
 ) -> None:
     """Issue 9, item 24 and issue 11, point 3: `dipped` fell to 0.1 and ended at 0.9. By its last
-    value it ranks behind `short` (0.5); by its best, first. A run that timed out is flagged."""
+    value it ranks behind `short` (0.5), its true best shown beside; by its best, first. A run that
+    timed out is flagged."""
     shutil.copy(FIXTURES / "loss_dips_then_rises.py", project / "dips.py")
     async with connect(server, era) as client:
         short = await run_to_end(client, script="train.py", args=["2"])
@@ -417,6 +418,7 @@ async def test_compare_runs_ranks_by_the_last_or_the_best_value_and_flags_runs_t
     assert (
         by_best["top_run_id"] == dipped["run_id"] and f'run_id="{dipped["run_id"]}"' in by_best["next_step"]
     )
+    assert by_last["runs"][2]["best"] == 0.1 and "best" not in by_last["runs"][0]  # best == last: said once
     assert by_last["runs"][0]["args"] == ["8"] and "next_step" not in by_last["runs"][0]
     flagged = {run["run_id"] for run in with_cut["runs"] if run.get("ended_early")}
     assert flagged == {cut["run_id"]}

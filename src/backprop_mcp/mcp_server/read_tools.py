@@ -17,6 +17,7 @@ from backprop_mcp.mcp_server.arguments import (
     MAX_LOG_TAIL,
     MAX_WAIT_SECONDS,
     OneOrMoreRuns,
+    OneRun,
     RunId,
     RunIds,
     Status,
@@ -25,6 +26,8 @@ from backprop_mcp.mcp_server.run_tools import run_ids_of
 from backprop_mcp.mcp_server.schema import ROWS, SUMMARY_REF, output, tool
 from backprop_mcp.mcp_server.summary import fit, rounded, size, summaries, summary
 from backprop_mcp.mcp_server.waiting import Until, wait
+from backprop_mcp.runs.history import MAX_POINTS
+from backprop_mcp.runs.metrics import MAX_ASKED_METRICS, MAX_METRIC_RUNS
 
 READ_ONLY = ToolAnnotations(read_only_hint=True, open_world_hint=False)
 
@@ -38,7 +41,6 @@ DEFAULT_LOG_TAIL = 50
 # but never below MIN_POINTS (a curve needs a few points to have a shape).
 DEFAULT_POINTS = 50
 MIN_POINTS = 5
-MAX_POINTS = 1000
 
 
 def build(app: App) -> list[Tool]:
@@ -154,14 +156,14 @@ def build(app: App) -> list[Tool]:
             Literal["last", "best"], Field(description="Rank by each run's last or best value.")
         ] = "last",
     ) -> dict[str, Any]:
-        comparison = await app.call(
-            app.service.compare, run_ids, metric=metric, **({"by": by} if by != "last" else {})
-        )  # H2TEMP
+        comparison = await app.call(app.service.compare, run_ids, metric=metric, by=by)
         records = {one: await app.call(app.service.get, one) for one in dict.fromkeys(run_ids)}
         rows = []
         for compared in comparison["runs"]:
             row = summary(records[compared["run_id"]], advice=False, keep=metric)
             row["value"] = rounded(compared.get("value"))
+            if by == "last" and compared.get("best_value") != compared.get("value"):
+                row["best"] = rounded(compared.get("best_value"))  # ranked by its last, its best beside
             if compared.get("ended_early"):
                 row["ended_early"] = True
             rows.append(row)
@@ -183,14 +185,17 @@ def build(app: App) -> list[Tool]:
         )
 
     async def get_metrics(
-        run_ids: RunIds,
+        run_ids: Annotated[
+            list[OneRun],
+            Field(description=f"Run ids (1 to {MAX_METRIC_RUNS}).", min_length=1, max_length=MAX_METRIC_RUNS),
+        ],
         metrics: Annotated[
             list[Annotated[str, Field(max_length=200)]] | None,
-            Field(description="Names (default: loss and a few more).", max_length=20),
+            Field(description="Names (default: loss and a few more).", max_length=MAX_ASKED_METRICS),
         ] = None,
         points: Annotated[
             int | None,
-            Field(description="Points per series (default 50, fewer to fit 4 KB).", ge=2, le=MAX_POINTS),
+            Field(description="Points per series (default 50, fewer to fit 4 KB).", ge=1, le=MAX_POINTS),
         ] = None,
     ) -> dict[str, Any]:
         want = points or DEFAULT_POINTS
@@ -256,8 +261,8 @@ def build(app: App) -> list[Tool]:
             "early, name the top run.",
             annotations=READ_ONLY,
             returns=output(
-                "metric, by, lower_is_better, top_run_id, runs (best first, with value, ended_early), "
-                "next_step.",
+                "metric, by, lower_is_better, top_run_id, runs (best first, with value, best, "
+                "ended_early), next_step.",
                 {"runs": "array"},
             ),
         ),

@@ -65,8 +65,8 @@ class Ledger:
         self.client = client
         self.answers: list[tuple[str, int]] = []
 
-    async def call(self, tool: str, **arguments: Any) -> Any:
-        result = await self.client.call_tool(tool, arguments)
+    async def call(self, tool: str, progress_callback: Any = None, **arguments: Any) -> Any:
+        result = await self.client.call_tool(tool, arguments, progress_callback=progress_callback)
         texts = [block.text for block in result.content if isinstance(block, TextContent)]
         assert not result.is_error, texts
         assert len(texts) == 1 and len(result.content) == 1, result.content

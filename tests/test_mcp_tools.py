@@ -657,6 +657,9 @@ async def test_every_tool_has_a_title_a_description_annotations_and_portable_sch
         "wait_for_run",
         "compare_runs",
         "get_metrics",
+        "run_sweep",
+        "get_sweep",
+        "stop_sweep",
     }
     for tool in tools.values():
         assert tool.title and tool.description and len(tool.description) > 80, tool.name
@@ -678,6 +681,7 @@ async def test_every_tool_has_a_title_a_description_annotations_and_portable_sch
         "wait_for_run",
         "compare_runs",
         "get_metrics",
+        "get_sweep",
     }
     assert tools["stop_run"].annotations and tools["stop_run"].annotations.destructive_hint is True
     assert tools["run_training"].annotations and tools["run_training"].annotations.destructive_hint is False

@@ -55,6 +55,9 @@ NOT_PATHS = {
     "since": "one of the run states",
     "sort": "a metric name to order runs by",
     "metrics": "metric names looked up in the runs' history",
+    "sweep_id": "checked against the sweep-id pattern: letters, digits, '._-'",
+    "sweep": "a sweep id compared with the runs' index rows",
+    "params": "values and distribution strings a sweep passes to the script as its arguments",
 }
 # The fields of RunRequest that are not paths.
 NOT_PATH_FIELDS = {"args", "name", "run_id", "options", "source", "file_defaults", "sweep"}
@@ -128,6 +131,8 @@ def _takes_strings(schema: dict[str, Any]) -> bool:
         return True
     if schema.get("type") == "array":
         return _takes_strings(schema.get("items", {}))
+    if isinstance(schema.get("additionalProperties"), dict):  # a map: its values may be strings
+        return _takes_strings(schema["additionalProperties"])
     return any(_takes_strings(option) for option in schema.get("anyOf", []))
 
 

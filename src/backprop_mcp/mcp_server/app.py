@@ -29,7 +29,7 @@ from mcp_types import Tool as MCPTool
 from pydantic import ValidationError
 
 from backprop_mcp.core.errors import BackpropError, PathNotAllowed, RunNotFound
-from backprop_mcp.mcp_server.arguments import OPTION_NAMES
+from backprop_mcp.mcp_server.arguments import OPTION_NAMES, OPTIONS_OF
 from backprop_mcp.mcp_server.roots import Roots, client_roots
 from backprop_mcp.mcp_server.shapes import render_error, render_invalid_arguments, render_unknown
 from backprop_mcp.mcp_server.summary import compact, to_text
@@ -151,7 +151,7 @@ def unknown_arguments(tool: Tool, arguments: Mapping[str, Any]) -> str | None:
     """The refusal of arguments the tool does not take, or of unknown keys in an object argument
     (`options`); None when every name is known."""
     properties: dict[str, Any] = tool.parameters.get("properties", {})
-    nested = OPTION_NAMES if "options" in properties else frozenset()
+    nested = OPTIONS_OF.get(tool.name, OPTION_NAMES) if "options" in properties else frozenset()
     unknown = sorted(set(arguments) - set(properties))
     if unknown:
         return render_unknown(tool.name, unknown, properties, dict(arguments), nested)

@@ -11,6 +11,7 @@ from typing_extensions import TypedDict
 
 from backprop_mcp.core.records import RunState
 from backprop_mcp.core.settings import FIELDS_BY_NAME
+from backprop_mcp.sweeps.shapes import MAX_BUDGET_MINUTES, MAX_PARALLEL, MAX_SEED
 
 # Bounds of what one call may ask for: a wait within a client's usual request timeout, a log tail
 # (of lines of at most 2000 characters) that fits in a model's context.
@@ -117,10 +118,31 @@ ResumeOptions = Annotated[
     Field(description="Options as in run_training (not framework; default: the run's)."),
 ]
 
+
+class SweepOptions(RunOptions, total=False):
+    """run_sweep's `options`: the run options of each trial, and the rarer settings of the sweep,
+    bounded as `sweeps.service` bounds them."""
+
+    parallel: Annotated[int, Field(ge=1, le=MAX_PARALLEL)]
+    budget_minutes: Annotated[float, Field(gt=0, le=int(MAX_BUDGET_MINUTES), allow_inf_nan=False)]
+    objective: Literal["final", "best"]
+    prune: bool
+    seed: Annotated[int, Field(ge=0, le=MAX_SEED)]
+    name: Annotated[str, Field(max_length=200)]
+
+
+SweepOptions.__pydantic_config__ = {"extra": "forbid"}  # type: ignore[attr-defined]
+SWEEP_ONLY_OPTIONS = frozenset(SweepOptions.__annotations__) - OPTION_NAMES
+# The keys of each tool's `options` (run_training's and resume_run's unless named here): an unknown
+# key is refused with the nearest real one.
+OPTIONS_OF: dict[str, frozenset[str]] = {"run_sweep": OPTION_NAMES | SWEEP_ONLY_OPTIONS}
+
 # The tools' arguments that name a path, and the field of `service.RunRequest` each one becomes:
 # the service checks those fields against the allowed roots (`confine.REQUEST_PATHS`) before it
 # looks at any of them. tests/test_security.py fails on a string argument that is in neither this
 # map nor its own list of arguments that are not paths.
 PATH_ARGUMENTS: dict[str, dict[str, str]] = {
     "run_training": {"script": "script", "cwd": "cwd", "python": "python", "resume_from": "resume_from"},
+    # A sweep's trials are runs of these: the sweep is checked as its first trial's request.
+    "run_sweep": {"script": "script", "cwd": "cwd", "python": "python"},
 }

@@ -118,6 +118,7 @@ def build(app: App) -> list[Tool]:
         cursor: Annotated[
             str | None, Field(description="The previous page's next_cursor.", max_length=32)
         ] = None,
+        sweep: Annotated[str | None, Field(description="Only this sweep's trials.", max_length=128)] = None,
     ) -> dict[str, Any]:
         page = await app.call(
             app.service.list_runs,
@@ -126,6 +127,7 @@ def build(app: App) -> list[Tool]:
             limit=limit,
             cursor=cursor,
             sort=sort,
+            sweep=sweep,
         )
         metric = sort.lstrip("-+") if sort else None
         rows = summaries(page["runs"], keep=metric)

@@ -16,7 +16,7 @@ from mcp_types import ToolAnnotations
 SUMMARY_TEXT = (
     "A run summary: run_id, name, status, reason, attempt, step, total, loss, metrics, elapsed_s, "
     "left_s (of its time box), eta_s, args, checkpoint (latest), checkpoints (count), queue_position, "
-    "next_step; on start and resume also max_run_minutes, config_files."
+    "sweep, next_step; on start and resume also max_run_minutes, config_files."
 )
 SUMMARY = {"run_id": "string", "status": "string"}
 SUMMARY_REF = "A run summary (as run_training's)"

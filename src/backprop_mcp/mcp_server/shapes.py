@@ -25,6 +25,8 @@ progress; get_status(run_id) shows one run (detail=true: its full record).
 gives their curves; get_logs their output.
 4. resume_run(run_id) continues a timed-out or stopped run from its checkpoint (max_run_minutes, \
 new args allowed).
+5. run_sweep(script, params={"lr": "loguniform(1e-4,1e-1)", "width": [32, 64]}, metric="val_loss") \
+runs the trials for you; get_sweep(sweep_id, wait_seconds=300) gives the best; resume_run trains it longer.
 Every answer has a next_step: follow it. Keep runs short and resume them: sweeps of many short \
 runs are the intended use. Scripts print JSON lines such as {"step": 3, "total": 10, "loss": 0.5} \
 and {"event": "checkpoint_saved", "path": "ck.pt", "step": 3}, and read BACKPROP_RESUME_FROM.

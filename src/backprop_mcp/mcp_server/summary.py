@@ -139,11 +139,18 @@ def summary(record: Mapping[str, Any], *, advice: bool = True, keep: str | None 
         "checkpoint": record.get("latest_checkpoint"),
         "checkpoints": len(checkpoints) if isinstance(checkpoints, list) and checkpoints else None,
         "queue_position": record.get("queue_position") if status == "queued" else None,
+        "sweep": sweep_of(record),
     }
     if advice:
         row["next_step"] = next_step(record, row)
     compacted: dict[str, Any] = compact(row, top=False)
     return compacted
+
+
+def sweep_of(record: Mapping[str, Any]) -> str | None:
+    """The id of the sweep a run is a trial of: a record names it in `sweep.id`, an index row in `sweep`."""
+    sweep = record.get("sweep")
+    return sweep.get("id") if isinstance(sweep, Mapping) else sweep if isinstance(sweep, str) else None
 
 
 def next_step(record: Mapping[str, Any], row: Mapping[str, Any] | None = None) -> str:

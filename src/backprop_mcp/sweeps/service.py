@@ -27,6 +27,10 @@ from backprop_mcp.sweeps.answers import answer
 from backprop_mcp.sweeps.entry import spawn
 from backprop_mcp.sweeps.samplers import check_method, suggest
 from backprop_mcp.sweeps.shapes import (
+    MAX_BUDGET_MINUTES,
+    MAX_PARALLEL,
+    MAX_SEED,
+    MAX_TRIALS,
     STARTING,
     SWEEP_SCHEMA_VERSION,
     SweepAnswer,
@@ -39,10 +43,6 @@ from backprop_mcp.sweeps.store import SweepStore, check_sweep_id
 
 # Without max_trials, a sweep over distributions runs this many trials (a grid runs all its points).
 DEFAULT_TRIALS = 10
-MAX_TRIALS = 10_000
-MAX_PARALLEL = 64
-# A week: a budget beyond it is a typo (minutes for seconds), not a plan.
-MAX_BUDGET_MINUTES = 7 * 24 * 60.0
 # A runner that is spawned writes nothing before the record naming it exists; this bounds the
 # wait for one whose start is rolled back.
 ABANDON_WAIT_SECONDS = 30.0
@@ -136,7 +136,9 @@ class Sweeps:
         if method == "grid" and size is not None:
             max_trials = min(max_trials, size)
         seed = (
-            secrets.randbelow(2**31) if request.seed is None else _whole(request.seed, "seed", 0, 2**31 - 1)
+            secrets.randbelow(MAX_SEED + 1)
+            if request.seed is None
+            else _whole(request.seed, "seed", 0, MAX_SEED)
         )
         budget = None if request.budget_minutes is None else _minutes(request.budget_minutes)
         if any("\0" in a for a in request.args):

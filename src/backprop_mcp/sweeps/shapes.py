@@ -11,6 +11,13 @@ from typing_extensions import TypedDict
 
 SWEEP_SCHEMA_VERSION = 1
 
+# Bounds of a sweep's request, here (a light module) so the MCP schema publishes the same ones.
+MAX_TRIALS = 10_000
+MAX_PARALLEL = 64
+# A week: a budget beyond it is a typo (minutes for seconds), not a plan.
+MAX_BUDGET_MINUTES = 7 * 24 * 60.0
+MAX_SEED = 2**31 - 1
+
 SWEEP_STATES: tuple[str, ...] = ("running", "completed", "stopped", "failed", "lost")
 ACTIVE_SWEEP_STATES: frozenset[str] = frozenset({"running"})
 # A trial between its entry in the sweep record and its run's creation (the runner may die there).

@@ -386,3 +386,46 @@ def test_the_fast_progress_check_takes_the_common_forms() -> None:
     assert is_plain_progress(b'{"event": "progress", "step": 120, "total": 1000, "loss": 0.41}')
     assert not is_plain_progress(b'{"event": "progress", "step": 1, "metrics": {"acc": 0.5}}')
     assert not is_plain_progress(b'{"total": 5}')
+
+
+_LINES = st.sampled_from(
+    [
+        b'{"step": 12, "loss": 0.41}',
+        b' {"event":"progress", "total": 3,"step": 0}\t',
+        b'{"total": 5, "loss": -1.5e-3}',
+        b'{"total": 5}',
+        b'{"total": 5, "total": 6, "event": "progress"}',
+        b'{"step": 1}x',
+        b'{"step": 1.5}',
+        b'{"loss": 1e999}',
+        b'{"event": "metric", "name": "acc", "value": 0.5}',
+        b"{",
+        b"",
+        b"epoch 1 done",
+        b'{"step": 123456789012345678901}',
+    ]
+)
+
+
+@given(st.lists(_LINES, max_size=40), st.booleans())
+def test_runs_of_plain_progress_lines_are_the_lines_the_fast_check_accepts(
+    lines: list[bytes], oversized: bool
+) -> None:
+    """The supervisor's batch form of the fast check: same lines, same order, each plain run whole."""
+    from backprop_mcp.runs.events import Oversized, is_plain_progress, plain_runs
+
+    items: list[bytes | Oversized] = [*lines, *([Oversized(length=10**6)] if oversized else [])]
+    seen: list[bytes | Oversized] = []
+    previous_was_run = False
+    for item in plain_runs(items):
+        if isinstance(item, tuple):
+            run, joined = item
+            assert run and all(is_plain_progress(line) for line in run) and joined == b"\n".join(run)
+            assert not previous_was_run  # a run is as long as the plain lines go
+            seen.extend(run)
+            previous_was_run = True
+        else:
+            assert oversized or not is_plain_progress(item)  # type: ignore[arg-type]
+            seen.append(item)
+            previous_was_run = False
+    assert seen == items

@@ -171,7 +171,13 @@ def _dispatch(ns: argparse.Namespace, script_args: list[str] | None) -> int:
 
         if ns.run_id:
             record = service.get(ns.run_id)
-            print_json(record) if out else print(render.record_text(record))
+            if out:
+                print_json(record)
+            else:
+                from backprop_mcp.cli.curves import STATUS_CURVE_POINTS, curve_line
+
+                curve = curve_line(service.metrics([ns.run_id], points=STATUS_CURVE_POINTS))
+                print(render.record_text(record) + (f"\n{curve}" if curve else ""))
             return 0
         status = service.system_status(options(ns))
         print_json(status) if out else print(render.status_text(status))
@@ -222,19 +228,22 @@ def _dispatch(ns: argparse.Namespace, script_args: list[str] | None) -> int:
             print(stop_report_text(stops))
         return 0 if stops["all_stopped"] else 1
     if ns.command == "compare":
-        comparison = service.compare(ns.run_ids, metric=ns.metric)
+        comparison = service.compare(ns.run_ids, metric=ns.metric, by=ns.by)
         if out:
             print_json(comparison)
         else:
-            from backprop_mcp.cli.render import clean, number
+            from backprop_mcp.cli.curves import comparison_text
 
-            metric = comparison["metric"]
-            better = "lower" if comparison["lower_is_better"] else "higher"
-            print(clean(f"ranked by the last reported {metric} ({better} is better)"))
-            for row in comparison["runs"]:
-                mark = "*" if row["run_id"] == comparison["top_run_id"] else " "
-                last = number(row["last_value"])
-                print(clean(f"{mark} {row['run_id']:<40} {row['status']:<10} last {metric} {last}"))
+            print(comparison_text(comparison))
+        return 0
+    if ns.command == "metrics":
+        answer = service.metrics(ns.run_ids, metrics=ns.metrics, points=ns.points)
+        if out:
+            print_json(answer)
+        else:
+            from backprop_mcp.cli.curves import metrics_text
+
+            print(metrics_text(answer))
         return 0
     if ns.command == "import-legacy":
         imported = service.import_legacy(Path(ns.path) if ns.path else None)

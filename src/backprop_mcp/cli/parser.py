@@ -154,11 +154,25 @@ def build_parser() -> argparse.ArgumentParser:
     compare = add_command("compare", "runs side by side on a metric")
     compare.add_argument("run_ids", nargs="+")
     compare.add_argument("--metric", default="loss")
+    compare.add_argument(
+        "--by", choices=("last", "best"), default="last", help="rank by the last value (default) or the best"
+    )
+
+    metrics = add_command("metrics", "runs' metric histories: last, best and a curve of each metric")
+    metrics.add_argument("run_ids", nargs="+")
+    metrics.add_argument(
+        "--metric",
+        dest="metrics",
+        action="append",
+        metavar="NAME",
+        help="a metric to show (repeat for more; default: the loss and a few others)",
+    )
+    metrics.add_argument("--points", type=_int, default=50, help="points per curve, 1 to 1000 (default 50)")
 
     legacy = add_command("import-legacy", "import the seed's ~/.backprop/experiments.json")
     legacy.add_argument("path", nargs="?")
 
-    for command in (run, resume, status, lst, logs, stop, compare, legacy):
+    for command in (run, resume, status, lst, logs, stop, compare, metrics, legacy):
         command.add_argument("--json", action="store_true", help="print JSON (the MCP tools' shapes)")
     return parser
 

@@ -1,5 +1,6 @@
 """The shapes of the service's answers, shared by the CLI's `--json` and the MCP tools: a page of
-runs, the machine's status, a log tail, a dry run, a comparison and an import report.
+runs, the machine's status, a log tail, a dry run, a comparison, metric histories and an import
+report.
 
 TypedDicts, like every shape in `core` (see `records` for why).
 """
@@ -121,8 +122,15 @@ class ComparedRun(TypedDict):
     loss: float | None
     """Last loss."""
     last_value: float | None
-    """The compared metric's last reported value (an ended run's final one), when reported. Not the
-    best value seen: a run keeps only its last value."""
+    """The compared metric's last reported value (an ended run's final one), when reported."""
+    best_value: float | None
+    """The metric's best value on the run's curve (lowest or highest, as `lower_is_better` says),
+    from its metric history; the last value when the run has no history (it predates it)."""
+    value: float | None
+    """The value ranked by: `best_value` or `last_value`, as `ranked_by` says."""
+    ended_early: bool
+    """The run ended without completing its steps: not completed, or its step short of its total
+    (false while it is still active)."""
     metrics: dict[str, float]
     """Latest metrics."""
     duration_seconds: float | None
@@ -136,12 +144,58 @@ class Comparison(TypedDict):
     """Metric compared ('loss' by default)."""
     lower_is_better: bool
     """Direction used to rank."""
-    ranked_by: Literal["last_value"]
-    """What the ranking compares: each run's last reported value of the metric."""
+    ranked_by: Literal["last", "best"]
+    """What the ranking compares: each run's last reported value, or its best one."""
     runs: list[ComparedRun]
-    """The runs ranked by last_value, best last value first; runs without the metric last."""
+    """The runs ranked by `value`, best first; runs without the metric last."""
     top_run_id: str | None
-    """The run ranked first (the best last value), when any reported the metric."""
+    """The run ranked first, when any reported the metric."""
+
+
+class Series(TypedDict):
+    """One metric of one run over its steps, downsampled (first, last and best points kept)."""
+
+    steps: list[float]
+    """Steps of the points shown, ascending (attempts joined; see `joins`)."""
+    values: list[float]
+    """The metric at those steps (about 5 significant digits)."""
+    last: float
+    """Last value on the curve."""
+    last_step: float
+    """Its step."""
+    best: float
+    """Best value on the curve: the lowest, or the highest when `lower_is_better` is false."""
+    best_step: float
+    """The step where `best` was first reached."""
+    lower_is_better: bool
+    """Direction read from the name (loss, err, perplexity... rank lower-first)."""
+    reported: int
+    """Points the script reported in all (most are not kept: the history is bounded)."""
+
+
+class RunMetrics(TypedDict):
+    """The metric history of one run."""
+
+    run_id: str
+    """Run id."""
+    metrics: dict[str, Series]
+    """Each metric asked for (by default the loss and a few others) that the run reported."""
+    joins: list[float]
+    """Steps where the attempts after the first begin on the curve (a resume)."""
+    missing: list[str]
+    """Metrics asked for that this run never reported."""
+    available: NotRequired[list[str]]
+    """Every metric the run reported; present only when some asked for are missing."""
+    note: NotRequired[str]
+    """Present when the history could not be used as is: no history (a run from before it was
+    kept, or one that has not written it yet) so only last values are shown, or a damaged file."""
+
+
+class MetricsAnswer(TypedDict):
+    """Metric histories of one or more runs."""
+
+    runs: list[RunMetrics]
+    """One entry per run asked for, in order."""
 
 
 class ImportReport(TypedDict):
@@ -166,6 +220,9 @@ _DOCUMENTED: tuple[Any, ...] = (
     DryRun,
     ComparedRun,
     Comparison,
+    Series,
+    RunMetrics,
+    MetricsAnswer,
     ImportReport,
 )
 for _shape in _DOCUMENTED:

@@ -1,8 +1,10 @@
-"""Runs side by side on one metric: each run's last reported value, ranked in the metric's direction.
+"""Runs side by side on one metric, ranked in the metric's direction by each run's last value or by
+its best one.
 
-Only the last value is kept per run (the record's loss and metrics; the events hold one sample per
-attempt), so a comparison ranks last values and never calls one "best": a run whose loss dipped
-and rose again is shown at its last loss. A true best needs a history of every value.
+The best is read from the metric history (`history`), which keeps every attempt's true lowest and
+highest value whatever its length, along the curve the run's final weights went through (an
+attempt resumed from a checkpoint replaces what came after it). A run recorded before the history
+existed has only its last value, which then stands for its best too.
 """
 
 from __future__ import annotations
@@ -11,28 +13,53 @@ import math
 import re
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 from backprop_mcp.core.answers import ComparedRun, Comparison
 from backprop_mcp.core.clock import parse_iso
 from backprop_mcp.core.errors import UsageError
-from backprop_mcp.core.records import RunRecord
+from backprop_mcp.core.records import ACTIVE_STATES, RunRecord
+from backprop_mcp.core.store import Store
+from backprop_mcp.runs import history
 
 # Metrics whose names say "lower is better"; every other metric (acc, f1, bleu...) ranks higher-first.
 LOWER_IS_BETTER = re.compile(r"loss|err|perplex|mse|mae|rmse|nll|wer|cer", re.I)
 MAX_COMPARED = 50
+RANKINGS = ("last", "best")
 
 
-def compare_runs(get: Callable[[str], RunRecord], run_ids: Sequence[str], metric: str) -> Comparison:
+def lower_is_better(metric: str) -> bool:
+    """The direction of a metric, read from its name."""
+    return bool(LOWER_IS_BETTER.search(metric))
+
+
+def compare_runs(
+    get: Callable[[str], RunRecord],
+    store: Store,
+    run_ids: Sequence[str],
+    metric: str,
+    by: Literal["last", "best"] = "last",
+) -> Comparison:
     """The runs (read with `get`, the service's reader that marks a dead run lost) ranked on `metric`."""
-    if not run_ids:
+    if isinstance(run_ids, str) or not run_ids:
         raise UsageError("give at least one run id to compare")
     if len(run_ids) > MAX_COMPARED:
         raise UsageError(f"compare at most {MAX_COMPARED} runs at once, got {len(run_ids)}")
-    lower = bool(LOWER_IS_BETTER.search(metric))
+    if by not in RANKINGS:
+        raise UsageError(f"rank by one of {', '.join(RANKINGS)}, got {by!r}")
+    lower = lower_is_better(metric)
     runs: list[ComparedRun] = []
+    reported: dict[str, None] = {}
     for run_id in dict.fromkeys(run_ids):
         record = get(run_id)
+        stored = history.load(store, record)
+        reported.update(dict.fromkeys(stored.names()))
+        reported.update(
+            dict.fromkeys((["loss"] if record["loss"] is not None else []) + list(record["metrics"]))
+        )
+        last = metric_of(dict(record), metric)
+        curve = [value for _, value in stored.series(metric)]
+        best = (min(curve) if lower else max(curve)) if curve else last
         runs.append(
             ComparedRun(
                 run_id=run_id,
@@ -40,18 +67,32 @@ def compare_runs(get: Callable[[str], RunRecord], run_ids: Sequence[str], metric
                 status=record["status"],
                 step=record["step"],
                 loss=record["loss"],
-                last_value=metric_of(dict(record), metric),
+                last_value=last,
+                best_value=best,
+                value=best if by == "best" else last,
+                ended_early=ended_early(record),
                 metrics=record["metrics"],
                 duration_seconds=duration(record),
             )
         )
-    ranked = sorted(
-        runs, key=lambda r: (r["last_value"] is None, (r["last_value"] or 0.0) * (1 if lower else -1))
-    )
-    top = ranked[0]["run_id"] if ranked and ranked[0]["last_value"] is not None else None
-    return Comparison(
-        metric=metric, lower_is_better=lower, ranked_by="last_value", runs=ranked, top_run_id=top
-    )
+    if metric not in reported:
+        active = sum(1 for r in runs if r["status"] in ACTIVE_STATES)
+        later = f" ({active} of them still active: it may come later)" if active else ""
+        named = ", ".join(reported) if reported else "none yet"
+        raise UsageError(f"no run of these reported the metric {metric!r}{later}; they reported: {named}")
+    ranked = sorted(runs, key=lambda r: (r["value"] is None, (r["value"] or 0.0) * (1 if lower else -1)))
+    top = ranked[0]["run_id"] if ranked and ranked[0]["value"] is not None else None
+    return Comparison(metric=metric, lower_is_better=lower, ranked_by=by, runs=ranked, top_run_id=top)
+
+
+def ended_early(record: RunRecord) -> bool:
+    """An ended run that did not complete its steps: not completed, or short of its total."""
+    if record["status"] in ACTIVE_STATES:
+        return False
+    if record["status"] != "completed":
+        return True
+    total, step = record["total"], record["step"]
+    return total is not None and (step is None or step < total)
 
 
 def duration(record: RunRecord) -> float | None:

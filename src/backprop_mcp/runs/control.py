@@ -1,6 +1,6 @@
 """The use-cases over runs that exist: read one (marking it `lost` when its supervisor is gone),
-the machine's status, list, stop, read logs, compare. `Service` (in `service`) adds starting and
-resuming; both talk to the runs' supervisors only through a `Backend`."""
+the machine's status, list, stop, read logs, compare, metric histories. `Service` (in `service`)
+adds starting and resuming; both talk to the runs' supervisors only through a `Backend`."""
 
 from __future__ import annotations
 
@@ -13,11 +13,19 @@ import re
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 from backprop_mcp.backends.base import Backend, SupervisorId
 from backprop_mcp.backends.local import LocalBackend
-from backprop_mcp.core.answers import Comparison, LogTail, RunPage, StopReport, StopResult, SystemStatus
+from backprop_mcp.core.answers import (
+    Comparison,
+    LogTail,
+    MetricsAnswer,
+    RunPage,
+    StopReport,
+    StopResult,
+    SystemStatus,
+)
 from backprop_mcp.core.clock import now_iso, parse_iso
 from backprop_mcp.core.config import resolve_settings
 from backprop_mcp.core.errors import (
@@ -399,11 +407,21 @@ class RunControl:
             answer["note"] = empty_note(record, which, path)
         return answer
 
-    def compare(self, run_ids: Sequence[str], *, metric: str = "loss") -> Comparison:
-        """Runs side by side on one metric."""
+    def compare(
+        self, run_ids: Sequence[str], *, metric: str = "loss", by: Literal["last", "best"] = "last"
+    ) -> Comparison:
+        """Runs side by side on one metric, ranked by each run's last or best value."""
         from backprop_mcp.runs.compare import compare_runs
 
-        return compare_runs(self.get, run_ids, metric)
+        return compare_runs(self.get, self.store, run_ids, metric, by)
+
+    def metrics(
+        self, run_ids: Sequence[str], *, metrics: Sequence[str] | None = None, points: int = 50
+    ) -> MetricsAnswer:
+        """The runs' metric histories, each curve downsampled to at most `points` points."""
+        from backprop_mcp.runs.metrics import run_metrics
+
+        return run_metrics(self.get, self.store, run_ids, metrics=metrics, points=points)
 
 
 def _age(iso: str) -> float:

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -120,6 +121,23 @@ _PLAIN_PROGRESS = re.compile(
 )
 
 
+# The same lines, matched many at a time: a run of consecutive plain progress lines joined by "\n".
+# A line's pairs are its totals first, then one event, step or loss pair, then any pairs: so it
+# needs a step, a loss or an event, as `is_plain_progress` asks, without a second look at it.
+_TOTAL = rb'"total"[ \t]*:[ \t]*[1-9][0-9]{0,17}'
+_KEYED = (
+    rb'"(?:event"[ \t]*:[ \t]*"progress"'
+    rb'|step"[ \t]*:[ \t]*(?:0|[1-9][0-9]{0,17})'
+    rb'|loss"[ \t]*:[ \t]*-?(?:0|[1-9][0-9]{0,17})(?:\.[0-9]{1,20})?(?:[eE][-+]?[0-9]{1,2})?)'
+)
+_COMMA = rb"[ \t]*,[ \t]*"
+_PLAIN_LINE = (
+    rb"[ \t]*\{[ \t]*(?:" + _TOTAL + _COMMA + rb")*+" + _KEYED
+    + rb"(?:" + _COMMA + _PLAIN_PAIR + rb")*+[ \t]*\}[ \t]*+(?=\n|\Z)"
+)  # fmt: skip
+_PLAIN_RUN = re.compile(_PLAIN_LINE + rb"(?:\n" + _PLAIN_LINE + rb")*+")
+
+
 def is_plain_progress(line: bytes) -> bool:
     """True when `line` is a plain progress line (see `_PLAIN_PROGRESS`), decided in C."""
     return (
@@ -127,6 +145,26 @@ def is_plain_progress(line: bytes) -> bool:
         # The short form needs a step or a loss (a bare {"total": 5} is rejected by parse_line).
         and (b'"event"' in line or b'"step"' in line or b'"loss"' in line)
     )
+
+
+def plain_runs(items: list[bytes | Oversized]) -> Iterator[tuple[list[bytes], bytes] | bytes | Oversized]:
+    """`items` in order, each run of consecutive plain progress lines (as `is_plain_progress`
+    decides) as one (lines, lines joined by "\\n") pair: one regular expression finds a whole run
+    in C, so a flood of progress lines costs no Python work per line."""
+    lines = [item for item in items if isinstance(item, bytes)]
+    if len(lines) < len(items):  # a line too long to be an event: this batch goes line by line
+        yield from items
+        return
+    joined, position, index = b"\n".join(lines), 0, 0
+    while index < len(lines):
+        run = _PLAIN_RUN.match(joined, position)
+        if run is None:
+            yield lines[index]
+            position, index = position + len(lines[index]) + 1, index + 1
+            continue
+        count = joined.count(b"\n", position, run.end()) + 1  # a plain line holds no newline
+        yield lines[index : index + count], joined[position : run.end()]
+        position, index = run.end() + 1, index + count
 
 
 def parse_line(line: bytes | Oversized) -> ParseResult:

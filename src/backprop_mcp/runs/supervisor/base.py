@@ -25,11 +25,13 @@ from backprop_mcp.governor import decisions, proctree
 from backprop_mcp.governor.admission import Admission
 from backprop_mcp.governor.probe_choice import make_probe
 from backprop_mcp.governor.probes import SystemProbe
+from backprop_mcp.runs.history import history_path
 from backprop_mcp.runs.launch import (
     HELD_SIGNALS,
     limits_of,
 )
 from backprop_mcp.runs.progress import Progress
+from backprop_mcp.runs.recorder import Recorder
 from backprop_mcp.runs.runlog import RunLog
 
 log = logging.getLogger("backprop_mcp.runs.supervisor")
@@ -38,6 +40,11 @@ log = logging.getLogger("backprop_mcp.runs.supervisor")
 # giving up: the record then stays "running" and the next reader marks it lost, which is truthful.
 FINAL_WRITE_SECONDS = 300.0
 FINAL_WRITE_RETRY_SECONDS = 2.0
+# The metric history is rewritten at most this often while values arrive (and always when the
+# attempt ends). Its file can hold ~65 metrics of 1,000 points, so a write costs milliseconds and
+# an fsync: every 2 s keeps that negligible, and a supervisor killed mid-run loses at most the
+# last 2 s of points (its record, written every second, still holds the latest values).
+HISTORY_INTERVAL_SECONDS = 2.0
 
 
 class SupervisorBase:
@@ -58,6 +65,10 @@ class SupervisorBase:
         self.sample_interval = _sample_interval()
         self.admission = Admission(store.governor_dir)
         self.progress = Progress(self.record)
+        self.history = Recorder(
+            history_path(store, run_id, self.record["attempt"]), run_id, self.record["attempt"]
+        )
+        self.history_at = 0.0
         self.selector = selectors.DefaultSelector()
         self.wake_r, self.wake_w = os.pipe()
         self.stop_reason: str | None = None  # stop_requested, deadline, wall_clock_cap, gpu_memory_limit
@@ -149,6 +160,15 @@ class SupervisorBase:
             log.warning("run %s: the store is writable again", self.run_id)
         self.dirty = False
         return True
+
+    def write_history(self) -> None:
+        """Replace the attempt's metric history; a store that cannot be written keeps it dirty
+        (retried at the next interval), never ends the run."""
+        self.history_at = time.monotonic()
+        try:
+            self.history.write()
+        except StoreError as exc:
+            self._store_failed(exc)
 
     def event(self, entry: dict[str, Any]) -> None:
         """Append to the run's history; a store that cannot be written loses the entry, not the run."""

@@ -19,13 +19,14 @@ from backprop_mcp.core.clock import now_iso
 from backprop_mcp.core.errors import StoreError
 from backprop_mcp.core.machine import Decision
 from backprop_mcp.governor import decisions, proctree
-from backprop_mcp.runs.events import LineSplitter, ProgressEvent, is_plain_progress, parse_line
+from backprop_mcp.runs.events import LineSplitter, ProgressEvent, parse_line, plain_runs
 from backprop_mcp.runs.launch import (
     command,
     contract_env,
     gpu_memory_limit_mb,
 )
 from backprop_mcp.runs.runlog import RunLog
+from backprop_mcp.runs.supervisor.base import HISTORY_INTERVAL_SECONDS
 from backprop_mcp.runs.supervisor.stop import EndingSupervisor
 
 log = logging.getLogger("backprop_mcp.runs.supervisor")
@@ -179,6 +180,8 @@ class Supervisor(EndingSupervisor):
                 self._prune_others()
             if self.dirty and now - self.last_write >= RECORD_INTERVAL_SECONDS:
                 self.write()
+            if self.history.dirty and now - self.history_at >= HISTORY_INTERVAL_SECONDS:
+                self.write_history()
             timeout = self._next_timeout(now, running_for, box, next_sample, stop_sent, term_sent, exited_at)
             got_output = False
             for key, _ in self._wait(timeout):
@@ -243,21 +246,17 @@ class Supervisor(EndingSupervisor):
                 return
             output.write(data)
             if name == "out":
-                plain: list[bytes] = []
-                for item in splitter.feed(data):
-                    if isinstance(item, bytes) and is_plain_progress(item):
-                        plain.append(item)
-                        continue
-                    if plain:
-                        self._plain_progress(plain)
-                        plain = []
-                    self._line(item)
-                if plain:
-                    self._plain_progress(plain)
+                for item in plain_runs(splitter.feed(data)):
+                    if isinstance(item, tuple):
+                        self._plain_progress(*item)
+                    else:
+                        self._line(item)
 
-    def _plain_progress(self, lines: list[bytes]) -> None:
+    def _plain_progress(self, lines: list[bytes], joined: bytes) -> None:
         """Fold a run of plain progress lines into their last values: only the newest step,
-        total and loss matter, so the older lines need not be parsed one by one."""
+        total and loss matter to the record, so the older lines need not be parsed one by one
+        (the history takes every loss from them in one pass of its own)."""
+        self.history.observe_plain(lines, joined)
         events = []
         missing = {"step", "total", "loss"}
         for line in reversed(lines):
@@ -284,6 +283,7 @@ class Supervisor(EndingSupervisor):
                 self.event({"type": "bad_line", "error": result.error})
             return
         for event in result.events:
+            self.history.observe(event)
             entry = self.progress.apply(event)
             if entry is not None:
                 self.event(entry)
@@ -380,6 +380,9 @@ class Supervisor(EndingSupervisor):
             return 0
         try:
             self.supervise(self.proc, self.output)
+        except BaseException:
+            self.write_history()  # a supervisor that fails still leaves what it recorded
+            raise
         finally:
             self.output.close()
         self.finish(self.proc)

@@ -78,6 +78,8 @@ class EndingSupervisor(QueuedSupervisor):
         record["exit_code"], record["signal"] = outcome.exit_code, outcome.signal
         record["termination_reason"] = outcome.reason
         self._close_attempt(outcome.status)
+        # Before the final state: whoever sees the run ended finds its whole history.
+        self.write_history()
         # Released before the final state is written: whoever sees the run ended (and resumes
         # it) finds its slot free, and this release can only ever remove this attempt's slot.
         self._release()

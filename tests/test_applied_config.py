@@ -47,7 +47,7 @@ async def test_run_training_and_resume_run_say_which_config_files_applied(tmp_pa
     server = build_server(service=service, roots=Roots((project,), "option"), cwd=project, poll_seconds=0.05)
     with anyio.fail_after(SESSION_SECONDS):
         async with Client(server, mode="legacy") as client:
-            started = await _call(client, "run_training", script="train.py", use_gpu=False)
+            started = await _call(client, "run_training", script="train.py", options={"use_gpu": False})
             wait_for_end(service, started["run_id"])
             # New arguments: the run completed its steps, and resuming it as it is would be refused.
             resumed = await _call(client, "resume_run", run_id=started["run_id"], args=["6"])

@@ -288,9 +288,12 @@ def test_every_bad_number_is_refused_alike_by_option_variable_and_config_file(
 
 def test_every_bad_number_is_refused_by_the_mcp_tools_too(tmp_path: Path) -> None:
     """The MCP arguments of the same settings, over the real stdio protocol: each an isError result
-    naming the argument, never a traceback or a bare "Error executing tool", and nothing started."""
+    naming the argument, never a traceback or a bare "Error executing tool", and nothing started.
+    A run option goes in the `options` object (resume_run's is published as "as in run_training")."""
     from mcp import Client
     from mcp.client.stdio import StdioServerParameters
+
+    from backprop_mcp.mcp_server.arguments import OPTION_NAMES
 
     params = StdioServerParameters(
         command=str(Path(sys.executable).parent / "backprop-mcp"),
@@ -310,11 +313,14 @@ def test_every_bad_number_is_refused_by_the_mcp_tools_too(tmp_path: Path) -> Non
                     ("resume_run", {"run_id": "ghost"}),
                 ):
                     for spec in NUMERIC_FIELDS:
-                        if spec.name not in schemas[tool]["properties"]:
+                        top = spec.name in schemas[tool]["properties"]
+                        nested = spec.name in OPTION_NAMES and "options" in schemas[tool]["properties"]
+                        if not (top or nested):
                             continue
                         checked.add(spec.name)
                         for label, _, _, argument in bad_numbers(spec):
-                            result = await client.call_tool(tool, {**base, spec.name: argument})
+                            given = {spec.name: argument} if top else {"options": {spec.name: argument}}
+                            result = await client.call_tool(tool, {**base, **given})
                             text = "".join(getattr(block, "text", "") for block in result.content)
                             if (
                                 not result.is_error
@@ -384,13 +390,27 @@ MCP_CASES: list[tuple[str, dict[str, Any], str]] = [
     ("run_training", {"script": SCRIPT, "args": "not-a-list"}, "args"),
     ("run_training", {"script": SCRIPT, "max_run_minutes": -1}, "max_run_minutes"),
     ("run_training", {"script": SCRIPT, "max_run_minutes": "soon"}, "max_run_minutes"),
-    ("run_training", {"script": SCRIPT, "max_parallel": 0}, "max_parallel"),
-    ("run_training", {"script": SCRIPT, "gpu_memory_limit": "300%"}, "gpu_memory_limit"),
-    ("run_training", {"script": SCRIPT, "gpu_memory_limit": "\u0661\u0660"}, "gpu_memory_limit"),
-    ("run_training", {"script": SCRIPT, "gpu_memory_limit": "1e308"}, "gpu_memory_limit"),
-    ("run_training", {"script": SCRIPT, "gpus": ["\u00b2"]}, "gpus"),
-    ("run_training", {"script": SCRIPT, "stop_signal": "SIGKILL"}, "stop_signal"),
-    ("run_training", {"script": SCRIPT, "framework": "caffe"}, "framework"),
+    ("run_training", {"script": SCRIPT, "options": {"max_parallel": 0}}, "options.max_parallel"),
+    ("run_training", {"script": SCRIPT, "options": {"gpu_memory_limit": "300%"}}, "gpu_memory_limit"),
+    ("run_training", {"script": SCRIPT, "options": {"gpu_memory_limit": "\u0661\u0660"}}, "gpu_memory_limit"),
+    ("run_training", {"script": SCRIPT, "options": {"gpu_memory_limit": "1e308"}}, "gpu_memory_limit"),
+    ("run_training", {"script": SCRIPT, "options": {"gpus": ["\u00b2"]}}, "gpus"),
+    ("run_training", {"script": SCRIPT, "options": {"stop_signal": "SIGKILL"}}, "options.stop_signal"),
+    ("run_training", {"script": SCRIPT, "options": {"framework": "caffe"}}, "options.framework"),
+    ("run_training", {"script": SCRIPT, "options": "not-an-object"}, "options"),
+    (
+        "run_training",
+        {"script": SCRIPT, "options": {"max_paralel": 2}},
+        "max_paralel: did you mean max_parallel",
+    ),
+    # A run option given where it used to be: refused with where it goes now.
+    (
+        "run_training",
+        {"script": SCRIPT, "max_parallel": 2},
+        'put it in options, e.g. options={"max_parallel":2}',
+    ),
+    ("resume_run", {"run_id": "ghost", "options": {"queue_timeout_minutes": 0}}, "queue_timeout_minutes"),
+    ("resume_run", {"run_id": "ghost", "options": {"framework": "jax"}}, "framework is not a resume option"),
     ("run_training", {"script": SCRIPT, "cwd": str(FIXTURES / "no_such_dir")}, "does not exist"),
     ("run_training", {"script": SCRIPT, "cwd": "/no/such/dir"}, "outside the allowed roots"),
     ("resume_run", {}, "run_id"),
@@ -412,12 +432,27 @@ MCP_CASES: list[tuple[str, dict[str, Any], str]] = [
     ("get_logs", {"run_id": "x", "tail": -1}, "tail"),
     ("wait_for_run", {"run_id": "ghost"}, "no run with id"),
     ("wait_for_run", {"run_id": "x", "until": "forever"}, "until"),
+    ("wait_for_run", {"run_id": []}, "give 1 to 50 run ids"),
+    ("wait_for_run", {"run_id": ["ghost", "other"]}, "no run with id 'ghost'"),
+    ("wait_for_run", {"run_id": ["ok", "a/b"]}, "- run_id.1: String should match pattern"),
+    ("stop_run", {"run_id": ["ghost", "ghost2"]}, "none of the runs could be stopped"),
+    ("list_experiments", {"sort": ""}, "sort"),
+    ("get_metrics", {"run_ids": []}, "run_ids"),
+    ("get_metrics", {"run_ids": ["ghost"]}, "no run with id"),
+    ("get_metrics", {"run_ids": ["x"], "points": 0}, "points"),
+    ("get_metrics", {"run_ids": ["x"] * 21}, "run_ids"),
+    ("get_metrics", {"run_ids": ["x"], "metrics": "loss"}, "metrics"),
+    ("compare_runs", {"run_ids": ["x"], "by": "worst"}, "by"),
     ("compare_runs", {"run_ids": []}, "run_ids"),
     ("compare_runs", {"run_ids": "ghost"}, "run_ids"),
     ("compare_runs", {"run_ids": ["ghost"]}, "no run with id"),
     # Refused, not ignored: a misspelt option must not start a run with the default box.
-    ("run_training", {"script": SCRIPT, "max_run_minute": 1}, "unknown argument(s) max_run_minute"),
-    ("get_logs", {"run_id": "x", "lines": 5}, "unknown argument(s) lines"),
+    (
+        "run_training",
+        {"script": SCRIPT, "max_run_minute": 1},
+        "max_run_minute: did you mean max_run_minutes?",
+    ),
+    ("get_logs", {"run_id": "x", "lines": 5}, "unknown argument(s):\n- lines"),
 ]
 
 

@@ -166,17 +166,28 @@ def _schema_bounds(prop: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_the_mcp_schemas_take_every_numeric_bound_from_the_config_table() -> None:
+    """What the tools validate, run options included, and what they publish for a top-level
+    argument (options inside the `options` object are published by type only, to keep tools/list
+    small, and validated all the same)."""
     from backprop_mcp.mcp_server.roots import Roots
     from backprop_mcp.mcp_server.tools import build_server
 
     server = build_server(home=Path("/nonexistent-backprop-home"), roots=Roots((), "none"))
 
-    async def schemas() -> dict[str, dict[str, Any]]:
-        return {tool.name: tool.input_schema for tool in await server.list_tools()}
+    async def schemas() -> list[tuple[str, dict[str, Any]]]:
+        tools = (await server.tools()).values()
+        published = [(tool.name, tool.parameters["properties"]) for tool in tools]
+        validated = [(tool.name, tool.fn_metadata.arg_model.model_json_schema()) for tool in tools]
+        models = [
+            (f"{name}.{model}", definition["properties"])
+            for name, schema in validated
+            for model, definition in schema.get("$defs", {}).items()
+        ]
+        return published + [(name, schema["properties"]) for name, schema in validated] + models
 
     checked: set[str] = set()
-    for tool, schema in anyio.run(schemas).items():
-        for name, prop in schema["properties"].items():
+    for tool, properties in anyio.run(schemas):
+        for name, prop in properties.items():
             spec = FIELDS_BY_NAME.get(name)
             if spec is None or spec.bounds is None:
                 continue

@@ -65,8 +65,9 @@ except KeyboardInterrupt:
 print("training done", flush=True)
 """
 
-# Limits that admit runs on a small, busy test machine.
-GENEROUS = {"min_free_ram_gb": 0, "max_cpu_percent": 100, "use_gpu": False, "grace_seconds": 5}
+# Limits that admit runs on a small, busy test machine, as the run options of a tool call.
+LIMITS = {"min_free_ram_gb": 0, "max_cpu_percent": 100, "use_gpu": False, "grace_seconds": 5}
+GENEROUS = {"options": LIMITS}
 
 
 def write_script(folder: Path, name: str = "train.py") -> Path:
@@ -104,10 +105,12 @@ async def run_to_end(client: Client, **arguments: Any) -> dict[str, Any]:
 
 
 async def wait_end(client: Client, run_id: str) -> dict[str, Any]:
+    """Wait (by wait_for_run) until the run ends; returns its full record (get_status detail=true)."""
     while True:
         waited = await call(client, "wait_for_run", run_id=run_id, until="end", timeout_seconds=60)
         if waited["ended"]:
-            return dict(waited["run"])
+            assert waited["runs"][0]["run_id"] == run_id
+            return dict((await call(client, "get_status", run_id=run_id, detail=True))["record"])
 
 
 @pytest.fixture
@@ -174,13 +177,15 @@ async def test_run_training_returns_the_record_at_once_and_wait_for_run_reports_
         notes.append((progress, total, message))
 
     async with connect(server, era) as client:
-        record = await call(
+        started = await call(
             client, "run_training", script="train.py", args=["30", "0.02"], name="first", **GENEROUS
         )
-        assert record["status"] in ("queued", "running")
+        assert started["status"] in ("queued", "running")
+        assert started["run_id"].startswith("first-") and started["name"] == "first"
+        assert started["args"] == ["30", "0.02"] and "wait_for_run" in started["next_step"]
+        record = (await call(client, "get_status", run_id=started["run_id"], detail=True))["record"]
         assert record["script"] == str(project / "train.py")
         assert record["cwd"] == str(project)
-        assert record["run_id"].startswith("first-")
         while True:
             result = await client.call_tool(
                 "wait_for_run", {"run_id": record["run_id"], "until": "end"}, progress_callback=on_progress
@@ -189,17 +194,13 @@ async def test_run_training_returns_the_record_at_once_and_wait_for_run_reports_
             assert waited is not None
             if waited["ended"]:
                 break
-    run = waited["run"]
-    assert (run["status"], run["termination_reason"], run["step"], run["total"]) == (
-        "completed",
-        "exit_zero",
-        30,
-        30,
-    )
-    assert run["latest_checkpoint"] == str(project / "ck.json")
+    [run] = waited["runs"]
+    assert (run["status"], run["reason"], run["step"], run["total"]) == ("completed", "exit_zero", 30, 30)
+    assert run["checkpoint"] == str(project / "ck.json")
+    assert run["checkpoints"] == 1  # ck.json, saved ten times over: one checkpoint
     assert waited["changed"] is True
-    assert "training done" in waited["log_tail"]
-    assert "compare_runs" in waited["next_step"]
+    assert "log_tail" not in waited  # the log is shown for a failed run; get_logs has it
+    assert "compare_runs" in waited["next_step"] and "resume_run" not in waited["next_step"]
     assert notes, "wait_for_run sent no progress notification"
     assert all(total == 60 for _, total, _ in notes)
     assert [value for value, _, _ in notes] == sorted(value for value, _, _ in notes)
@@ -214,7 +215,7 @@ async def test_wait_for_run_returns_at_once_for_a_run_that_has_ended(
         run = await run_to_end(client, script="train.py", args=["2"])
         waited = await call(client, "wait_for_run", run_id=run["run_id"], timeout_seconds=300)
     assert (waited["ended"], waited["changed"]) == (True, False)
-    assert waited["waited_seconds"] < 30
+    assert waited["waited_s"] < 30
 
 
 @pytest.mark.anyio
@@ -233,10 +234,10 @@ async def test_wait_for_run_returns_once_the_run_has_left_the_state_the_caller_l
         )
         run_id = record["run_id"]
         waited = await call(client, "wait_for_run", run_id=run_id, since="queued", timeout_seconds=60)
-        assert (waited["run"]["status"], waited["changed"], waited["ended"]) == ("running", True, False)
-        assert waited["time_left_seconds"] is not None
+        assert (waited["runs"][0]["status"], waited["changed"], waited["ended"]) == ("running", True, False)
+        assert 0 < waited["runs"][0]["left_s"] <= 60
         again = await call(client, "wait_for_run", run_id=run_id, since="running", timeout_seconds=1)
-        assert (again["run"]["status"], again["changed"], again["ended"]) == ("running", False, False)
+        assert (again["runs"][0]["status"], again["changed"], again["ended"]) == ("running", False, False)
         gate.touch()
         assert (await wait_end(client, run_id))["status"] == "completed"
 
@@ -276,10 +277,11 @@ async def test_a_timed_out_run_resumes_from_its_checkpoint_under_the_same_id(
         resumed = await call(
             client, "resume_run", run_id=first["run_id"], args=[str(saved + 4)], max_run_minutes=1
         )
-        assert (resumed["attempt"], resumed["resume_from"]) == (2, str(project / "ck.json"))
+        assert (resumed["attempt"], resumed["args"]) == (2, [str(saved + 4)])
         second = await wait_end(client, first["run_id"])
         logs = await call(client, "get_logs", run_id=first["run_id"])
     assert (second["status"], second["step"], second["attempt"]) == ("completed", saved + 4, 2)
+    assert (second["resume_from"], second["max_run_minutes"]) == (str(project / "ck.json"), 1)
     assert [a["status"] for a in second["attempts"]] == ["timed_out", "completed"]
     assert f"resumed from step {saved}" in logs["lines"]
 
@@ -289,23 +291,28 @@ async def test_a_completed_run_can_be_run_again_from_scratch(server: BackpropSer
     async with connect(server, era) as client:
         first = await run_to_end(client, script="train.py", args=["2"])
         resumed = await call(client, "resume_run", run_id=first["run_id"], from_scratch=True)
-        assert (resumed["attempt"], resumed["resume_from"]) == (2, None)
-        assert (await wait_end(client, first["run_id"]))["status"] == "completed"
+        assert resumed["attempt"] == 2
+        second = await wait_end(client, first["run_id"])
+    assert (second["status"], second["attempt"], second.get("resume_from")) == ("completed", 2, None)
 
 
 @pytest.mark.anyio
-async def test_get_status_of_a_run_gives_its_log_tail_and_the_next_step(
-    server: BackpropServer, era: str
+async def test_get_status_of_a_run_gives_its_summary_the_next_step_and_a_failed_runs_log_tail(
+    server: BackpropServer, era: str, project: Path
 ) -> None:
+    shutil.copy(FIXTURES / "exits_nonzero.py", project / "fails.py")
     async with connect(server, era) as client:
         run = await run_to_end(client, script="train.py", args=["4"], max_run_minutes=5)
         status = await call(client, "get_status", run_id=run["run_id"])
-    assert status["run"]["run_id"] == run["run_id"]
-    assert status["run"]["loss"] == 0.25
-    assert status["log_tail"][-1] == "training done"
-    assert len(status["log_tail"]) <= 10
-    assert status["time_left_seconds"] is None
+        failed = await run_to_end(client, script="fails.py")
+        failing = await call(client, "get_status", run_id=failed["run_id"])
+    assert status["run_id"] == run["run_id"]
+    assert status["loss"] == 0.25
+    assert "log_tail" not in status and "left_s" not in status and "record" not in status
     assert "compare_runs" in status["next_step"]
+    assert failing["status"] == "failed" and failing["reason"] == "exit_nonzero (exit 3)"
+    assert failing["log_tail"] == ["something went wrong"]
+    assert "get_logs" in failing["next_step"]
 
 
 @pytest.mark.anyio
@@ -334,7 +341,7 @@ async def test_list_experiments_pages_newest_first_and_filters_by_state_and_name
         named = await call(client, "list_experiments", name="lr-1")
         failed = await call(client, "list_experiments", status="failed")
     assert [row["run_id"] for row in first["runs"] + second["runs"]] == ids[::-1]
-    assert second["next_cursor"] is None
+    assert first["next_cursor"] and "next_cursor" not in second
     assert [row["run_id"] for row in named["runs"]] == [ids[1]]
     assert failed["runs"] == []
 
@@ -376,29 +383,46 @@ async def test_get_logs_returns_a_bounded_tail_of_the_runs_output(server: Backpr
 
 
 @pytest.mark.anyio
-async def test_compare_runs_ranks_runs_by_their_last_loss_and_names_the_top_run(
+async def test_compare_runs_ranks_by_the_last_or_the_best_value_and_flags_runs_that_ended_early(
     server: BackpropServer, era: str, project: Path
 ) -> None:
-    """Issue 9, item 24: `dipped` fell to 0.1 and ended at 0.9; ranked by its last value (the
-    default) it ranks at 0.9, behind `short` (0.5), and says so; its true best is shown beside."""
+    """Issue 9, item 24 and issue 11, point 3: `dipped` fell to 0.1 and ended at 0.9. By its last
+    value it ranks behind `short` (0.5), its true best shown beside; by its best, first. A run that
+    timed out is flagged."""
     shutil.copy(FIXTURES / "loss_dips_then_rises.py", project / "dips.py")
     async with connect(server, era) as client:
         short = await run_to_end(client, script="train.py", args=["2"])
         long = await run_to_end(client, script="train.py", args=["8"])
         dipped = await run_to_end(client, script="dips.py", args=["0.5", "0.1", "0.9"])
+        cut = await run_to_end(client, script="train.py", args=["100000", "0.02"], max_run_minutes=0.02)
         ids = [short["run_id"], long["run_id"], dipped["run_id"]]
-        comparison = await call(client, "compare_runs", run_ids=ids)
-        schema = next(t for t in (await client.list_tools()).tools if t.name == "compare_runs").output_schema
-    assert comparison["lower_is_better"] is True and comparison["ranked_by"] == "last"
-    assert comparison["top_run_id"] == long["run_id"]
-    assert [(run["run_id"], run["value"], run["best_value"]) for run in comparison["runs"]] == [
-        (long["run_id"], 1 / 8, 1 / 8),
-        (short["run_id"], 1 / 2, 1 / 2),
-        (dipped["run_id"], 0.9, 0.1),
+        by_last = await call(client, "compare_runs", run_ids=ids)
+        by_best = await call(client, "compare_runs", run_ids=ids, metric="loss", by="best")
+        with_cut = await call(client, "compare_runs", run_ids=[*ids, cut["run_id"]])
+        unknown = await fails(client, "compare_runs", run_ids=ids, metric="val_acc")
+    assert (by_last["by"], by_last["lower_is_better"], by_last["top_run_id"]) == (
+        "last",
+        True,
+        long["run_id"],
+    )
+    assert [(run["run_id"], run["value"]) for run in by_last["runs"]] == [
+        (long["run_id"], 0.125),
+        (short["run_id"], 0.5),
+        (dipped["run_id"], 0.9),
     ]
-    assert schema is not None
-    fields = set(schema["properties"]) | set(schema["$defs"]["ComparedRun"]["properties"])
-    assert {"last_value", "best_value", "value", "ended_early", "ranked_by"} <= fields
+    assert [(run["run_id"], run["value"]) for run in by_best["runs"]] == [
+        (dipped["run_id"], 0.1),
+        (long["run_id"], 0.125),
+        (short["run_id"], 0.5),
+    ]
+    assert (
+        by_best["top_run_id"] == dipped["run_id"] and f'run_id="{dipped["run_id"]}"' in by_best["next_step"]
+    )
+    assert by_last["runs"][2]["best"] == 0.1 and "best" not in by_last["runs"][0]  # best == last: said once
+    assert by_last["runs"][0]["args"] == ["8"] and "next_step" not in by_last["runs"][0]
+    flagged = {run["run_id"] for run in with_cut["runs"] if run.get("ended_early")}
+    assert flagged == {cut["run_id"]}
+    assert "val_acc" in unknown and "loss" in unknown  # names the metrics the runs did report
 
 
 # -- errors -----------------------------------------------------------------------------------------
@@ -452,7 +476,7 @@ async def test_resuming_a_run_whose_script_is_outside_the_allowed_roots_is_refus
     from tests.helpers import wait_for_end
 
     elsewhere = write_script(tmp_path / "elsewhere")
-    started = service.start(RunRequest(script=str(elsewhere), options=dict(GENEROUS)))
+    started = service.start(RunRequest(script=str(elsewhere), options=dict(LIMITS)))
     wait_for_end(service, started["run_id"])
     async with connect(server, era) as client:
         text = await fails(client, "resume_run", run_id=started["run_id"], from_scratch=True)
@@ -514,17 +538,41 @@ async def test_arguments_outside_their_bounds_are_named_one_per_line_with_what_w
 ) -> None:
     async with connect(server, era) as client:
         text = await fails(
-            client, "run_training", script="train.py", max_run_minutes=-1, stop_signal="SIGKILL"
+            client, "run_training", script="train.py", max_run_minutes=-1, options={"stop_signal": "SIGKILL"}
         )
         missing = await fails(client, "run_training")
         limit = await fails(client, "list_experiments", limit=1000)
         timeout = await fails(client, "wait_for_run", run_id="x", timeout_seconds=301)
     assert text.startswith("Invalid arguments for run_training:")
     assert "- max_run_minutes: Input should be greater than 0 (got -1)" in text
-    assert "- stop_signal: Input should be 'SIGINT'" in text and "(got 'SIGKILL')" in text
+    assert "- options.stop_signal: Input should be 'SIGINT'" in text and "(got 'SIGKILL')" in text
     assert "- script: Field required" in missing
     assert "- limit: Input should be less than or equal to 100 (got 1000)" in limit
     assert "timeout_seconds" in timeout and "300" in timeout
+
+
+@pytest.mark.anyio
+async def test_an_unknown_argument_names_the_nearest_one_and_a_moved_option_says_to_put_it_in_options(
+    server: BackpropServer, era: str
+) -> None:
+    async with connect(server, era) as client:
+        typo = await fails(client, "run_training", script="train.py", max_run_minute=1)
+        moved = await fails(client, "run_training", script="train.py", max_parallel=3, lr=0.1)
+        nested = await fails(client, "run_training", script="train.py", options={"max_paralel": 3})
+        resumed = await fails(client, "resume_run", run_id="x", options={"grace_second": 3})
+        logs = await fails(client, "get_logs", run_id="x", lines=5)
+        page = await call(client, "list_experiments")
+    assert "- max_run_minute: did you mean max_run_minutes?" in typo
+    assert 'Arguments for the script itself go in args, e.g. args=["--lr", "0.01"]' in typo
+    assert (
+        '- max_parallel: it is a run option now; put it in options, e.g. options={"max_parallel":3}' in moved
+    )
+    assert "- lr\n" in moved  # no near name: listed, with where script arguments go
+    assert "unknown option(s):\n- max_paralel: did you mean max_parallel?" in nested
+    assert "- grace_second: did you mean grace_seconds?" in resumed
+    assert "- lines" in logs and "The arguments it takes are: attempt, run_id, tail." in logs
+    assert "args=" not in logs  # get_logs starts no script
+    assert page["runs"] == []  # nothing started
 
 
 @pytest.mark.anyio
@@ -532,7 +580,7 @@ async def test_a_bad_option_value_the_schema_cannot_express_is_explained_by_the_
     server: BackpropServer, era: str
 ) -> None:
     async with connect(server, era) as client:
-        text = await fails(client, "run_training", script="train.py", gpu_memory_limit="lots")
+        text = await fails(client, "run_training", script="train.py", options={"gpu_memory_limit": "lots"})
         missing = await fails(client, "run_training", script="nope.py")
     assert "ConfigError" in text and "gpu_memory_limit" in text and '"80%"' in text
     assert "UsageError" in missing and "script not found" in missing
@@ -608,6 +656,7 @@ async def test_every_tool_has_a_title_a_description_annotations_and_portable_sch
         "get_logs",
         "wait_for_run",
         "compare_runs",
+        "get_metrics",
     }
     for tool in tools.values():
         assert tool.title and tool.description and len(tool.description) > 80, tool.name
@@ -622,7 +671,14 @@ async def test_every_tool_has_a_title_a_description_annotations_and_portable_sch
     assert "client_roots" not in tools["run_training"].input_schema["properties"]
     assert "ctx" not in tools["wait_for_run"].input_schema["properties"]
     read_only = {name for name, tool in tools.items() if tool.annotations and tool.annotations.read_only_hint}
-    assert read_only == {"get_status", "list_experiments", "get_logs", "wait_for_run", "compare_runs"}
+    assert read_only == {
+        "get_status",
+        "list_experiments",
+        "get_logs",
+        "wait_for_run",
+        "compare_runs",
+        "get_metrics",
+    }
     assert tools["stop_run"].annotations and tools["stop_run"].annotations.destructive_hint is True
     assert tools["run_training"].annotations and tools["run_training"].annotations.destructive_hint is False
     assert tools["run_training"].input_schema["required"] == ["script"]

@@ -24,6 +24,7 @@ from mcp_types import CallToolResult, TextContent
 
 from backprop_mcp.mcp_server.arguments import PATH_ARGUMENTS
 from backprop_mcp.mcp_server.roots import Roots
+from backprop_mcp.mcp_server.schema import lean
 from backprop_mcp.mcp_server.tools import build_server
 from backprop_mcp.runs import confine
 from backprop_mcp.runs.requests import RunRequest
@@ -32,8 +33,9 @@ from tests.helpers import FIXTURES, isolated_env, wait_for_end
 
 # Bounds every MCP session: runs start slowly on a loaded 2-core machine.
 SESSION_SECONDS = 120
-# Limits that admit runs on a small, busy test machine.
-GENEROUS = {"use_gpu": False, "min_free_ram_gb": 0, "max_cpu_percent": 100}
+# Limits that admit runs on a small, busy test machine, as the run options of a tool call.
+LIMITS = {"use_gpu": False, "min_free_ram_gb": 0, "max_cpu_percent": 100}
+GENEROUS = {"options": LIMITS}
 
 # Every string argument of every tool that is NOT a path, and why: a new string argument must be
 # classified here or in mcp_server.arguments.PATH_ARGUMENTS, where the service checks it against the roots.
@@ -51,6 +53,8 @@ NOT_PATHS = {
     "metric": "a metric name looked up in the run's record",
     "until": "one of a fixed set",
     "since": "one of the run states",
+    "sort": "a metric name to order runs by",
+    "metrics": "metric names looked up in the runs' history",
 }
 # The fields of RunRequest that are not paths.
 NOT_PATH_FIELDS = {"args", "name", "run_id", "options", "source", "file_defaults"}
@@ -110,7 +114,7 @@ async def run_to_end(client: Client, **arguments: Any) -> dict[str, Any]:
     while True:
         waited = await call(client, "wait_for_run", run_id=record["run_id"], until="end", timeout_seconds=60)
         if waited["ended"]:
-            return dict(waited["run"])
+            return dict((await call(client, "get_status", run_id=record["run_id"], detail=True))["record"])
 
 
 # -- every path argument is known to the guard -----------------------------------------------------
@@ -127,19 +131,33 @@ def _takes_strings(schema: dict[str, Any]) -> bool:
     return any(_takes_strings(option) for option in schema.get("anyOf", []))
 
 
+def _string_arguments(properties: dict[str, Any], prefix: str = "") -> list[tuple[str, str]]:
+    """(dotted name, leaf name) of every argument that takes free strings, inside object arguments
+    (`options`) too."""
+    found = []
+    for name, schema in properties.items():
+        if _takes_strings(schema):
+            found.append((prefix + name, name))
+        found += _string_arguments(schema.get("properties", {}), f"{prefix}{name}.")
+    return found
+
+
 @pytest.mark.anyio
 async def test_every_string_argument_of_every_tool_is_a_guarded_path_or_known_not_to_be_one(
     layout: Layout,
 ) -> None:
-    async with connect(layout) as client:
-        tools = (await client.list_tools()).tools
+    server = build_server(service=layout.service, roots=Roots((layout.root,), "option"), cwd=layout.root)
+    # What each tool validates, nested objects whole: a published schema may show an object argument
+    # as "as in run_training", but its strings are still classified here.
+    tools = (await server.tools()).values()
     unknown = []
     for tool in tools:
         guarded = PATH_ARGUMENTS.get(tool.name, {})
-        for name, schema in tool.input_schema["properties"].items():
-            if _takes_strings(schema) and name not in guarded and name not in NOT_PATHS:
-                unknown.append(f"{tool.name}.{name}")
-        assert set(guarded) <= set(tool.input_schema["properties"]), tool.name
+        properties = lean(tool.fn_metadata.arg_model.model_json_schema(by_alias=True))["properties"]
+        for dotted, name in _string_arguments(properties):
+            if name not in guarded and name not in NOT_PATHS:
+                unknown.append(f"{tool.name}.{dotted}")
+        assert set(guarded) <= set(tool.parameters["properties"]), tool.name
         # Each guarded argument becomes a request field the service checks before looking at it.
         assert set(guarded.values()) <= set(confine.REQUEST_PATHS), tool.name
     assert unknown == [], "classify these in mcp_server.arguments.PATH_ARGUMENTS or in NOT_PATHS here"
@@ -287,13 +305,15 @@ async def test_resume_uses_only_checkpoints_inside_the_roots_or_the_runs_folder_
     async with connect(layout) as client:
         # The newest checkpoint lies outside: the older one inside is used instead.
         mixed = await run_to_end(client, script="ck.py", args=[str(inside), str(outside)])
-        resumed = await call(client, "resume_run", run_id=mixed["run_id"])
+        await call(client, "resume_run", run_id=mixed["run_id"])
+        resumed = (await call(client, "get_status", run_id=mixed["run_id"], detail=True))["record"]
         only_outside = await run_to_end(client, script="ck.py", args=[str(outside)])
         present = await client.call_tool("resume_run", {"run_id": only_outside["run_id"]})
         outside.unlink()
         absent = await client.call_tool("resume_run", {"run_id": only_outside["run_id"]})
         in_store = await run_to_end(client, script="ck.py", args=["STORE"])
-        from_store = await call(client, "resume_run", run_id=in_store["run_id"])
+        await call(client, "resume_run", run_id=in_store["run_id"])
+        from_store = (await call(client, "get_status", run_id=in_store["run_id"], detail=True))["record"]
     assert resumed["resume_from"] == str(inside)
     assert present.is_error and absent.is_error
     assert text_of(present) == text_of(absent), "the refusal tells whether the checkpoint exists"
@@ -318,10 +338,10 @@ async def test_a_stored_run_whose_cwd_or_interpreter_lies_outside_the_roots_cann
     python_link.symlink_to(sys.executable)
     # Started outside MCP (the CLI, or an older server that did not check these).
     in_outside_cwd = service.start(
-        RunRequest(script=str(layout.root / "train.py"), cwd=str(layout.outside), options=dict(GENEROUS))
+        RunRequest(script=str(layout.root / "train.py"), cwd=str(layout.outside), options=dict(LIMITS))
     )
     with_outside_python = service.start(
-        RunRequest(script=str(layout.root / "train.py"), python=str(python_link), options=dict(GENEROUS))
+        RunRequest(script=str(layout.root / "train.py"), python=str(python_link), options=dict(LIMITS))
     )
     for run in (in_outside_cwd, with_outside_python):
         assert wait_for_end(service, run["run_id"])["status"] == "completed"

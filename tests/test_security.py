@@ -268,7 +268,8 @@ def test_the_mcp_server_refuses_escapes_hides_secrets_and_opens_no_socket_during
                 texts.append(refused.content[0].text)
                 assert "outside the allowed roots" in texts[-1]
             started = await client.call_tool(
-                "run_training", {"script": str(root / "wait.py"), "run_id": "m1", "use_gpu": False}
+                "run_training",
+                {"script": str(root / "wait.py"), "run_id": "m1", "options": {"use_gpu": False}},
             )
             assert not started.is_error, started
             service = Service(Path(env["BACKPROP_HOME"]), env=env, cwd=tmp_path)

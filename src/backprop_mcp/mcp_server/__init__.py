@@ -1,8 +1,11 @@
 """The `backprop-mcp` stdio MCP server, an adapter: `server` is the command, `roots` the allowed
-roots, `app` the server object and what the tools share, `tools` the tools (each one service call
-plus rendering) with their typed `arguments`, and `shapes` its own output shapes. It may import
-everything below it (`runs`, `backends`, `governor`, `core`), never the CLI. This `__init__` imports
-nothing, so that `backprop-mcp --version` stays instant; the SDK is loaded only to serve.
+roots, `app` the server object and what the tools share, `tools` the list of tool modules
+(`run_tools`, `read_tools`: each tool one service call plus rendering) with their typed
+`arguments`, `schema` what tools/list shows of a tool, `summary` the one run summary and its
+next_step, `waiting` the multi-run wait, and `shapes` its texts (instructions, errors). It may
+import everything below it (`runs`, `backends`, `governor`, `core`), never the CLI. This
+`__init__` imports nothing, so that `backprop-mcp --version` stays instant; the SDK is loaded only
+to serve.
 """
 
 from __future__ import annotations

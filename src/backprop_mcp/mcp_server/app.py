@@ -1,6 +1,7 @@
-"""The MCP server object of backprop-mcp and what its tools share: turning failures into results a
-model can act on, the service (created on first use), the allowed roots of a call, waiting for a
-run, and the resources."""
+"""The MCP server object of backprop-mcp and what its tools share: one compact answer per call (the
+same JSON as structured content and as text, without nulls), failures turned into results a model
+can act on, the service (created on first use), the server's own run defaults, the allowed roots of
+a call, and the resources."""
 
 from __future__ import annotations
 
@@ -8,10 +9,9 @@ import functools
 import json
 import logging
 import threading
-import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, ParamSpec, TypeVar, Union
+from typing import TYPE_CHECKING, Annotated, Any, ParamSpec, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -24,24 +24,15 @@ from mcp_types import (
     ListRootsResult,
     NotificationParams,
     TextContent,
-    ToolAnnotations,
 )
 from mcp_types import Tool as MCPTool
-from pydantic import TypeAdapter, ValidationError
+from pydantic import ValidationError
 
 from backprop_mcp.core.errors import BackpropError, PathNotAllowed, RunNotFound
-from backprop_mcp.core.records import ACTIVE_STATES, RunRecord
+from backprop_mcp.mcp_server.arguments import OPTION_NAMES
 from backprop_mcp.mcp_server.roots import Roots, client_roots
-from backprop_mcp.mcp_server.shapes import (
-    STATUS_LOG_LINES,
-    RunStatus,
-    RunWait,
-    progress_message,
-    render_error,
-    render_invalid_arguments,
-    run_status,
-    run_wait,
-)
+from backprop_mcp.mcp_server.shapes import render_error, render_invalid_arguments, render_unknown
+from backprop_mcp.mcp_server.summary import compact, to_text
 
 if TYPE_CHECKING:
     from backprop_mcp.runs.service import Service
@@ -50,10 +41,8 @@ log = logging.getLogger("backprop_mcp.mcp")
 P = ParamSpec("P")
 T = TypeVar("T")
 
-# wait_for_run looks at the run this often: a store read is ~1 ms, and agents wait seconds.
+# wait_for_run looks at its runs this often: a store read is ~1 ms, and agents wait seconds.
 WAIT_POLL_SECONDS = 0.5
-# ...and sends a progress notification at least this often, so clients see the call is alive.
-PROGRESS_EVERY_SECONDS = 5.0
 # The log resource shows this many lines (get_logs can ask for up to 500).
 RESOURCE_LOG_LINES = 200
 
@@ -129,23 +118,19 @@ class BackpropServer(MCPServer[Any]):
     async def call_tool(
         self, name: str, arguments: dict[str, Any], context: Context[Any, Any] | None = None
     ) -> CallToolResult | InputRequiredResult:
+        """Run a tool and answer once, compactly: the same JSON (no nulls, no indentation) as
+        structured content and as text, where the SDK would pretty-print it and keep the nulls."""
         tool = (await self.tools()).get(name)
         if tool is None:
             return _error(f"Unknown tool: {name}. The tools are: {', '.join(self._tools)}.")
-        known = set(tool.parameters.get("properties", {}))
-        unknown = sorted(set(arguments) - known)
-        if unknown:
+        refusal = unknown_arguments(tool, arguments)
+        if refusal is not None:
             # Refused, not ignored: a misspelt max_run_minute would otherwise start a 10-minute run.
-            return _error(
-                f"{name}: unknown argument(s) {', '.join(unknown)}. "
-                f"The arguments it takes are: {', '.join(sorted(known))}."
-            )
+            return _error(refusal)
         if context is None:
             context = Context(mcp_server=self)
         try:
-            result: CallToolResult | InputRequiredResult = await tool.run(
-                arguments, context, convert_result=True
-            )
+            result = await tool.run(arguments, context, convert_result=False)
         except ToolError as exc:
             cause = exc.__cause__
             if isinstance(cause, BackpropError):
@@ -154,7 +139,31 @@ class BackpropServer(MCPServer[Any]):
             if isinstance(cause, ValidationError):
                 return _error(render_invalid_arguments(name, cause.errors()))
             raise
-        return result
+        if isinstance(result, CallToolResult | InputRequiredResult):
+            return result
+        answer = compact(result)
+        return CallToolResult(
+            content=[TextContent(type="text", text=to_text(answer))], structured_content=answer
+        )
+
+
+def unknown_arguments(tool: Tool, arguments: Mapping[str, Any]) -> str | None:
+    """The refusal of arguments the tool does not take, or of unknown keys in an object argument
+    (`options`); None when every name is known."""
+    properties: dict[str, Any] = tool.parameters.get("properties", {})
+    nested = OPTION_NAMES if "options" in properties else frozenset()
+    unknown = sorted(set(arguments) - set(properties))
+    if unknown:
+        return render_unknown(tool.name, unknown, properties, dict(arguments), nested)
+    given = arguments.get("options")
+    if isinstance(given, str):  # clients that send objects as JSON text (the SDK parses them too)
+        try:
+            given = json.loads(given)
+        except ValueError:
+            return None  # not an object: the schema's validation says so
+    if isinstance(given, dict) and nested and set(given) - set(nested):
+        return render_unknown(tool.name, sorted(set(given) - nested), nested, given, what="option")
+    return None
 
 
 def _error(text: str) -> CallToolResult:
@@ -171,7 +180,8 @@ ClientRoots = Annotated[ListRootsResult | None, Resolve(_ask_client_roots)]
 
 
 class App:
-    """What the tools share: the service (created on first use), the roots, the wait cadence."""
+    """What the tools share: the service (created on first use), the roots, the wait cadence and
+    the server's run defaults."""
 
     def __init__(
         self,
@@ -179,12 +189,16 @@ class App:
         roots: Roots,
         cwd: Path,
         poll_seconds: float = WAIT_POLL_SECONDS,
+        defaults: Mapping[str, object] | None = None,
     ) -> None:
         self._make_service = make_service
         self._service: Service | None = None
         self.roots = roots
         self.cwd = cwd
         self.poll_seconds = poll_seconds
+        self.defaults: dict[str, object] = dict(defaults or {})
+        """The server's own run options (`backprop-mcp --max-parallel 3`): below a call's arguments,
+        above the config files and variables, for new runs and the machine's verdict."""
 
     @property
     def service(self) -> Service:
@@ -207,59 +221,6 @@ class App:
             return await self.call(fn, *args, **kwargs)
         except PathNotAllowed as exc:
             raise PathNotAllowed(exc.message, hint=roots.hint()) from None
-
-    async def status(self, run_id: str) -> RunStatus:
-        record = await self.call(self.service.get, run_id)
-        tail = await self.call(self.service.logs, run_id, tail=STATUS_LOG_LINES)
-        return run_status(record, tail["lines"])
-
-    async def wait(
-        self,
-        run_id: str,
-        timeout: float,
-        until: str,
-        since: str | None,
-        report: Callable[[float, float | None, str | None], Awaitable[None]],
-    ) -> RunWait:
-        """Poll the run until it ends or (until="change") its state differs from `since`, the
-        state the caller last saw (default: its state now), or until the timeout passes."""
-        started = time.monotonic()
-        record = await self.call(self.service.get, run_id)
-        baseline = (since or record["status"], record["attempt"])
-
-        def moved(now: RunRecord) -> bool:
-            return (now["status"], now["attempt"]) != baseline
-
-        reported, last_step = -PROGRESS_EVERY_SECONDS, None
-        with anyio.move_on_after(timeout):
-            while record["status"] in ACTIVE_STATES and not (until == "change" and moved(record)):
-                elapsed = time.monotonic() - started
-                if record["step"] != last_step or elapsed - reported >= PROGRESS_EVERY_SECONDS:
-                    await report(round(elapsed, 2), float(timeout), progress_message(record))
-                    reported, last_step = elapsed, record["step"]
-                await anyio.sleep(self.poll_seconds)
-                record = await self.call(self.service.get, run_id)
-        status = await self.status(run_id)
-        return run_wait(status, changed=moved(status["run"]), waited=time.monotonic() - started)
-
-
-def given_options(**values: object) -> dict[str, object]:
-    return {k: v for k, v in values.items() if v is not None}
-
-
-def tool(
-    fn: Callable[..., Any], title: str, annotations: ToolAnnotations, outputs: tuple[type, ...] = ()
-) -> Tool:
-    """A tool from a function; `outputs` publishes a union of shapes as the structured output
-    itself, where the SDK would wrap a union in {"result": ...}."""
-    tool = Tool.from_function(
-        fn, title=title, annotations=annotations, structured_output=False if outputs else None
-    )
-    if outputs:
-        union: Any = Union[outputs]  # noqa: UP007 - a runtime tuple of types has no `|` spelling
-        tool.fn_metadata.output_model = union
-        tool.fn_metadata.output_schema = {"type": "object", **TypeAdapter(union).json_schema()}
-    return tool
 
 
 def add_resources(server: MCPServer[Any], app: App) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from pydantic import Field
+from typing_extensions import TypedDict
 
 from backprop_mcp.core.records import RunState
 from backprop_mcp.core.settings import FIELDS_BY_NAME
@@ -28,16 +29,18 @@ def setting_help(name: str) -> str:
     return text[0].upper() + text[1:] + "."
 
 
-def setting_field(name: str) -> Any:
-    """The pydantic Field of a setting: its help, and for a number the bounds of config's table
-    (so the schema cannot allow what the config layers refuse, or the reverse)."""
+def setting_field(name: str, *, described: bool = True) -> Any:
+    """The pydantic Field of a setting: its help (unless `described` is false: the name says it),
+    and for a number the bounds of config's table (so the schema cannot allow what the config
+    layers refuse, or the reverse)."""
+    description = setting_help(name) if described else None
     bounds = FIELDS_BY_NAME[name].bounds
     if bounds is None:
-        return Field(description=setting_help(name))
-    number = int if bounds.whole else float
-    low, high = number(bounds.low), number(bounds.high)
+        return Field(description=description)
+    # 10080, not 10080.0: the same bound in fewer of the bytes every conversation pays for.
+    low, high = (int(b) if float(b).is_integer() else float(b) for b in (bounds.low, bounds.high))
     return Field(
-        description=setting_help(name),
+        description=description,
         gt=low if bounds.low_open else None,
         ge=None if bounds.low_open else low,
         lt=high if bounds.high_open else None,
@@ -46,36 +49,73 @@ def setting_field(name: str) -> Any:
     )
 
 
+RUN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+OneRun = Annotated[str, Field(min_length=1, max_length=128, pattern=RUN_ID_PATTERN)]
 RunId = Annotated[
     str,
-    Field(
-        description="The run's id, as returned by run_training or list_experiments.",
-        min_length=1,
-        max_length=128,
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
-    ),
+    Field(description="A run id.", min_length=1, max_length=128, pattern=RUN_ID_PATTERN),
+]
+# Most runs one call may name (wait, stop, compare, get_metrics): a sweep's trials, and an answer
+# that stays within its byte budget.
+MAX_RUN_IDS = 50
+RunIds = Annotated[
+    list[OneRun],
+    Field(description=f"Run ids (1 to {MAX_RUN_IDS}).", min_length=1, max_length=MAX_RUN_IDS),
+]
+OneOrMoreRuns = Annotated[
+    OneRun | list[OneRun],
+    Field(description=f"A run id, or a list of up to {MAX_RUN_IDS}."),
 ]
 Args = Annotated[
     list[Annotated[str, Field(max_length=4096)]] | None,
-    Field(description="Extra command-line arguments passed to the script unchanged.", max_length=256),
-]
-Minutes = Annotated[float | None, setting_field("max_run_minutes")]
-WallMinutes = Annotated[float | None, setting_field("max_wall_minutes")]
-CheckpointEvery = Annotated[float | None, setting_field("checkpoint_every_minutes")]
-Grace = Annotated[float | None, setting_field("grace_seconds")]
-StopSignal = Annotated[SignalName | None, Field(description=setting_help("stop_signal"))]
-Queue = Annotated[bool | None, Field(description=setting_help("queue"))]
-QueueTimeout = Annotated[float | None, setting_field("queue_timeout_minutes")]
-UseGpu = Annotated[bool | None, Field(description=setting_help("use_gpu"))]
-Gpus = Annotated[
-    list[Annotated[str, Field(max_length=64)]] | None,
     Field(
-        description='GPUs the run may use: indices like "0" or UUIDs like "GPU-8f3a..." (default all).',
-        max_length=64,
+        description='The script\'s arguments (hyperparameters), e.g. ["--lr", "0.01"].',
+        max_length=256,
     ),
 ]
-GpuMemory = Annotated[str | None, Field(description=setting_help("gpu_memory_limit"), max_length=16)]
+Minutes = Annotated[float | None, setting_field("max_run_minutes")]
 Status = Annotated[RunState | None, Field(description="Only runs in this state.")]
+
+
+def _option(name: str) -> Any:
+    """An option's Field: the bounds of the settings table, without its help: the names say what
+    they take, with their units, and docs/mcp-tools.md the rest (every byte here is paid for)."""
+    return setting_field(name, described=False)
+
+
+class RunOptions(TypedDict, total=False):
+    """The rarely needed run options, in one object (defaults: the server's options, then config)."""
+
+    max_wall_minutes: Annotated[float, _option("max_wall_minutes")]
+    checkpoint_every_minutes: Annotated[float, _option("checkpoint_every_minutes")]
+    max_parallel: Annotated[int, _option("max_parallel")]
+    min_free_ram_gb: Annotated[float, _option("min_free_ram_gb")]
+    max_cpu_percent: Annotated[float, _option("max_cpu_percent")]
+    gpu_min_free_vram_mb: Annotated[float, _option("gpu_min_free_vram_mb")]
+    gpu_max_temp_c: Annotated[float, _option("gpu_max_temp_c")]
+    gpu_memory_limit: Annotated[str, Field(description='"80%" or GB', max_length=16)]
+    gpus: Annotated[
+        list[Annotated[str, Field(max_length=64)]], Field(description="indices or UUIDs", max_length=64)
+    ]
+    use_gpu: bool
+    grace_seconds: Annotated[float, _option("grace_seconds")]
+    stop_signal: SignalName
+    queue: Annotated[bool, Field(description="false: rejected, not queued, when busy")]
+    queue_timeout_minutes: Annotated[float, _option("queue_timeout_minutes")]
+    framework: FrameworkName
+    argv_compat: Annotated[bool, Field(description="also pass the seed's argv flags")]
+
+
+RunOptions.__pydantic_config__ = {"extra": "forbid"}  # type: ignore[attr-defined]
+OPTION_NAMES = frozenset(RunOptions.__annotations__)
+Options = Annotated[
+    RunOptions | None,
+    Field(description="Rare run options (default: the server's, then config files)."),
+]
+ResumeOptions = Annotated[
+    RunOptions | None,
+    Field(description="Options as in run_training (not framework; default: the run's)."),
+]
 
 # The tools' arguments that name a path, and the field of `service.RunRequest` each one becomes:
 # the service checks those fields against the allowed roots (`confine.REQUEST_PATHS`) before it

@@ -48,11 +48,16 @@ class Roots:
 
 
 def configured_roots(
-    options: Sequence[str], env: Mapping[str, str], cwd: Path, home: Path | None = None
+    options: Sequence[str],
+    env: Mapping[str, str],
+    cwd: Path,
+    home: Path | None = None,
+    config_file: Path | None = None,
 ) -> Roots:
     """The server's own roots: `--root` options, else BACKPROP_ALLOWED_ROOTS, else "allowedRoots"
-    in the user's or the working directory's config file, else the working directory itself unless
-    it is `/` or the home folder (Claude Desktop starts servers in `/`), in which case none.
+    in the user's config file or the server's (`--config`, else the working directory's), else the
+    working directory itself unless it is `/` or the home folder (Claude Desktop starts servers in
+    `/`), in which case none.
 
     They are fixed at start-up on purpose: a config file found next to a script is never consulted,
     so a script's folder cannot widen its own permission.
@@ -63,7 +68,9 @@ def configured_roots(
     if raw:
         parsed = FIELDS_BY_NAME["allowed_roots"].parse(raw, "environment variable BACKPROP_ALLOWED_ROOTS")
         return Roots(_absolute(parsed or [], cwd), "environment")
-    from_files = load_settings(cwd, {k: v for k, v in env.items() if k != "BACKPROP_ALLOWED_ROOTS"})
+    from_files = load_settings(
+        cwd, {k: v for k, v in env.items() if k != "BACKPROP_ALLOWED_ROOTS"}, config_file=config_file
+    )
     if from_files.allowed_roots:
         return Roots(_absolute(from_files.allowed_roots, cwd), "config")
     real = Path(os.path.realpath(cwd))

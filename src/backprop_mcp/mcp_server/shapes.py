@@ -1,143 +1,34 @@
-"""The MCP server's own output shapes (a run with its log tail and next step; the result of a
-wait), the advice each run state gives an agent, and the rendering of errors as text a model can
-act on. Everything else the tools return is a shape from `core`."""
+"""The texts of the MCP server that are not answers: its instructions, and errors rendered as text a
+model can act on (a refusal with what to do; bad arguments one per line, each unknown one with the
+nearest real name)."""
 
 from __future__ import annotations
 
-import time
-from calendar import timegm
+import difflib
+import json
+from collections.abc import Iterable
 from typing import Any
 
-from typing_extensions import TypedDict
-
 from backprop_mcp.core.errors import BackpropError, RunNotFound
-from backprop_mcp.core.records import ACTIVE_STATES, RunRecord
 
-# How many log lines get_status shows; get_logs gives more.
-STATUS_LOG_LINES = 10
 # Pydantic errors listed in one reply; the rest are counted.
 MAX_LISTED_ERRORS = 10
 
 INSTRUCTIONS = """\
-backprop runs Python training scripts on this machine safely: each run is admitted by a resource \
-governor (RAM, CPU, GPU memory and temperature), time-boxed (10 minutes by default), stopped \
-gracefully so the script can checkpoint, and resumable from its last checkpoint.
-
-The pattern:
-1. run_training(script=...) starts a run and returns its record at once (status queued or running). \
-Use dry_run=true first to see the exact command and whether the governor would admit it now.
-2. Follow it with wait_for_run(run_id, since=<the status you saw>) (returns when its state changes \
-or, with until="end", when it ends, up to timeout_seconds) or poll get_status(run_id) (record, \
-log tail, time left, and the next step).
-3. A run that timed_out (or was stopped or lost) continues from its latest checkpoint with \
-resume_run(run_id); use from_scratch=true when it saved none.
-4. list_experiments browses runs newest first; compare_runs ranks runs by a metric; get_logs shows \
-output; stop_run ends a run early.
-
-Keep runs short (a few minutes, max_run_minutes) and resume them, rather than starting long ones: \
-sweeps of many short runs are the intended use. Scripts must lie inside the allowed roots. Training \
-scripts report progress by printing JSON lines such as {"step": 3, "total": 10, "loss": 0.5} and \
-{"event": "checkpoint_saved", "path": "ck.pt", "step": 3}; they read BACKPROP_RESUME_FROM to resume.
+backprop runs Python training scripts on this machine: each run is admitted by a resource governor, \
+time-boxed (10 minutes by default), stopped gracefully so it can checkpoint, and resumable.
+1. run_training(script, args=[...hyperparameters]) returns a run summary at once; dry_run=true \
+previews the command and the governor's verdict.
+2. wait_for_run(run_id) takes one id or a list (until="end", "any" or "change") and reports \
+progress; get_status(run_id) shows one run (detail=true: its full record).
+3. list_experiments(sort="loss") or compare_runs(run_ids, by="best") ranks runs; get_metrics \
+gives their curves; get_logs their output.
+4. resume_run(run_id) continues a timed-out or stopped run from its checkpoint (max_run_minutes, \
+new args allowed).
+Every answer has a next_step: follow it. Keep runs short and resume them: sweeps of many short \
+runs are the intended use. Scripts print JSON lines such as {"step": 3, "total": 10, "loss": 0.5} \
+and {"event": "checkpoint_saved", "path": "ck.pt", "step": 3}, and read BACKPROP_RESUME_FROM.
 """
-
-NEXT_STEP = {
-    "queued": "It waits for the governor to admit it (status_detail says why, queue_position where). "
-    "Call wait_for_run(run_id, since='queued') to wait until it starts, or get_status() to see the "
-    "machine.",
-    "running": "Call wait_for_run(run_id, until='end') to wait for it to end, or get_status(run_id) later; "
-    "stop_run(run_id) stops it early (it may checkpoint first).",
-    "paused": "The governor paused it (status_detail says why); paused time is not charged to its time "
-    "box. Call wait_for_run(run_id, since='paused') to see it resume or end.",
-    "completed": "It finished. Compare it with others using compare_runs, read its output with "
-    "get_logs, or continue training from its last checkpoint with resume_run(run_id).",
-    "timed_out": "Its time box ended and it was stopped gracefully. Continue from its latest checkpoint "
-    "with resume_run(run_id) (from_scratch=true if it saved none).",
-    "stopped": "It was stopped on request. Continue from its latest checkpoint with resume_run(run_id).",
-    "failed": "The script failed (see termination_reason and exit_code). Read get_logs(run_id) to find "
-    "why, fix the script, then resume_run(run_id) or start again with run_training.",
-    "lost": "Its supervisor died (a reboot or a kill). Continue from its latest checkpoint with "
-    "resume_run(run_id).",
-    "rejected": "The governor refused it and it was not queued (status_detail lists every failed rule). "
-    "Call get_status() to see the machine, then retry with queue=true or lower limits.",
-}
-
-
-class RunStatus(TypedDict):
-    """A run now: its record, the end of its log, the time left in its box, and what to do next."""
-
-    run: RunRecord
-    """The run's full record."""
-    log_tail: list[str]
-    """The last lines of the current attempt's log (get_logs gives more)."""
-    time_left_seconds: float | None
-    """Seconds left in the current attempt's time box while it is live; None otherwise."""
-    next_step: str
-    """What to call next, in words."""
-
-
-class RunWait(TypedDict):
-    """What happened while waiting for a run."""
-
-    run: RunRecord
-    """The run's full record at the end of the wait."""
-    log_tail: list[str]
-    """The last lines of the current attempt's log."""
-    time_left_seconds: float | None
-    """Seconds left in the current attempt's time box while it is live; None otherwise."""
-    next_step: str
-    """What to call next, in words."""
-    changed: bool
-    """True when the run's state (or attempt) changed during the wait."""
-    ended: bool
-    """True when the run is in a final state."""
-    waited_seconds: float
-    """How long the call waited."""
-
-
-# As in `core.records`: field docstrings become the descriptions of the output schema.
-_DOCUMENTED: tuple[Any, ...] = (RunStatus, RunWait)
-for _shape in _DOCUMENTED:
-    _shape.__pydantic_config__ = {"use_attribute_docstrings": True}
-
-
-def time_left(record: RunRecord, now: float | None = None) -> float | None:
-    """Seconds left in the live attempt's time box, from its deadline."""
-    deadline = record["deadline"]
-    if record["status"] not in ACTIVE_STATES or not deadline:
-        return None
-    try:
-        at = timegm(time.strptime(deadline[:19], "%Y-%m-%dT%H:%M:%S"))
-    except ValueError:
-        return None
-    return round(max(0.0, at - (time.time() if now is None else now)), 1)
-
-
-def run_status(record: RunRecord, log_tail: list[str]) -> RunStatus:
-    return RunStatus(
-        run=record,
-        log_tail=log_tail,
-        time_left_seconds=time_left(record),
-        next_step=NEXT_STEP.get(record["status"], "Call get_status(run_id)."),
-    )
-
-
-def run_wait(status: RunStatus, *, changed: bool, waited: float) -> RunWait:
-    return RunWait(
-        **status,
-        changed=changed,
-        ended=status["run"]["status"] not in ACTIVE_STATES,
-        waited_seconds=round(waited, 2),
-    )
-
-
-def progress_message(record: RunRecord) -> str:
-    """One line about a run for a progress notification."""
-    parts = [f"{record['run_id']}: {record['status']}"]
-    if record["step"] is not None:
-        parts.append(f"step {record['step']}" + (f"/{record['total']}" if record["total"] else ""))
-    if record["loss"] is not None:
-        parts.append(f"loss {record['loss']:.4g}")
-    return ", ".join(parts)
 
 
 def render_error(exc: BackpropError, hint: str | None = None) -> str:
@@ -153,15 +44,45 @@ def render_invalid_arguments(tool: str, errors: list[Any]) -> str:
     """Pydantic's validation errors of a tool's arguments, one line each."""
     lines = [f"Invalid arguments for {tool}:"]
     for error in errors[:MAX_LISTED_ERRORS]:
-        where = ".".join(str(part) for part in error.get("loc", ())) or "(arguments)"
+        # Names and list positions only: pydantic also names the branch of a union it tried
+        # ("run_id.list[constrained-str].1"), which tells a model nothing.
+        parts = [
+            str(part) for part in error.get("loc", ()) if isinstance(part, int) or str(part).isidentifier()
+        ]
+        where = ".".join(parts) or "(arguments)"
         given = "" if error.get("type") == "missing" else f" (got {_short(error.get('input'))})"
         lines.append(f"- {where}: {error.get('msg', 'invalid')}{given}")
     if len(errors) > MAX_LISTED_ERRORS:
         lines.append(f"- ... and {len(errors) - MAX_LISTED_ERRORS} more")
     lines.append(
-        f"What to do: fix these and call {tool} again; its input schema lists every argument "
-        "with its type and bounds."
+        f"What to do: fix these and call {tool} again; its input schema lists every argument with its type."
     )
+    return "\n".join(lines)
+
+
+def render_unknown(
+    tool: str,
+    unknown: Iterable[str],
+    known: Iterable[str],
+    given: dict[str, Any],
+    options: Iterable[str] = (),
+    what: str = "argument",
+) -> str:
+    """Arguments a tool does not take (or keys of its `options`, with what="option"): each with the
+    nearest real name, or the place it moved to (a run option now lives in `options`), and where a
+    script's own arguments go."""
+    known, movable = sorted(known), set(options)
+    lines = [f"{tool}: unknown {what}(s):"]
+    for name in unknown:
+        if name in movable:
+            example = json.dumps({name: given.get(name)}, separators=(",", ":"), default=str)
+            lines.append(f"- {name}: it is a run option now; put it in options, e.g. options={example}")
+            continue
+        near = difflib.get_close_matches(name, [*known, *movable], n=1, cutoff=0.6)
+        lines.append(f"- {name}" + (f": did you mean {near[0]}?" if near else ""))
+    lines.append(f"The {what}s it takes are: {', '.join(known)}.")
+    if "args" in known:
+        lines.append('Arguments for the script itself go in args, e.g. args=["--lr", "0.01"].')
     return "\n".join(lines)
 
 

@@ -241,7 +241,7 @@ def test_runs_started_over_mcp_finish_and_are_recorded_after_the_server_is_sigki
                         "script": str(FIXTURES / script),
                         "run_id": run_id,
                         "max_run_minutes": minutes,
-                        "use_gpu": False,
+                        "options": {"use_gpu": False},
                     },
                 },
             )

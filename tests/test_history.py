@@ -422,6 +422,6 @@ def test_the_cli_shows_a_metrics_table_and_a_curve_in_status(service: Service, e
     assert as_json["runs"][0]["metrics"]["loss"]["steps"] == [1, 5, 8]
     status = cli(env, "status", "shown")
     assert status.returncode == 0, status.stderr
-    assert "curve      loss █▄▃▂▂▁▁▁  last 0.125, best 0.125 @ 8" in status.stdout
+    assert "curve      loss █▄▃▂▂▁▁▁  best 0.125 @ 8" in status.stdout
     bad = cli(env, "metrics", "shown", "--points", "0")
     assert bad.returncode == 2 and "points must be a whole number from 1 to 1000" in bad.stderr

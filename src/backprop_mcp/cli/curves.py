@@ -15,6 +15,9 @@ if TYPE_CHECKING:
 _BARS = "▁▂▃▄▅▆▇█"
 # Marks where an attempt (a resume) begins on a curve.
 _JOIN = "|"
+# Significant digits of the values shown: those the service's answer keeps (`runs.metrics`), so a
+# value is never rounded twice (0.187449 -> 0.18745 -> 0.1875).
+DIGITS = 5
 # Points of the curve in `status RUN_ID`: one line of a terminal, beside its label and figures.
 STATUS_CURVE_POINTS = 40
 
@@ -39,7 +42,7 @@ def sparkline(steps: Sequence[float], values: Sequence[float], joins: Sequence[f
 
 
 def _best(series: Series) -> str:
-    return f"{number(series['best'])} @ {number(series['best_step'], 9)}"
+    return f"{number(series['best'], DIGITS)} @ {number(series['best_step'], 9)}"
 
 
 def metrics_text(answer: MetricsAnswer) -> str:
@@ -51,7 +54,7 @@ def metrics_text(answer: MetricsAnswer) -> str:
             rows.append(
                 (
                     clean(name),
-                    number(series["last"]),
+                    number(series["last"], DIGITS),
                     _best(series),
                     str(series["reported"]),
                     sparkline(series["steps"], series["values"], run["joins"]),
@@ -98,5 +101,5 @@ def curve_line(answer: MetricsAnswer) -> str | None:
             if len(series["values"]) < 2:
                 return None
             curve = sparkline(series["steps"], series["values"], run["joins"])
-            return clean(f"curve      {name} {curve}  last {number(series['last'])}, best {_best(series)}")
+            return clean(f"curve      {name} {curve}  best {_best(series)}")
     return None

@@ -191,3 +191,16 @@ async def test_every_schema_is_lean_exact_text_and_no_output_schema_repeats_the_
         output = json.dumps(tool.output_schema)
         assert not [field for field in RECORD_ONLY_FIELDS if field in output], (tool.name, output)
         assert compact_bytes(tool.output_schema) <= 400, (tool.name, output)
+
+
+def test_the_published_options_text_names_every_run_option_and_what_it_takes() -> None:
+    # run_training publishes `options` as text, not typed properties (a third of the bytes): an
+    # option the text leaves out would be one no agent knows it can set.
+    from typing import get_args
+
+    from backprop_mcp.mcp_server.arguments import OPTION_NAMES, OPTIONS_TEXT, FrameworkName, SignalName
+
+    missing = [name for name in sorted(OPTION_NAMES) if name not in OPTIONS_TEXT]
+    assert not missing, missing
+    for choice in (*get_args(SignalName), *get_args(FrameworkName)):
+        assert choice in OPTIONS_TEXT, choice

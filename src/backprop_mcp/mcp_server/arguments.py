@@ -109,10 +109,17 @@ class RunOptions(TypedDict, total=False):
 
 RunOptions.__pydantic_config__ = {"extra": "forbid"}  # type: ignore[attr-defined]
 OPTION_NAMES = frozenset(RunOptions.__annotations__)
-Options = Annotated[
-    RunOptions | None,
-    Field(description="Rare run options (default: the server's, then config files)."),
-]
+# Published as this text rather than as typed properties (see `schema.lean`'s `plain`): a third of
+# the bytes, every conversation pays for them, and the server validates each option all the same,
+# with a one-line error naming the option and what it takes. A test keeps it naming every option.
+OPTIONS_TEXT = (
+    "Rare run options (default: the server's, then config files). Numbers: max_wall_minutes, "
+    "checkpoint_every_minutes, max_parallel, min_free_ram_gb, max_cpu_percent, gpu_min_free_vram_mb, "
+    "gpu_max_temp_c, grace_seconds, queue_timeout_minutes. Booleans: use_gpu, queue (false: refuse "
+    'when busy), argv_compat. gpus: ["0"] or UUIDs; gpu_memory_limit: "80%" or GB; stop_signal: '
+    "SIGINT, SIGTERM, SIGHUP, SIGUSR1 or SIGUSR2; framework: auto, pytorch, tensorflow, jax or none."
+)
+Options = Annotated[RunOptions | None, Field(description=OPTIONS_TEXT)]
 ResumeOptions = Annotated[
     RunOptions | None,
     Field(description="Options as in run_training (not framework; default: the run's)."),

@@ -165,6 +165,7 @@ def build(app: App) -> list[Tool]:
             "governor; paths must lie in the allowed roots. Returns its summary at once; then wait_for_run.",
             annotations=WRITES,
             returns=output(SUMMARY_TEXT + " With dry_run: command, cwd, environment, decision, options."),
+            plain=("options",),
         ),
         tool(
             resume_run,

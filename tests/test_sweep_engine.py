@@ -225,14 +225,62 @@ def test_a_live_trial_is_judged_by_its_records_latest_value_when_the_history_lag
     assert objective.with_latest([], fresh, "val_loss") == []  # nothing reported yet
 
 
+def _ended(*curves: list[tuple[float, float]], status: str = "completed") -> list[pruning.Earlier]:
+    reason = "pruned" if status == "pruned" else None
+    return [pruning.Earlier(c, "stopped" if reason else status, reason, c[-1][1]) for c in curves]
+
+
 def test_the_median_rule_stops_a_trial_worse_than_the_earlier_ones_at_its_step() -> None:
-    earlier = [_curve(0.1, 10), _curve(0.2, 10), _curve(0.3, 10)]
-    why = pruning.verdict(_curve(2.0, 3), earlier, "min", "val_loss")
-    assert why is not None and "median" in why and "step 3" in why
-    assert pruning.verdict(_curve(0.15, 3), earlier, "min", "val_loss") is None  # better than the median
-    assert pruning.verdict(_curve(2.0, 1), earlier, "min", "val_loss") is None  # too early to judge
-    assert pruning.verdict(_curve(2.0, 3), earlier[:2], "min", "val_loss") is None  # too few to judge by
-    short = [_curve(0.1, 2), _curve(0.2, 2), _curve(0.3, 2)]
-    assert pruning.verdict(_curve(2.0, 3), short, "min", "val_loss") is None  # none reached step 3
-    flipped = [[(s, -v) for s, v in c] for c in earlier]
-    assert pruning.verdict([(s, -v) for s, v in _curve(2.0, 3)], flipped, "max", "acc") is not None
+    curves = [_curve(0.1, 10), _curve(0.2, 10), _curve(0.3, 10)]
+    earlier = _ended(*curves)
+    why = pruning.verdict("random", _curve(2.0, 3), earlier, "min", "val_loss")
+    assert why is not None and "median" in why and "step 3" in why and "Optuna" not in why
+    assert pruning.verdict("grid", _curve(0.15, 3), earlier, "min", "val_loss") is None  # better
+    assert pruning.verdict("random", _curve(2.0, 1), earlier, "min", "val_loss") is None  # too early to judge
+    assert pruning.verdict("random", _curve(2.0, 3), earlier[:2], "min", "val_loss") is None  # too few
+    short = _ended(_curve(0.1, 2), _curve(0.2, 2), _curve(0.3, 2))
+    assert pruning.verdict("random", _curve(2.0, 3), short, "min", "val_loss") is None  # none reached step 3
+    flipped = _ended(*[[(s, -v) for s, v in c] for c in curves])
+    assert pruning.verdict("grid", [(s, -v) for s, v in _curve(2.0, 3)], flipped, "max", "acc") is not None
+
+
+def test_a_tpe_sweep_prunes_by_optunas_median_pruner() -> None:
+    pytest.importorskip("optuna")
+    curves = [_curve(0.1, 10), _curve(0.2, 10), _curve(0.3, 10)]
+    why = pruning.verdict("tpe", _curve(2.0, 3), _ended(*curves), "min", "val_loss")
+    assert why is not None and "Optuna's MedianPruner" in why and "step 3" in why, why
+    assert "median 0.5333 of 3 completed trials" in why  # 0.2 + 1/3 at step 3
+    assert pruning.verdict("tpe", _curve(0.15, 3), _ended(*curves), "min", "val_loss") is None
+    assert pruning.verdict("tpe", _curve(2.0, 1), _ended(*curves), "min", "val_loss") is None  # too early
+    flipped = _ended(*[[(s, -v) for s, v in c] for c in curves])
+    assert pruning.verdict("tpe", [(s, -v) for s, v in _curve(2.0, 3)], flipped, "max", "acc") is not None
+    # The earlier trials' histories kept every other step only: each is judged by the value it
+    # had reached at the live trial's step.
+    sparse = _ended(*[[p for p in c if p[0] % 2 == 0] for c in curves])
+    assert pruning.verdict("tpe", _curve(2.0, 3), sparse, "min", "val_loss") is not None
+
+
+def test_optunas_pruner_counts_only_completed_trials_and_their_values_at_the_step() -> None:
+    """Where Optuna's MedianPruner and the median rule disagree, a TPE sweep follows Optuna."""
+    pytest.importorskip("optuna")
+    bad = _curve(2.0, 3)
+    curves = [_curve(0.1, 10), _curve(0.2, 10), _curve(0.3, 10)]
+    # Still running, or pruned themselves: the median rule judges by them, Optuna waits for
+    # completed trials (its n_startup_trials).
+    for earlier in (_ended(*curves, status="running"), _ended(*curves, status="pruned")):
+        assert pruning.verdict("random", bad, earlier, "min", "val_loss") is not None
+        assert pruning.verdict("tpe", bad, earlier, "min", "val_loss") is None
+    # Curves that dipped to 0.1 and rose to 5 by step 3: the median rule compares with their best
+    # so far (0.1), Optuna with their values at step 3 (5), and 2.5 is better than that.
+    risen = _ended(*[[(1.0, 0.1), (2.0, 0.1), (3.0, 5.0), (4.0, 5.0)] for _ in range(3)])
+    assert pruning.verdict("random", _curve(2.0, 3), risen, "min", "val_loss") is not None
+    assert pruning.verdict("tpe", _curve(2.0, 3), risen, "min", "val_loss") is None
+
+
+def test_a_tpe_verdict_is_optunas_answer(monkeypatch: pytest.MonkeyPatch) -> None:
+    optuna = pytest.importorskip("optuna")
+    curves = _ended(_curve(0.1, 10), _curve(0.2, 10), _curve(0.3, 10))
+    monkeypatch.setattr(optuna.pruners.MedianPruner, "prune", lambda self, study, trial: False)
+    assert pruning.verdict("tpe", _curve(2.0, 3), curves, "min", "val_loss") is None
+    monkeypatch.setattr(optuna.pruners.MedianPruner, "prune", lambda self, study, trial: True)
+    assert pruning.verdict("tpe", _curve(0.15, 3), curves, "min", "val_loss") is not None

@@ -164,6 +164,49 @@ def test_pruning_stops_a_bad_trial_before_its_box_ends(sweeps: Sweeps, service: 
     assert done["next_step"].startswith("best: trial 1")
 
 
+def _tpe_seed_with_a_bad_fourth_trial(space: Any, steps: int) -> int:
+    """A seed whose TPE sweep, fed the fixture's true results, draws three good trials, then a bad
+    one: the sweep is as deterministic as its sampler, so the test knows which trial to watch."""
+    for seed in range(200):
+        history: list[tuple[dict[str, Any], float | None]] = []
+        for number in range(1, 5):
+            params = suggest("tpe", space, seed, number, history, budget=4)
+            assert params is not None
+            history.append((params, round(known(params) + 1 / steps, 9)))
+        if [known(p) > 1 for p, _ in history] == [False, False, False, True]:
+            return seed
+    raise AssertionError("no seed in 0..199 gives three good TPE trials, then a bad one")
+
+
+def test_a_tpe_sweep_prunes_a_bad_trial_by_optunas_pruner(sweeps: Sweeps, service: Service) -> None:
+    pytest.importorskip("optuna")
+    params: dict[str, Any] = {"x": [0.3, 0.35, 0.4, 3.0], "layers": [2]}
+    seed = _tpe_seed_with_a_bad_fourth_trial(parse_space(params), steps=20)
+    started = sweeps.start(
+        SweepRequest(
+            script=SCRIPT,
+            params=params,
+            metric="val_loss",
+            method="tpe",
+            max_trials=4,
+            seed=seed,
+            parallel=1,
+            # As in the median rule's test: unpruned, the bad trial would run 20 s.
+            args=["--steps", "20", "--bad-step-seconds", "1"],
+            options={"max_run_minutes": 1},
+        )
+    )
+    done = wait_for_sweep(sweeps, started["sweep_id"])
+    bad = done["trials"][3]
+    assert bad["params"]["x"] == 3.0, done["trials"]
+    assert bad["status"] == "stopped" and bad.get("reason") == "pruned", bad
+    assert bad.get("step", 0) < 20
+    record = service.get(bad["run_id"])
+    assert record["termination_reason"] == "pruned"
+    assert "Optuna's MedianPruner" in (record["status_detail"] or ""), record["status_detail"]
+    assert [t["status"] for t in done["trials"][:3]] == ["completed"] * 3
+
+
 @pytest.mark.parametrize(("kind", "expected"), [("best", 1 / 3), ("final", 1 / 3 + 0.03)])
 def test_the_best_objective_is_read_from_the_metric_history(
     sweeps: Sweeps, kind: str, expected: float

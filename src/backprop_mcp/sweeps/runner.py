@@ -298,14 +298,14 @@ class Runner:
                 run = self.service.get(trial["run_id"])
                 mine = objective.with_latest(self._series(run, metric), run, metric)
                 earlier = [
-                    self._earlier_series(t)
+                    pruning.Earlier(self._earlier_series(t), t["status"], t.get("reason"), t["objective"])
                     for t in record["trials"]
                     if t["number"] < trial["number"] and t["status"] != STARTING
                 ]
             except BackpropError as exc:
                 log.warning("sweep %s: pruning skipped: %s", self.sweep_id, exc.message)
                 continue
-            why = pruning.verdict(mine, earlier, mode, metric)
+            why = pruning.verdict(record["method"], mine, earlier, mode, metric)
             if why is not None:
                 try:
                     self.service.stop(trial["run_id"], pruned=why)

@@ -10,7 +10,6 @@ import logging
 import os
 import signal
 import subprocess
-import sys
 import threading
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,7 +21,8 @@ from backprop_mcp.core.records import RunRecord
 from backprop_mcp.core.store import SUPERVISOR_PID_FILE, Store
 from backprop_mcp.governor import proctree
 from backprop_mcp.governor.admission import Admission
-from backprop_mcp.runs.launch import AWAIT_GO_FLAG, GO, HELD_SIGNALS
+from backprop_mcp.runs import detached
+from backprop_mcp.runs.launch import AWAIT_GO_FLAG, GO
 
 logger = logging.getLogger(__name__)
 
@@ -144,23 +144,7 @@ def spawn_supervisor(home: Path, run_id: str, env: Mapping[str, str]) -> subproc
     (the start is complete) or `abandon` (the start is rolled back: it exits without a trace).
     """
     log_path = home / "runs" / run_id / "supervisor.log"
-    fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    # Only this thread's mask changes, and only for the moment of the fork: the child inherits it.
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
-    try:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "backprop_mcp.runs.supervisor", str(home), run_id, AWAIT_GO_FLAG],
-            stdin=subprocess.PIPE,
-            stdout=fd,
-            stderr=fd,
-            start_new_session=True,
-            close_fds=True,
-            env=dict(env),
-        )
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-        os.close(fd)
-    return proc
+    return detached.spawn("backprop_mcp.runs.supervisor", [str(home), run_id, AWAIT_GO_FLAG], log_path, env)
 
 
 def release(proc: subprocess.Popen[bytes]) -> None:

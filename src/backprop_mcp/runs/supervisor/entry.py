@@ -8,17 +8,15 @@ from __future__ import annotations
 import json
 import logging
 import os
-import select
 import sys
-import time
 from pathlib import Path
 
 from backprop_mcp.core.errors import BackpropError
 from backprop_mcp.core.store import SUPERVISOR_PID_FILE, Store
 from backprop_mcp.governor import proctree
+from backprop_mcp.runs import detached
 from backprop_mcp.runs.launch import (
     AWAIT_GO_FLAG,
-    GO,
 )
 from backprop_mcp.runs.supervisor.run import Supervisor
 
@@ -29,29 +27,8 @@ log = logging.getLogger("backprop_mcp.runs.supervisor")
 GO_WAIT_SECONDS = 60.0
 
 
-def _await_go(store: Store, run_id: str) -> bool:
-    """Wait for the starter's go on stdin (see `local.spawn_supervisor`): True to go on.
-
-    Without the go (the starter rolled the start back, or died), go on only if the starter had
-    finished its part: the pid file it writes last names this process. Otherwise the run folder
-    is being removed, or nobody will ever look at this attempt, and it must leave no trace.
-    """
-    got = b""
-    deadline = time.monotonic() + GO_WAIT_SECONDS
-    while len(got) < len(GO):
-        left = deadline - time.monotonic()
-        if left <= 0 or not select.select([0], [], [], left)[0]:
-            break
-        chunk = os.read(0, len(GO) - len(got))
-        if not chunk:
-            break
-        got += chunk
-    # The script gets /dev/null as stdin anyway; fd 0 must not stay a pipe to the starter.
-    null = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(null, 0)
-    os.close(null)
-    if got == GO:
-        return True
+def _named_by_starter(store: Store, run_id: str) -> bool:
+    """True when the pid file the starter writes last names this process."""
     try:
         info = json.loads((store.run_dir(run_id) / SUPERVISOR_PID_FILE).read_text("utf-8"))
         return bool(info["pid"] == os.getpid())
@@ -67,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"usage: python -m backprop_mcp.runs.supervisor HOME RUN_ID [{AWAIT_GO_FLAG}]", file=sys.stderr)
         return 2
     home, run_id = Path(args[0]), args[1]
-    if await_go and not _await_go(Store(home), run_id):
+    if await_go and not detached.await_go(lambda: _named_by_starter(Store(home), run_id)):
         return 0
     proctree.become_subreaper()
     try:

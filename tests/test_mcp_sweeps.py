@@ -226,6 +226,36 @@ def test_a_sweep_answer_stays_within_its_bytes_keeping_the_best_and_the_live_tri
     trials[11].update(status="completed", objective=1 / 12)
     ended = shaped({**answer, "status": "completed", "best": {**trials[11], "objective": 1 / 12}}, None)
     assert size(ended) <= ANSWER_BYTES and "list_experiments(sweep=" in ended["next_step"]
+    assert "sort='loss'" in ended["next_step"]
+    # The list sorts ascending unless told otherwise: for a metric to maximise, the best first.
+    maxed = shaped(
+        {**answer, "mode": "max", "status": "completed", "best": {**trials[0], "objective": 1.0}}, None
+    )
+    assert "sort='-loss'" in maxed["next_step"], maxed["next_step"]
+
+
+def test_a_sweep_whose_trials_all_failed_points_at_a_failed_trials_logs() -> None:
+    trials = [
+        {"number": 1, "run_id": "s-t1", "params": {"x": 1}, "status": "failed", "reason": "start_failed"},
+        {"number": 2, "run_id": "s-t2", "params": {"x": 2}, "status": "rejected", "reason": "rejected"},
+        {"number": 3, "run_id": "s-t3", "params": {"x": 3}, "status": "failed", "reason": "exit_nonzero"},
+    ]
+    answer: dict[str, Any] = {
+        "sweep_id": "s",
+        "status": "failed",
+        "metric": "loss",
+        "mode": "min",
+        "method": "grid",
+        "counts": {"failed": 2, "rejected": 1},
+        "trials": [{**t, "objective": None} for t in trials],
+        "trials_left_out": 0,
+        "best": None,
+        "param_summary": {},
+        "budget": {"max_trials": 3, "started": 3},
+    }
+    assert "get_logs('s-t3')" in shaped(answer, None)["next_step"]
+    never = shaped({**answer, "trials": answer["trials"][:1]}, None)
+    assert "No trial started" in never["next_step"], never["next_step"]
 
 
 @pytest.mark.anyio

@@ -233,7 +233,8 @@ def test_a_killed_runner_leaves_a_lost_sweep_that_resume_continues(sweeps: Sweep
             params={"x": [0.0, 0.3, 0.6], "layers": [2]},
             metric="val_loss",
             parallel=1,
-            args=["--steps", "5", "--step-seconds", "0.1"],
+            # 2 s a trial: long enough that trial 1 still runs when the lost sweep is asked to stop.
+            args=["--steps", "20", "--step-seconds", "0.1"],
             prune=False,
         )
     )
@@ -248,11 +249,19 @@ def test_a_killed_runner_leaves_a_lost_sweep_that_resume_continues(sweeps: Sweep
         lambda: not proctree.is_alive(record["runner_pid"], record["runner_started"]), what="runner gone"
     )
 
+    # As if it died between creating trial 1's run and recording that it did.
+    with sweeps.store.lock(sweep_id):
+        stored = sweeps.store.read(sweep_id)
+        stored["trials"][0]["status"] = "starting"
+        sweeps.store.write(stored)
     lost = sweeps.get(sweep_id)
     assert lost["status"] == "lost"
     assert "resume" in lost["next_step"]
-    with pytest.raises(RunStateError, match="already ended"):
-        sweeps.stop(sweep_id)
+    assert lost["trials"][0]["status"] in ("running", "completed"), lost["trials"]  # its run's state
+    if lost["trials"][0]["status"] == "running":
+        with pytest.raises(RunStateError, match=r"already ended.*still run") as refused:
+            sweeps.stop(sweep_id)
+        assert lost["trials"][0]["run_id"] in refused.value.message
 
     resumed = sweeps.resume(sweep_id)
     assert resumed["status"] == "running"
@@ -265,6 +274,9 @@ def test_a_killed_runner_leaves_a_lost_sweep_that_resume_continues(sweeps: Sweep
     assert done["best"] is not None and done["best"]["params"] == {"x": 0.3, "layers": 2}
     with pytest.raises(RunStateError, match="nothing left to run"):
         sweeps.resume(sweep_id)
+    with pytest.raises(RunStateError, match="every point of its grid") as spent:
+        sweeps.resume(sweep_id, max_trials=10)
+    assert "--trials" not in (spent.value.hint or "")
 
 
 def test_a_stopped_sweep_stops_its_trials_gracefully_and_resume_continues_them(
@@ -319,6 +331,8 @@ def test_a_stopped_sweep_stops_its_trials_gracefully_and_resume_continues_them(
         ({"script": "missing.py"}, "script not found"),
         ({"options": {"max_run_minutes": "soon"}}, "max-run-minutes"),
         ({"sweep_id": "../x"}, "invalid sweep id"),
+        # Its trials' runs are named "NAME #N": a name that fits a run but not a trial's is refused.
+        ({"name": "n" * 199}, "a sweep name must be at most 197"),
     ],
 )
 def test_a_bad_sweep_is_refused_whole_before_anything_starts(
@@ -338,10 +352,25 @@ def test_bad_sweep_arguments_on_the_cli_are_clear_errors_without_a_traceback(
         (["--param", "lr"], "NAME=VALUES"),
         (["--param", "lr=1", "--mode", "up"], "mode must be min"),
         ([], "give at least one --param"),
+        (["--param", "x=1", "--param", "x=2"], "given twice"),
     ]:
         done = cli(env, "sweep", SCRIPT, *args, cwd=tmp_path)
         assert done.returncode == 2, done.stderr
         assert says in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_sweep_whose_trials_all_fail_ends_failed_and_points_at_a_failed_trials_logs(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    env = {**env, "BACKPROP_SWEEP_POLL_SECONDS": "0.05"}
+    script = str(FIXTURES / "exits_nonzero.py")
+    done = cli(env, "sweep", script, "--param", "x=1,2", "--json", cwd=tmp_path)
+    assert done.returncode == 1, done.stderr  # as `backprop run` of a failing script
+    answer = json.loads(done.stdout)
+    assert answer["status"] == "failed", answer["status_detail"]
+    assert answer["counts"] == {"failed": 2}
+    assert answer["status_detail"].startswith("every trial failed"), answer["status_detail"]
+    assert answer["next_step"].endswith(f"backprop logs {answer['trials'][0]['run_id']}"), answer["next_step"]
 
 
 def test_a_corrupt_sweep_record_is_moved_aside_and_an_unknown_id_is_not_found(sweeps: Sweeps) -> None:

@@ -28,7 +28,15 @@ def dispatch_sweep(service: Any, ns: argparse.Namespace, script_args: list[str])
     sweeps = Sweeps(service)
     out = ns.json
     if ns.command == "sweep":
-        params = dict(parse_cli_param(text) for text in ns.param)
+        params: dict[str, object] = {}
+        for text in ns.param:
+            name, spec = parse_cli_param(text)
+            if name in params:
+                sys.stderr.write(
+                    f"backprop: error: --param {name} is given twice; give each parameter once\n"
+                )
+                return 2
+            params[name] = spec
         if not params:
             sys.stderr.write("backprop: error: give at least one --param NAME=VALUES or NAME=DISTRIBUTION\n")
             return 2

@@ -31,6 +31,8 @@ from backprop_mcp.mcp_server.roots import locate_script
 from backprop_mcp.mcp_server.run_tools import STOPS, WRITES, given
 from backprop_mcp.mcp_server.schema import output, tool
 from backprop_mcp.mcp_server.summary import compact, rounded, short_args, size
+from backprop_mcp.sweeps.answers import failed_trial
+from backprop_mcp.sweeps.objective import UNSCORED_STATES
 from backprop_mcp.sweeps.shapes import MAX_TRIALS, STARTING
 from backprop_mcp.sweeps.space import MAX_PARAMS
 
@@ -315,10 +317,18 @@ def next_step(answer: Mapping[str, Any], best: Mapping[str, Any] | None, *, left
             f"`backprop sweep-resume {sweep_id}` to continue the sweep."
         )
     if best is None:
+        failed = failed_trial(answer["trials"])
+        if failed is not None:
+            tool = "get_logs" if failed["status"] == "failed" else "get_status"
+            return f"No trial ran to a result: {tool}({failed['run_id']!r}) shows why."
+        if answer["trials"] and all(t["status"] in UNSCORED_STATES for t in answer["trials"]):
+            return "No trial started: fix what status_detail says and run the sweep again."
         return f"No trial reported {metric!r}: get_logs(run_id) of a trial shows what it printed."
     where = f"Best: trial {best['number']} ({best['run_id']}), {metric} {best['objective']:g}"
     if left_out:
-        where += f"; list_experiments(sweep=sweep_id, sort={metric!r}) lists every trial"
+        # The list's sort is ascending unless the key starts with "-": the best trial comes first.
+        order = metric if answer["mode"] == "min" else f"-{metric}"
+        where += f"; list_experiments(sweep=sweep_id, sort={order!r}) lists every trial"
     if best.get("status") in ("timed_out", "stopped"):
         return f"{where}. Unfinished: resume_run(run_id) continues it from its checkpoint."
     return (

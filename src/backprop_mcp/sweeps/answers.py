@@ -3,6 +3,9 @@ spread, the parameter summary, the budget and the one-line `next_step`. Pure fun
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from typing import Any
+
 from backprop_mcp.core.records import ACTIVE_STATES
 from backprop_mcp.sweeps import objective
 from backprop_mcp.sweeps.shapes import STARTING, Best, SweepAnswer, SweepBudget, SweepRecord
@@ -65,8 +68,23 @@ def next_step(record: SweepRecord, best: Best | None) -> str:
     if status == "lost":
         return f"its runner died; resume the sweep ({sweep_id}) to continue its trials"
     if best is None:
+        failed = failed_trial(record["trials"])
+        if failed is not None:
+            command = "logs" if failed["status"] == "failed" else "status"
+            return f"no trial ran to a result; see why: backprop {command} {failed['run_id']}"
+        if record["trials"] and all(t["status"] in objective.UNSCORED_STATES for t in record["trials"]):
+            return "no trial started; fix what status_detail says and start the sweep again"
         return f"no trial reported {metric!r}; read a trial's logs to see what it printed"
     where = f"best: trial {best['number']} ({best['run_id']}), {metric} {best['objective']:g}"
     if best["status"] in ("timed_out", "stopped"):
         return f"{where}, unfinished: resume its run to continue it"
     return f"{where}; resume its run for longer, or sweep again around its params"
+
+
+def failed_trial(trials: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    """When no trial ran to a result (each failed, was rejected or lost): the first one whose run
+    exists, a failed one first (its logs say why), else None."""
+    if not trials or any(t["status"] not in objective.UNSCORED_STATES for t in trials):
+        return None
+    runs = [t for t in trials if t.get("reason") != "start_failed"]
+    return next((t for t in runs if t["status"] == "failed"), runs[0] if runs else None)

@@ -21,7 +21,7 @@ from backprop_mcp.runs.service import Service
 from backprop_mcp.sweeps import objective, pruning
 from backprop_mcp.sweeps.samplers import suggest
 from backprop_mcp.sweeps.shapes import STARTING, SweepRecord, Trial
-from backprop_mcp.sweeps.space import parse_space, trial_args
+from backprop_mcp.sweeps.space import parse_space, trial_args, trial_name
 from backprop_mcp.sweeps.store import SweepStore
 
 log = logging.getLogger("backprop_mcp.sweeps.runner")
@@ -105,7 +105,11 @@ class Runner:
                     self._end_all("failed", failed)
                     break
                 if not self._active() and not self._more():
-                    self._finish("completed", self._done_detail())
+                    # A sweep none of whose trials ran to a result found nothing: it failed.
+                    none_ran = bool(record["trials"]) and all(
+                        t["status"] in objective.UNSCORED_STATES for t in record["trials"]
+                    )
+                    self._finish("failed" if none_ran else "completed", self._done_detail())
                     break
                 if time.monotonic() - self.last_write >= WRITE_SECONDS:
                     self._write()
@@ -154,7 +158,10 @@ class Runner:
         counts: dict[str, int] = {}
         for trial in self.record["trials"]:
             counts[trial["status"]] = counts.get(trial["status"], 0) + 1
-        return "all trials ended: " + ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
+        ended = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
+        if counts and all(state in objective.UNSCORED_STATES for state in counts):
+            return f"every trial failed ({ended}); no parameters were scored"
+        return "all trials ended: " + ended
 
     # -- trials -----------------------------------------------------------------------------------
 
@@ -248,7 +255,7 @@ class Runner:
             request = RunRequest(
                 script=record["script"],
                 args=trial_args(record["args"], trial["params"]),
-                name=f"{record['name']} #{trial['number']}" if record["name"] else None,
+                name=trial_name(record["name"], trial["number"]),
                 run_id=trial["run_id"],
                 cwd=record["cwd"],
                 python=record["python"],

@@ -38,7 +38,7 @@ from backprop_mcp.sweeps.shapes import (
     SweepRow,
     Trial,
 )
-from backprop_mcp.sweeps.space import grid_size, parse_space, trial_args
+from backprop_mcp.sweeps.space import grid_size, parse_space, trial_args, trial_name
 from backprop_mcp.sweeps.store import SweepStore, check_sweep_id
 
 # Without max_trials, a sweep over distributions runs this many trials (a grid runs all its points).
@@ -50,6 +50,10 @@ ABANDON_WAIT_SECONDS = 30.0
 WAIT_POLL_SECONDS = 0.25
 MAX_WAIT_SECONDS = 3600.0
 MAX_METRIC_CHARS = 200
+# The longest run name `runs.service` takes; a trial's run is named after its sweep.
+MAX_RUN_NAME_CHARS = 200
+# A refusal to stop an ended sweep names at most this many of its still running trials.
+SHOWN_RUN_IDS = 8
 
 
 class SweepRequest(NamedTuple):
@@ -143,6 +147,12 @@ class Sweeps:
         budget = None if request.budget_minutes is None else _minutes(request.budget_minutes)
         if any("\0" in a for a in request.args):
             raise UsageError("script arguments cannot contain NUL bytes")
+        longest = trial_name(request.name, max_trials)
+        if longest is not None and len(longest) > MAX_RUN_NAME_CHARS:
+            raise UsageError(
+                f"a sweep name must be at most {MAX_RUN_NAME_CHARS - len(longest) + len(str(request.name))} "
+                f"characters here: its trials' runs are named 'NAME #N' (at most {MAX_RUN_NAME_CHARS})"
+            )
         first = suggest(method, space, seed, 1, [], budget=max_trials) or {}
         sweep_id = (
             check_sweep_id(request.sweep_id)
@@ -155,7 +165,8 @@ class Sweeps:
             RunRequest(
                 script=request.script,
                 args=trial_args(list(request.args), first),
-                name=request.name,
+                # The longest name a trial gets: a name too long for one fails here, not in every trial.
+                name=trial_name(request.name, max_trials),
                 run_id=f"{sweep_id}-t1",
                 cwd=request.cwd,
                 python=request.python,
@@ -257,7 +268,8 @@ class Sweeps:
     def _refresh_live(self, record: SweepRecord) -> None:
         """A sweep without a runner still has trials that run: show their runs' states now."""
         for trial in record["trials"]:
-            if trial["status"] in ACTIVE_STATES:
+            # A "starting" trial's run may exist: its runner died before recording that it did.
+            if trial["status"] in ACTIVE_STATES or trial["status"] == STARTING:
                 with contextlib.suppress(BackpropError):
                     run = self.service.get(trial["run_id"])
                     trial["status"] = run["status"]
@@ -325,6 +337,17 @@ class Sweeps:
         checkpoint, and a resume continues them), queued ones never start."""
         record = self.record(sweep_id)
         if record["status"] != "running":
+            self._refresh_live(record)
+            live = [t["run_id"] for t in record["trials"] if t["status"] in ACTIVE_STATES]
+            if live:
+                # A lost sweep's trials run on under their own supervisors: say how to stop them.
+                more = len(live) - SHOWN_RUN_IDS
+                shown = " ".join(live[:SHOWN_RUN_IDS]) + (f" (and {more} more)" if more > 0 else "")
+                raise RunStateError(
+                    f"sweep {sweep_id} has already ended ({record['status']}), but {len(live)} of its "
+                    f"trials still run: {shown}",
+                    hint="they are ordinary runs: stop them by id (`backprop stop RUN_ID...`, MCP stop_run)",
+                )
             raise RunStateError(f"sweep {sweep_id} has already ended ({record['status']}); nothing to stop")
         self.store.request_stop(sweep_id)
         if record["runner_pid"] is not None and self._runner_alive(record):
@@ -385,10 +408,17 @@ class Sweeps:
             left = len(record["trials"]) < record["max_trials"]
             active = any(t["status"] in ACTIVE_STATES or t["status"] == STARTING for t in record["trials"])
             if not (unfinished or left or active):
+                size = grid_size(space)
+                spent = record["method"] == "grid" and size is not None and len(record["trials"]) >= size
                 raise RunStateError(
                     f"sweep {sweep_id} has nothing left to run: its {len(record['trials'])} trials ended "
-                    "and none is unfinished",
-                    hint="give a larger max_trials (--trials) to run more, or resume its best trial's run",
+                    "and none is unfinished"
+                    + (f", and they were every point of its grid ({size})" if spent else ""),
+                    hint=(
+                        "resume its best trial's run, or start a sweep over a new grid"
+                        if spent
+                        else "give a larger max_trials (--trials) to run more, or resume its best trial's run"
+                    ),
                 )
             self.store.clear_stop(sweep_id)
             record["status"], record["ended_at"] = "running", None

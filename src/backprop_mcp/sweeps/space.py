@@ -187,6 +187,11 @@ def trial_args(args: list[str], params: Params) -> list[str]:
     return [*args, *extra]
 
 
+def trial_name(name: str | None, number: int) -> str | None:
+    """The run name of a sweep's trial: the sweep's name and the trial's number."""
+    return f"{name} #{number}" if name else None
+
+
 def _shown(value: object) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."

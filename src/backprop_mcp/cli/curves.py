@@ -27,7 +27,8 @@ def sparkline(steps: Sequence[float], values: Sequence[float], joins: Sequence[f
     first point of each attempt that joins the curve."""
     if not values:
         return ""
-    low, high = min(values), max(values)
+    # Halved: the span of two finite floats (-1e308 to 1e308) can pass the largest float.
+    low, high = min(values) / 2, max(values) / 2
     span = high - low
     pending = sorted(joins)
     out: list[str] = []
@@ -36,7 +37,7 @@ def sparkline(steps: Sequence[float], values: Sequence[float], joins: Sequence[f
             pending.pop(0)
             if out:
                 out.append(_JOIN)
-        level = 3 if span == 0 else round((value - low) / span * (len(_BARS) - 1))
+        level = 3 if span == 0 else round((value / 2 - low) / span * (len(_BARS) - 1))
         out.append(_BARS[level])
     return "".join(out)
 

@@ -35,6 +35,9 @@ READ_ONLY = ToolAnnotations(read_only_hint=True, open_world_hint=False)
 ANSWER_BYTES = 4000
 # Log lines in the status of a failed run: the error is usually in the last few; get_logs has more.
 STATUS_LOG_LINES = 5
+# Each of those lines is cut to this many characters (get_logs gives them whole): five lines of a
+# traceback fit beside a summary within ANSWER_BYTES.
+LOG_TAIL_LINE_CHARS = 400
 # get_logs without `tail`: this many lines, fewer when they would pass ANSWER_BYTES.
 DEFAULT_LOG_TAIL = 50
 # get_metrics without `points`: this many per series, halved until the answer fits in ANSWER_BYTES
@@ -63,9 +66,9 @@ def build(app: App) -> list[Tool]:
         answer = summary(record)
         if record["status"] in ("failed", "lost"):
             tail = await app.call(app.service.logs, run_id, tail=STATUS_LOG_LINES)
-            answer["log_tail"] = tail["lines"]
             if tail.get("note"):
                 answer["log_note"] = tail.get("note")
+            with_log_tail(answer, tail["lines"])
         if detail:
             answer["record"] = dict(record)
         return answer
@@ -98,9 +101,11 @@ def build(app: App) -> list[Tool]:
             report=ctx.report_progress,
             poll_seconds=app.poll_seconds,
         )
+        answer = shrink(answer)
         if len(ids) == 1 and answer["runs"][0]["status"] in ("failed", "lost"):
-            answer["log_tail"] = (await app.call(app.service.logs, ids[0], tail=STATUS_LOG_LINES))["lines"]
-        return shrink(answer)
+            lines = (await app.call(app.service.logs, ids[0], tail=STATUS_LOG_LINES))["lines"]
+            with_log_tail(answer, lines)
+        return answer
 
     async def list_experiments(
         status: Status = None,
@@ -299,6 +304,21 @@ async def machine(app: App) -> dict[str, Any]:
         "live_runs": summaries(status["live_runs"]),
         "queued_runs": summaries(status["queued_runs"]),
     }
+
+
+def with_log_tail(answer: dict[str, Any], lines: list[str]) -> None:
+    """`log_tail`: the newest of `lines` that fit the answer in ANSWER_BYTES, each cut to
+    LOG_TAIL_LINE_CHARS (the newest, the one that usually says why, is kept, cut as needed)."""
+    cut = [
+        line if len(line) <= LOG_TAIL_LINE_CHARS else line[: LOG_TAIL_LINE_CHARS - 3] + "..."
+        for line in lines
+    ]
+    kept = fit([*reversed(cut)], ANSWER_BYTES, answer, key="log_tail")
+    if cut and kept == 0:
+        room = max(0, ANSWER_BYTES - size({**answer, "log_tail": [""]}))
+        cut[-1] = cut[-1].encode("utf-8")[: max(0, room - 3)].decode("utf-8", "ignore") + "..."
+        kept = 1
+    answer["log_tail"] = cut[len(cut) - kept :]
 
 
 def shrink(answer: dict[str, Any]) -> dict[str, Any]:

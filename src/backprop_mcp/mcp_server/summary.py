@@ -25,6 +25,9 @@ REASON_CHARS = 160
 # The script's arguments in a summary are cut to this many characters in all (each one kept whole
 # up to there, then "..."): enough for hyperparameters, bounded for a script given 256 of them.
 ARGS_CHARS = 200
+# How a run ends when its script never started: its record's status_detail says why (its logs are
+# empty), so a summary's reason carries that detail.
+NEVER_STARTED = ("start_failed", "queue_error")
 
 
 def rounded(value: Any) -> Any:
@@ -83,15 +86,20 @@ def reason(record: Mapping[str, Any]) -> str | None:
     if status in ("queued", "paused", "rejected", "unknown", "lost"):
         detail = record.get("status_detail") or record.get("note")
         if detail:
-            text = str(detail)
-            return text if len(text) <= REASON_CHARS else text[: REASON_CHARS - 3] + "..."
+            return _cut(str(detail))
     why = record.get("termination_reason")
     if why is None or status in ACTIVE_STATES:
         return None
+    if why in NEVER_STARTED and record.get("status_detail"):
+        return _cut(f"{why}: {record['status_detail']}")
     if record.get("signal"):
         return f"{why} ({record['signal']})"
     code = record.get("exit_code")
     return f"{why} (exit {code})" if code not in (None, 0) else str(why)
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= REASON_CHARS else text[: REASON_CHARS - 3] + "..."
 
 
 def short_args(args: Sequence[str]) -> list[str]:
@@ -194,9 +202,20 @@ def next_step(record: Mapping[str, Any], row: Mapping[str, Any] | None = None) -
         return (
             f"{cause} resume_run({run}) continues from its latest checkpoint (max_run_minutes: a longer box)."
         )
+    if status == "failed" and record.get("termination_reason") in NEVER_STARTED:
+        return (
+            "Its script never started (reason says why; its log is empty). Fix that, then "
+            f"resume_run({run}) or run_training again."
+        )
     if status == "failed":
         return (
             f"The script failed (reason). get_logs({run}) shows why; fix it, then resume_run or run_training."
+        )
+    if status == "rejected" and record.get("termination_reason") == "queue_timeout":
+        return (
+            "It waited its whole queue timeout without being admitted (reason says why). get_status() "
+            "shows the machine; run_training again when runs ahead have ended, or with a longer "
+            'options={"queue_timeout_minutes": ...}.'
         )
     if status == "rejected":
         return (

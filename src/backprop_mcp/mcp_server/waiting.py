@@ -10,8 +10,10 @@ from typing import Any, Literal
 
 import anyio
 
+from backprop_mcp.core.errors import RunNotFound
 from backprop_mcp.core.records import ACTIVE_STATES, RunRecord
 from backprop_mcp.mcp_server.summary import counts, next_step, summaries
+from backprop_mcp.runs.compare import not_found
 
 Until = Literal["change", "end", "all", "any"]
 Report = Callable[[float, float | None, str | None], Awaitable[None]]
@@ -65,7 +67,14 @@ async def wait(
 ) -> dict[str, Any]:
     """Poll the runs until `settled` or the timeout, and answer with their summaries."""
     started = time.monotonic()
-    records = [await read(run_id) for run_id in run_ids]
+    records, missing = [], []
+    for run_id in run_ids:
+        try:
+            records.append(await read(run_id))
+        except RunNotFound:
+            missing.append(run_id)
+    if missing:
+        raise not_found(missing)  # every one at once: the agent fixes its list in one call
     baseline = {r["run_id"]: (since or r["status"], r["attempt"]) for r in records}
 
     def moved(record: RunRecord) -> bool:

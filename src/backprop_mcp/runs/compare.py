@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from backprop_mcp.core.answers import ComparedRun, Comparison
 from backprop_mcp.core.clock import parse_iso
-from backprop_mcp.core.errors import UsageError
+from backprop_mcp.core.errors import RunNotFound, UsageError
 from backprop_mcp.core.records import ACTIVE_STATES, RunRecord
 from backprop_mcp.core.store import Store
 from backprop_mcp.runs import history
@@ -26,6 +26,9 @@ from backprop_mcp.runs import history
 LOWER_IS_BETTER = re.compile(r"loss|err|perplex|mse|mae|rmse|nll|wer|cer", re.I)
 MAX_COMPARED = 50
 RANKINGS = ("last", "best")
+# Metric names an answer or an error lists ("they reported: ...") are cut to this many characters
+# in all: a script may report 65 names of 200 characters, and an answer stays within 4 KB.
+NAMES_CHARS = 600
 
 
 def lower_is_better(metric: str) -> bool:
@@ -50,8 +53,8 @@ def compare_runs(
     lower = lower_is_better(metric)
     runs: list[ComparedRun] = []
     reported: dict[str, None] = {}
-    for run_id in dict.fromkeys(run_ids):
-        record = get(run_id)
+    for record in read_runs(get, run_ids):
+        run_id = record["run_id"]
         stored = history.load(store, record)
         reported.update(dict.fromkeys(stored.names()))
         reported.update(
@@ -78,11 +81,47 @@ def compare_runs(
     if metric not in reported:
         active = sum(1 for r in runs if r["status"] in ACTIVE_STATES)
         later = f" ({active} of them still active: it may come later)" if active else ""
-        named = ", ".join(reported) if reported else "none yet"
+        named = ", ".join(some_names(list(reported))) if reported else "none yet" if active else "none"
         raise UsageError(f"no run of these reported the metric {metric!r}{later}; they reported: {named}")
     ranked = sorted(runs, key=lambda r: (r["value"] is None, (r["value"] or 0.0) * (1 if lower else -1)))
     top = ranked[0]["run_id"] if ranked and ranked[0]["value"] is not None else None
     return Comparison(metric=metric, lower_is_better=lower, ranked_by=by, runs=ranked, top_run_id=top)
+
+
+def read_runs(get: Callable[[str], RunRecord], run_ids: Sequence[str]) -> list[RunRecord]:
+    """The records of `run_ids` (without repeats); one RunNotFound naming every id that has no run,
+    so an agent fixes its list in one call, not one id per call."""
+    records: list[RunRecord] = []
+    missing: list[str] = []
+    for run_id in dict.fromkeys(run_ids):
+        try:
+            records.append(get(run_id))
+        except RunNotFound:
+            missing.append(run_id)
+    if missing:
+        raise not_found(missing)
+    return records
+
+
+def not_found(missing: Sequence[str]) -> RunNotFound:
+    """The error for run ids without a run."""
+    hint = "list runs with `backprop list` (or the list_experiments tool)"
+    if len(missing) == 1:
+        return RunNotFound(f"no run with id {missing[0]!r}", hint=hint)
+    shown = ", ".join(some_names([repr(one) for one in missing]))
+    return RunNotFound(f"no run with these {len(missing)} ids: {shown}", hint=hint)
+
+
+def some_names(names: Sequence[str], chars: int = NAMES_CHARS) -> list[str]:
+    """`names` cut to about `chars` characters in all (each kept whole), then "...(+N more)"."""
+    kept: list[str] = []
+    used = 0
+    for name in names:
+        used += len(name) + 2
+        if used > chars and kept:
+            return [*kept, f"...(+{len(names) - len(kept)} more)"]
+        kept.append(name)
+    return kept
 
 
 def ended_early(record: RunRecord) -> bool:

@@ -11,7 +11,7 @@ from backprop_mcp.core.errors import UsageError
 from backprop_mcp.core.records import ACTIVE_STATES, RunRecord
 from backprop_mcp.core.store import Store
 from backprop_mcp.runs import history
-from backprop_mcp.runs.compare import lower_is_better, metric_of
+from backprop_mcp.runs.compare import lower_is_better, metric_of, read_runs, some_names
 
 # Runs per call: each costs a few files to read, and the answer grows with them.
 MAX_METRIC_RUNS = 20
@@ -42,7 +42,7 @@ def run_metrics(
     asked = _check_names(metrics)
     if isinstance(points, bool) or not isinstance(points, int) or not 1 <= points <= history.MAX_POINTS:
         raise UsageError(f"points must be a whole number from 1 to {history.MAX_POINTS}, got {points!r}")
-    return MetricsAnswer(runs=[_run(store, get(run_id), asked, points) for run_id in dict.fromkeys(run_ids)])
+    return MetricsAnswer(runs=[_run(store, record, asked, points) for record in read_runs(get, run_ids)])
 
 
 def _check_names(metrics: Sequence[str] | None) -> list[str] | None:
@@ -79,8 +79,13 @@ def _run(store: Store, record: RunRecord, asked: list[str] | None, points: int) 
         run_id=record["run_id"], metrics=found, joins=[_step(x) for x in stored.joins()], missing=missing
     )
     if missing:
-        answer["available"] = names
+        answer["available"] = some_names(names)
     notes = list(stored.problems)
+    if not names:  # else an answer of the run id alone, which explains nothing
+        live = record["status"] in ACTIVE_STATES
+        notes.append(
+            "the script reported no metrics" + (" yet" if live else " (no progress or metric lines)")
+        )
     if stored.values_dropped():
         notes.append(
             f"{stored.values_dropped()} value(s) of metrics past the first {history.MAX_NAMES} names "
@@ -119,7 +124,7 @@ def _fallback(record: RunRecord, asked: list[str] | None, problems: list[str]) -
         note=f"{why}: only the last values are shown, as last and best",
     )
     if missing:
-        answer["available"] = reported
+        answer["available"] = some_names(reported)
     return answer
 
 

@@ -31,7 +31,7 @@ from backprop_mcp.mcp_server.summary import (
 from backprop_mcp.mcp_server.tools import build_server
 from backprop_mcp.mcp_server.waiting import advice, settled
 from backprop_mcp.runs.service import Service
-from tests.helpers import FIXTURES, isolated_env
+from tests.helpers import FIXTURES, isolated_env, wait_until
 from tests.test_mcp_stdio import WAIT, server_command
 from tests.test_mcp_tools import GENEROUS, call, connect, make_server, run_to_end, write_script
 from tests.test_stored_data import add_run
@@ -351,3 +351,29 @@ async def test_get_metrics_gives_curves_with_the_true_best_within_4_kb_unless_mo
     )
     # The loss falls all the way: the best is the last point, whatever the downsampling kept.
     assert (loss["best_step"], loss["last_step"]) == (300, 300) and loss["best"] == loss["last"]
+
+
+@pytest.mark.anyio
+async def test_the_machines_status_gives_each_queued_run_its_place_in_the_queue(
+    service: Service, project: Path
+) -> None:
+    shutil.copy(FIXTURES / "waits_forever.py", project / "blocker.py")
+    server = build_server(
+        service=service, roots=Roots((project,), "option"), cwd=project, defaults={"max_parallel": 1}
+    )
+    async with connect(server, "legacy") as client:
+        blocker = await call(client, "run_training", script="blocker.py", **GENEROUS)
+        wait_until(lambda: service.get(blocker["run_id"])["status"] == "running", what="the blocker to run")
+        first = await call(client, "run_training", script="train.py", **GENEROUS)
+        second = await call(client, "run_training", script="train.py", **GENEROUS)
+        machine = await call(client, "get_status")
+        await call(
+            client, "stop_run", run_id=[blocker["run_id"], first["run_id"], second["run_id"]], force=True
+        )
+    queued = [(row["run_id"], row.get("queue_position")) for row in machine["queued_runs"]]
+    assert queued == [(first["run_id"], 1), (second["run_id"], 2)]
+
+    def all_stopped() -> bool:
+        return all(service.get(r["run_id"])["status"] == "stopped" for r in (blocker, first, second))
+
+    wait_until(all_stopped, what="the three runs to stop")

@@ -299,11 +299,11 @@ def build(app: App) -> list[Tool]:
 async def machine(app: App) -> dict[str, Any]:
     """The machine's status with runs as summaries, under the server's own limits."""
     status = await app.call(app.service.system_status, app.defaults)
-    return {
-        **status,
-        "live_runs": summaries(status["live_runs"]),
-        "queued_runs": summaries(status["queued_runs"]),
-    }
+    queued = summaries(status["queued_runs"])
+    for position, row in enumerate(queued, 1):
+        # The rows are in queue order; a run's own record may not show its place yet.
+        row["queue_position"] = position
+    return {**status, "live_runs": summaries(status["live_runs"]), "queued_runs": queued}
 
 
 def with_log_tail(answer: dict[str, Any], lines: list[str]) -> None:

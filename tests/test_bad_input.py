@@ -433,7 +433,7 @@ MCP_CASES: list[tuple[str, dict[str, Any], str]] = [
     ("wait_for_run", {"run_id": "ghost"}, "no run with id"),
     ("wait_for_run", {"run_id": "x", "until": "forever"}, "until"),
     ("wait_for_run", {"run_id": []}, "give 1 to 50 run ids"),
-    ("wait_for_run", {"run_id": ["ghost", "other"]}, "no run with id 'ghost'"),
+    ("wait_for_run", {"run_id": ["ghost", "other"]}, "no run with these 2 ids: 'ghost', 'other'"),
     ("wait_for_run", {"run_id": ["ok", "a/b"]}, "- run_id.1: String should match pattern"),
     ("stop_run", {"run_id": ["ghost", "ghost2"]}, "none of the runs could be stopped"),
     ("list_experiments", {"sort": ""}, "sort"),

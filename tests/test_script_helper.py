@@ -325,8 +325,13 @@ class _FakeCuda:
 @pytest.fixture
 def no_xla_env(monkeypatch: pytest.MonkeyPatch) -> None:
     # setenv first so that monkeypatch restores the variable's absence afterwards.
-    monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "unset")
-    monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION")
+    for name in (
+        "XLA_PYTHON_CLIENT_MEM_FRACTION",
+        "XLA_CLIENT_MEM_FRACTION",
+        "XLA_PYTHON_CLIENT_PREALLOCATE",
+    ):
+        monkeypatch.setenv(name, "unset")
+        monkeypatch.delenv(name)
 
 
 @pytest.mark.usefixtures("no_xla_env")

@@ -76,7 +76,9 @@ DEFAULT_CHECKPOINT_DIR = "checkpoints"
 # `timed_out` (reason `deadline`). A stop signal gives 128 + its number.
 EXIT_DEADLINE = 124
 
-_XLA_MEM_FRACTION = "XLA_PYTHON_CLIENT_MEM_FRACTION"
+# JAX's share of the GPU to preallocate: the old name, which every JAX reads, and the newer one.
+_XLA_MEM_FRACTION = ("XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_CLIENT_MEM_FRACTION")
+_XLA_PREALLOCATE = "XLA_PYTHON_CLIENT_PREALLOCATE"
 
 
 class _State:
@@ -294,34 +296,100 @@ def should_checkpoint() -> bool:
 
 
 def apply_gpu_memory_limit() -> bool:
-    """Cap this process's GPU memory at the run's limit in the framework the script has imported.
+    """Cap this process's GPU memory at the run's limit, in each framework the script uses.
 
     PyTorch: `torch.cuda.set_per_process_memory_fraction` on each visible GPU, from
     BACKPROP_GPU_MEMORY_FRACTION or from BACKPROP_GPU_MEMORY_LIMIT_MB over the GPU's total.
-    TensorFlow: a logical device with `memory_limit` (call before TensorFlow touches the GPU).
-    JAX: sets XLA_PYTHON_CLIENT_MEM_FRACTION when JAX has not been imported yet.
+    TensorFlow: a logical device with `memory_limit` in MiB (a share is turned into MiB with the
+    GPU's total memory from nvidia-smi; call it before TensorFlow touches the GPU).
+    JAX: XLA_PYTHON_CLIENT_MEM_FRACTION (and its newer name), which JAX reads when its backend
+    starts, so call it before `import jax`; backprop sets it itself for runs declared `jax`.
+    Keras 3: its backend's (KERAS_BACKEND), so after `import keras` on TensorFlow or PyTorch, and
+    before it on JAX.
     Never imports a framework; returns True when a limit was applied, False otherwise (no limit,
-    no framework, no GPU), and writes why on stderr when applying it failed.
+    no framework, no GPU), and says on stderr why when a limit could not be applied.
     """
     fraction = gpu_memory_fraction()
     limit_mb = gpu_memory_limit_mb()
     if fraction is None and limit_mb is None:
         return False
+    total = _GpuTotal()
     applied = False
     torch = sys.modules.get("torch")
     if torch is not None:
         applied = _limit_torch(torch, fraction, limit_mb) or applied
     tf = sys.modules.get("tensorflow")
     if tf is not None:
-        applied = _limit_tensorflow(tf, fraction, limit_mb) or applied
-    if (
-        fraction is not None
-        and "jax" not in sys.modules
-        and "XLA_PYTHON_CLIENT_MEM_FRACTION" not in os.environ
-    ):
-        # JAX reads this when its backend starts; after that it has no effect.
-        os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{fraction:.4f}"
-    return applied
+        applied = _limit_tensorflow(tf, fraction, limit_mb, total) or applied
+    jax = _limit_jax(fraction, limit_mb, total)
+    if torch is None and tf is None and jax is None:
+        _note(
+            "apply_gpu_memory_limit() found no framework to limit: call it after importing "
+            "PyTorch, TensorFlow or Keras (on its TensorFlow or PyTorch backend), or before JAX"
+        )
+    return bool(jax) or applied
+
+
+class _GpuTotal:
+    """The total memory of the GPUs this process sees, in MiB (the smallest, when several), from
+    nvidia-smi, asked at most once and only when a limit needs it; None when unknown."""
+
+    def __init__(self) -> None:
+        self._asked = False
+        self._mb: float | None = None
+
+    def __call__(self) -> float | None:
+        if not self._asked:
+            self._asked = True
+            self._mb = _visible_gpu_total_mb()
+        return self._mb
+
+
+# nvidia-smi answers in well under a second; a hung driver must not hang the script's start.
+NVIDIA_SMI_SECONDS = 10.0
+
+
+def _visible_gpu_total_mb() -> float | None:
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and not visible.strip():
+        return None  # no GPU visible: nothing to size
+    import shutil  # only here: most scripts never need them
+    import subprocess
+
+    program = shutil.which("nvidia-smi")
+    if program is None:
+        return None
+    try:
+        done = subprocess.run(
+            [program, "--query-gpu=index,uuid,memory.total", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            encoding="utf-8",
+            timeout=NVIDIA_SMI_SECONDS,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if done.returncode != 0:
+        return None
+    totals: list[tuple[str, str, float]] = []
+    for line in done.stdout.splitlines():
+        fields = [field.strip() for field in line.split(",")]
+        if len(fields) == 3:
+            try:
+                totals.append((fields[0], fields[1], float(fields[2])))
+            except ValueError:
+                continue
+    if visible is not None:
+        # CUDA takes indices, UUIDs and unique UUID prefixes.
+        wanted = [token.strip() for token in visible.split(",") if token.strip()]
+        totals = [
+            t
+            for t in totals
+            if any(w == t[0] or (w.startswith("GPU-") and t[1].startswith(w)) for w in wanted)
+        ]
+    finite = [mb for _, _, mb in totals if math.isfinite(mb) and mb > 0]
+    return min(finite) if finite else None
 
 
 def _limit_torch(torch: Any, fraction: float | None, limit_mb: float | None) -> bool:
@@ -340,15 +408,18 @@ def _limit_torch(torch: Any, fraction: float | None, limit_mb: float | None) -> 
     return True
 
 
-def _limit_tensorflow(tf: Any, fraction: float | None, limit_mb: float | None) -> bool:
+def _limit_tensorflow(tf: Any, fraction: float | None, limit_mb: float | None, total: _GpuTotal) -> bool:
     try:
         gpus = tf.config.list_physical_devices("GPU")
         if not gpus:
             return False
+        if limit_mb is None and fraction is not None:
+            # TensorFlow caps only in MiB and cannot tell a GPU's size before it starts on it.
+            total_mb = total()
+            limit_mb = fraction * total_mb if total_mb else None
         for gpu in gpus:
             if limit_mb is None:
-                # TensorFlow cannot cap by share without knowing the total; growing on demand at
-                # least stops it from taking the whole GPU up front.
+                # Growing on demand at least keeps it from taking the whole GPU up front.
                 tf.config.experimental.set_memory_growth(gpu, True)
             else:
                 config = tf.config.LogicalDeviceConfiguration(memory_limit=int(limit_mb))
@@ -357,7 +428,56 @@ def _limit_tensorflow(tf: Any, fraction: float | None, limit_mb: float | None) -
         # RuntimeError: TensorFlow had already initialised the GPU.
         _note(f"could not apply the GPU memory limit in TensorFlow: {exc}")
         return False
-    return fraction is None or limit_mb is not None
+    if limit_mb is None:
+        _note(
+            f"TensorFlow cannot be held to {fraction:.0%} of the GPU without its total memory "
+            "(nvidia-smi did not say): it grows on demand instead; give the limit in GB to cap it"
+        )
+        return False
+    return True
+
+
+def _limit_jax(fraction: float | None, limit_mb: float | None, total: _GpuTotal) -> bool | None:
+    """True or False when JAX is the script's (imported, declared, or Keras's backend): whether
+    its limit holds; None when JAX is not in use as far as can be told."""
+    uses_jax = "jax" in sys.modules or framework() == "jax" or _keras_backend() == "jax"
+    if any(name in os.environ for name in _XLA_MEM_FRACTION):
+        # Set before the start (by backprop for a run declared `jax`, or by the user): it holds.
+        return True if uses_jax else None
+    if "jax" in sys.modules:
+        _note(
+            "JAX was imported before apply_gpu_memory_limit(), too late to limit its GPU memory: "
+            "call it before `import jax` (and before `import keras` on JAX), or run with -f jax"
+        )
+        return False
+    if fraction is None and uses_jax:
+        total_mb = total()
+        if total_mb:
+            fraction = min(1.0, float(limit_mb or 0) / total_mb)
+        else:
+            # JAX takes only shares; without the GPU's size, at least do not preallocate 75% of it.
+            os.environ.setdefault(_XLA_PREALLOCATE, "false")
+            _note(
+                f"JAX cannot be held to {limit_mb:g} MiB without the GPU's total memory (nvidia-smi "
+                f"did not say): it allocates on demand instead ({_XLA_PREALLOCATE}=false)"
+            )
+            return False
+    if fraction is None:
+        return None
+    for name in _XLA_MEM_FRACTION:
+        os.environ[name] = f"{fraction:.4f}"
+    return True if uses_jax else None
+
+
+def _keras_backend() -> str | None:
+    """Keras's backend once it is imported (else as KERAS_BACKEND will choose it); None before."""
+    keras = sys.modules.get("keras")
+    if keras is not None:
+        try:
+            return str(keras.config.backend())
+        except AttributeError:  # Keras 2: TensorFlow's own
+            return "tensorflow"
+    return os.environ.get("KERAS_BACKEND") or None
 
 
 def _stop_signals() -> list[int]:

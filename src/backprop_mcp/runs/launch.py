@@ -1,12 +1,11 @@
-"""How a run's script is started: interpreter choice, framework detection, the argv and the
-contract environment; and the handshake by which a new supervisor waits for its starter's go
-(the starter's side belongs to the backend: `backends.local.spawn_supervisor`)."""
+"""How a run's script is started: interpreter choice, the argv and the contract environment (the
+framework is detected by `runs.detect`); and the handshake by which a new supervisor waits for
+its starter's go (the starter's side belongs to the backend: `backends.local.spawn_supervisor`)."""
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import sys
 from collections.abc import Mapping
@@ -17,17 +16,9 @@ from backprop_mcp.core.machine import GpuInfo, Limits
 from backprop_mcp.core.records import RunRecord
 from backprop_mcp.core.settings import Settings
 
-# How much of the script is read to detect its framework: imports sit at the top.
-_DETECT_BYTES = 256 * 1024
-_IMPORT_RE = re.compile(rb"^\s*(?:import|from)\s+(torch|tensorflow|jax|keras|flax|lightning)\b", re.M)
-_FRAMEWORK_OF = {
-    b"torch": "pytorch",
-    b"lightning": "pytorch",
-    b"tensorflow": "tensorflow",
-    b"keras": "tensorflow",
-    b"jax": "jax",
-    b"flax": "jax",
-}
+# JAX's variables for the share of the GPU it preallocates: the old name, which every JAX reads,
+# and the newer one that replaces it in recent JAX releases.
+XLA_MEM_FRACTION_VARIABLES = ("XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_CLIENT_MEM_FRACTION")
 
 
 def choose_python(option: str | None, settings: Settings, env: Mapping[str, str]) -> tuple[str, str]:
@@ -43,19 +34,6 @@ def choose_python(option: str | None, settings: Settings, env: Mapping[str, str]
         if candidate.exists():
             return str(candidate), "virtualenv"
     return sys.executable, "current"
-
-
-def detect_framework(script: Path, requested: str) -> str:
-    """The framework given, or for 'auto' the first one the script imports ('none' if none)."""
-    if requested != "auto":
-        return requested
-    try:
-        with script.open("rb") as handle:
-            head = handle.read(_DETECT_BYTES)
-    except OSError:
-        return "none"
-    match = _IMPORT_RE.search(head)
-    return _FRAMEWORK_OF[match.group(1)] if match else "none"
 
 
 def limits_of(settings: Settings) -> Limits:
@@ -128,17 +106,30 @@ def contract_env(record: RunRecord, run_dir: Path, deadline: float | None) -> di
         env["CUDA_VISIBLE_DEVICES"] = gpu["uuid"]
     elif not options.get("use_gpu", True):
         env["CUDA_VISIBLE_DEVICES"] = ""  # a CPU-only run must not touch any GPU
-    limit_mb = gpu_memory_limit_mb(options.get("gpu_memory_limit"), gpu)
+    limit = options.get("gpu_memory_limit")
+    limit_mb = gpu_memory_limit_mb(limit, gpu)
     if limit_mb:
         env[contract.ENV_GPU_MEMORY_LIMIT_MB] = str(int(limit_mb))
-        total = gpu["memory_total_mb"] if gpu else None
-        if total:
-            fraction = min(limit_mb / total, 1.0)
-            env[contract.ENV_GPU_MEMORY_FRACTION] = f"{fraction:.4f}"
-            if record["framework"] == "jax":
-                # JAX preallocates 75% of the GPU unless told otherwise; it honours this variable.
-                env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{fraction:.4f}"
+    fraction = gpu_memory_fraction(limit, gpu)
+    if fraction is not None:
+        env[contract.ENV_GPU_MEMORY_FRACTION] = f"{fraction:.4f}"
+        if record["framework"] == "jax":
+            # JAX preallocates 75% of the GPU when its backend starts, before the script could
+            # limit it, unless told otherwise here; newer JAX reads the second name.
+            for name in XLA_MEM_FRACTION_VARIABLES:
+                env[name] = f"{fraction:.4f}"
     return env
+
+
+def gpu_memory_fraction(limit: str | None, gpu: GpuInfo | None) -> float | None:
+    """The limit as a share (0 to 1] of the GPU: a percentage as given (the GPU need not be
+    known), or GB over the chosen GPU's total memory; None when neither can be had."""
+    if not limit:
+        return None
+    if limit.endswith("%"):
+        return min(float(limit[:-1]) / 100, 1.0)
+    total = gpu["memory_total_mb"] if gpu else None
+    return min(float(limit) * 1024 / total, 1.0) if total else None
 
 
 # Held (blocked) in a new supervisor from its first instruction until its handlers exist: a stop

@@ -35,11 +35,11 @@ from backprop_mcp.governor.probe_choice import make_probe
 from backprop_mcp.runs import confine
 from backprop_mcp.runs.confine import check_allowed
 from backprop_mcp.runs.control import RunControl
+from backprop_mcp.runs.detect import detect_framework
 from backprop_mcp.runs.launch import (
     choose_python,
     command,
     contract_env,
-    detect_framework,
     limits_of,
 )
 from backprop_mcp.runs.requests import RunRequest, check_python, new_run_id, resolve_script
@@ -116,7 +116,7 @@ class Service(RunControl):
             python=python,
             python_source=python_source,
             cwd=str(cwd),
-            framework=detect_framework(script, settings.framework),
+            framework=detect_framework(script, settings.framework, self.env),
             max_run_minutes=settings.max_run_minutes,
             max_wall_minutes=settings.wall_minutes,
             attempts=[new_attempt(1, resume_from)],

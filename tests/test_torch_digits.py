@@ -27,16 +27,17 @@ pytestmark = pytest.mark.skipif(
 
 ROOT = Path(__file__).resolve().parent.parent
 DIGITS = ROOT / "examples" / "train_torch_digits.py"
-# 16 epochs of 45 batches of 32: 720 steps, validated every 60.
-ARGS = ["--epochs", "16", "--batch-size", "32", "--eval-every", "60", "--log-every", "20"]
-TOTAL_STEPS = 720
-# The smallest box `-m` takes is any positive number of minutes, but the script needs its imports
-# first (about 1.5 s on a fast machine, 5 s on a busy 2-core one): 6 s leaves a fast machine about
-# 4 s of training per box. At 20 ms a step (--step-delay) that is under 200 steps, so three boxes
-# (under 600) never reach the 720th step there, while a slow machine that trains little in each
-# box finishes the rest in the fourth attempt in about 15 s. The delay does not change the result:
-# the uninterrupted run goes at full speed and must still end with the same weights.
-BOX_MINUTES = "0.1"
+# 26 epochs of 45 batches of 32: 1170 steps, validated every 90.
+ARGS = ["--epochs", "26", "--batch-size", "32", "--eval-every", "90", "--log-every", "30"]
+TOTAL_STEPS = 1170
+# `-m` takes any positive number of minutes, but a box must outlast the script's imports (torch
+# and scikit-learn: about 1.5 s on a fast idle machine, 5 s and more on a busy 2-core one). A 9 s
+# box leaves a fast machine at most about 7 s of training (less the helper's 10% stop margin): at
+# 20 ms a step (--step-delay) under 360 steps, so three boxes (under 1080) never reach the 1170th
+# step there, while a slow machine that trains little in each box finishes the rest in the fourth
+# attempt in about 20 s. The delay does not change the result: the uninterrupted run goes at full
+# speed and must still end with the same weights.
+BOX_MINUTES = "0.15"
 SLOW = ["--step-delay", "0.02"]
 # The last attempt's box: room for every remaining step on a slow machine.
 LAST_BOX_MINUTES = "5"
@@ -63,16 +64,16 @@ def test_a_run_time_boxed_and_resumed_three_times_ends_with_the_weights_of_an_un
 ) -> None:
     env = isolated_env(tmp_path / "home", CUDA_VISIBLE_DEVICES="")  # CPU: deterministic kernels
     service = Service(Path(env["BACKPROP_HOME"]), env=env)
-    # The uninterrupted run, at full speed, beside the boxed one.
-    whole = cli(env, "run", str(DIGITS), "--run-id", "whole", "-f", "auto", "--detach", "--", *ARGS)
-    assert whole.returncode == 0, whole.stderr
-
     boxed = ["--run-id", "boxed", "-m", BOX_MINUTES, *GRACE]
     first = cli(env, "run", str(DIGITS), *boxed, "--", *ARGS, *SLOW, timeout=CALL_SECONDS)
     assert first.returncode == 4, first.stdout + first.stderr  # timed out
     for _ in range(2):
         again = cli(env, "resume", "boxed", "-m", BOX_MINUTES, *GRACE, timeout=CALL_SECONDS)
         assert again.returncode == 4, again.stdout + again.stderr
+    # The uninterrupted run, at full speed, beside the last attempt (not beside a box, whose
+    # start-up it would slow down).
+    whole = cli(env, "run", str(DIGITS), "--run-id", "whole", "-f", "auto", "--detach", "--", *ARGS)
+    assert whole.returncode == 0, whole.stderr
     last = cli(env, "resume", "boxed", "-m", LAST_BOX_MINUTES, timeout=CALL_SECONDS)
     assert last.returncode == 0, last.stdout + last.stderr
 

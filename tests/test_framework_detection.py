@@ -142,5 +142,10 @@ def test_a_real_run_records_the_detected_framework_and_limits_jax_before_it_star
     assert dry["environment"]["XLA_CLIENT_MEM_FRACTION"] == "0.5000"
     assert dry["environment"]["BACKPROP_GPU_MEMORY_FRACTION"] == "0.5000"
 
+    keras = str(FIXTURES / "trains_keras_on_its_default_backend.py")
+    dry = cli_json({**env, "KERAS_BACKEND": "jax"}, "run", keras, "-g", "50%", "--dry-run")
+    assert dry["environment"]["BACKPROP_FRAMEWORK"] == "jax"
+    assert dry["environment"]["XLA_CLIENT_MEM_FRACTION"] == "0.5000"
+
     record = cli_json(env, "run", str(FIXTURES / "counts_and_exits.py"), "-f", "auto")
     assert record["framework"] == "none"

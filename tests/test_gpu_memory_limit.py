@@ -121,9 +121,9 @@ def test_jax_imported_under_backprops_own_setting_is_limited_without_a_word(
 def test_a_limit_in_mb_becomes_jaxs_share_of_the_gpu_it_sees(monkeypatch: pytest.MonkeyPatch) -> None:
     limit(monkeypatch, mb="4096")
     monkeypatch.setenv(contract.ENV_FRAMEWORK, "jax")
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-fake-1")  # the 8 GiB one
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-fake-0")  # the 16 GiB one, not the smaller
     assert script.apply_gpu_memory_limit() is True
-    assert [os.environ[name] for name in XLA] == ["0.5000", "0.5000"]
+    assert [os.environ[name] for name in XLA] == ["0.2500", "0.2500"]
 
 
 def test_a_limit_in_mb_without_the_gpus_size_stops_jax_preallocating_and_says_so(

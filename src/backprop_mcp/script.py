@@ -440,7 +440,8 @@ def _limit_tensorflow(tf: Any, fraction: float | None, limit_mb: float | None, t
 def _limit_jax(fraction: float | None, limit_mb: float | None, total: _GpuTotal) -> bool | None:
     """True or False when JAX is the script's (imported, declared, or Keras's backend): whether
     its limit holds; None when JAX is not in use as far as can be told."""
-    uses_jax = "jax" in sys.modules or framework() == "jax" or _keras_backend() == "jax"
+    # An imported Keras on JAX has imported JAX; before it, KERAS_BACKEND says what it will use.
+    uses_jax = "jax" in sys.modules or "jax" in (framework(), os.environ.get("KERAS_BACKEND"))
     if any(name in os.environ for name in _XLA_MEM_FRACTION):
         # Set before the start (by backprop for a run declared `jax`, or by the user): it holds.
         return True if uses_jax else None
@@ -467,17 +468,6 @@ def _limit_jax(fraction: float | None, limit_mb: float | None, total: _GpuTotal)
     for name in _XLA_MEM_FRACTION:
         os.environ[name] = f"{fraction:.4f}"
     return True if uses_jax else None
-
-
-def _keras_backend() -> str | None:
-    """Keras's backend once it is imported (else as KERAS_BACKEND will choose it); None before."""
-    keras = sys.modules.get("keras")
-    if keras is not None:
-        try:
-            return str(keras.config.backend())
-        except AttributeError:  # Keras 2: TensorFlow's own
-            return "tensorflow"
-    return os.environ.get("KERAS_BACKEND") or None
 
 
 def _stop_signals() -> list[int]:

@@ -10,7 +10,7 @@ optimiser, cosine LR schedule, random states (torch, CUDA, Python), the epoch's 
 step. A run time-boxed and resumed any number of times on CPU ends with the same weights and
 metrics as one uninterrupted run, given the same arguments (--threads included) and PyTorch.
 
-    pip install torch==2.13.0 'backprop-mcp[examples]'   # CPU-only machine; else your torch build first
+    pip install torch==2.13.0 ".[examples]"   # in a checkout; CPU-only machine, else your torch first
     backprop run examples/train_torch_digits.py -n digits -- --epochs 30 --lr 0.003
     backprop resume RUN_ID                                  # continues from the newest checkpoint
     python examples/train_torch_digits.py --epochs 5       # outside backprop: ./checkpoints
@@ -36,12 +36,15 @@ try:
     from backprop_mcp import script as bp
 except ImportError:  # backprop-mcp is not installed in the interpreter that runs this script
     sys.stderr.write(
-        "train_torch_digits: needs backprop_mcp.script: pip install 'backprop-mcp[examples]' "
-        "into this interpreter (or run the script with the interpreter backprop is installed in)\n"
+        "train_torch_digits: needs backprop_mcp.script: install backprop-mcp with its examples "
+        "extra in this interpreter (pip install '.[examples]' in a checkout), or run the script "
+        "with the interpreter backprop is installed in\n"
     )
     sys.exit(2)
 
 NAME = "train_torch_digits"
+# How to install what the example needs (backprop-mcp is installed from a checkout).
+EXTRA = "pip install torch==2.13.0 '.[examples]' in a checkout; torch pinned on a CPU-only machine"
 # Bumped whenever the checkpoint's layout changes, so an old file is refused with a clear message.
 CHECKPOINT_FORMAT = f"{NAME}/1"
 # The train/validation split has its own seed, so runs with different --seed values (a sweep over
@@ -156,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         import torch
         from torch import nn
     except ImportError as exc:
-        print(f"{NAME}: {exc}: pip install torch==2.13.0 'backprop-mcp[examples]'", file=sys.stderr)
+        print(f"{NAME}: {exc}: install the examples extra ({EXTRA})", file=sys.stderr)
         return 2
     device = choose_device(torch, args.device)
     if device is None:
@@ -169,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         x_train, y_train, x_val, y_val = load_digits(torch)
     except ImportError as exc:
-        print(f"{NAME}: {exc}: pip install 'backprop-mcp[examples]'", file=sys.stderr)
+        print(f"{NAME}: {exc}: install the examples extra ({EXTRA})", file=sys.stderr)
         return 2
     x_train, y_train, x_val, y_val = (t.to(device) for t in (x_train, y_train, x_val, y_val))
 

@@ -22,7 +22,7 @@ from tests.helpers import cli, cli_json, isolated_env, wait_for_end
 
 pytestmark = pytest.mark.skipif(
     find_spec("torch") is None or find_spec("sklearn") is None,
-    reason="the digits example needs PyTorch and scikit-learn (pip install 'backprop-mcp[examples]')",
+    reason="the digits example needs PyTorch and scikit-learn (the examples extra)",
 )
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -105,6 +105,8 @@ class RunOptions(TypedDict, total=False):
     queue_timeout_minutes: Annotated[float, _option("queue_timeout_minutes")]
     framework: FrameworkName
     argv_compat: Annotated[bool, Field(description="also pass the seed's argv flags")]
+    backend: Literal["local", "ray"]
+    ray_address: Annotated[str, Field(max_length=200)]
 
 
 RunOptions.__pydantic_config__ = {"extra": "forbid"}  # type: ignore[attr-defined]
@@ -117,7 +119,8 @@ OPTIONS_TEXT = (
     "checkpoint_every_minutes, max_parallel, min_free_ram_gb, max_cpu_percent, gpu_min_free_vram_mb, "
     "gpu_max_temp_c, grace_seconds, queue_timeout_minutes. Booleans: use_gpu, queue (false: refuse "
     'when busy), argv_compat. gpus: ["0"] or UUIDs; gpu_memory_limit: "80%" or GB; stop_signal: '
-    "SIGINT, SIGTERM, SIGHUP, SIGUSR1 or SIGUSR2; framework: auto, pytorch, tensorflow, jax or none."
+    "SIGINT, SIGTERM, SIGHUP, SIGUSR1 or SIGUSR2; framework: auto, pytorch, tensorflow, jax or none; "
+    "backend: local or ray (ray_address: its dashboard URL)."
 )
 Options = Annotated[RunOptions | None, Field(description=OPTIONS_TEXT)]
 ResumeOptions = Annotated[

@@ -77,12 +77,15 @@ class RayBackend:
     # -- admission and submission ----------------------------------------------------------------
 
     def decide(self, store: Store, settings: Settings) -> Decision:
-        reasons, needs = ray_cluster.fit(self.address, settings)
+        return self._decide(store, settings)[0]
+
+    def _decide(self, store: Store, settings: Settings) -> tuple[Decision, ray_cluster.Needs]:
         live = _live_runs(store, None)
+        reasons, needs = ray_cluster.fit(self.address, settings)
         if live >= settings.max_parallel:
             reasons.append(f"{live} ray runs of this store live; maxParallel is {settings.max_parallel}")
         checks = [f"the run reserves {needs.words()} on a node of the Ray cluster at {self.address}"]
-        return Decision(allowed=not reasons, reasons=reasons, gpu=None, checks=checks)
+        return Decision(allowed=not reasons, reasons=reasons, gpu=None, checks=checks), needs
 
     def submit(self, store: Store, run_id: str, env: Mapping[str, str]) -> None:
         record = store.read(run_id)
@@ -117,13 +120,13 @@ class RayBackend:
             if not first and (current is None or current.get("state") != "queued"):
                 return record  # another reader submitted it meanwhile
             try:
-                decision = self.decide(store, settings)
+                decision, needs = self._decide(store, settings)
             except Unreachable as exc:
                 if first:
                     raise
                 decision = Decision(allowed=False, reasons=[exc.message], gpu=None, checks=[])
             if decision["allowed"]:
-                self._submit_job(store, record, state, settings)
+                self._submit_job(store, record, state, needs)
                 return record
         if not settings.queue:
             _end(store, record, "rejected", "rejected", "; ".join(decision["reasons"]))
@@ -135,7 +138,9 @@ class RayBackend:
             store.write(record, index=False)
         return record
 
-    def _submit_job(self, store: Store, record: RunRecord, state: dict[str, Any], settings: Settings) -> None:
+    def _submit_job(
+        self, store: Store, record: RunRecord, state: dict[str, Any], needs: ray_cluster.Needs
+    ) -> None:
         run_id, attempt = record["run_id"], record["attempt"]
         token = secrets.token_hex(8)
         sent = {**record, "script": state["relative"]}
@@ -143,9 +148,8 @@ class RayBackend:
             joblog.MARK_ENV: token,
             joblog.RECORD_ENV: json.dumps(sent, separators=(",", ":")),
             joblog.STORE_KEY_ENV: joblog.store_key(store.home),
-            joblog.STORAGE_ENV: settings.ray_storage or "",
+            joblog.STORAGE_ENV: settings_of(record).ray_storage or "",
         }
-        _, needs = ray_cluster.fit(self.address, settings)
         conn = ray_cluster.client(self.address)
         job_id = ray_cluster.call(
             self.address,

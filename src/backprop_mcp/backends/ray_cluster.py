@@ -34,7 +34,7 @@ class Needs(NamedTuple):
 
     def words(self) -> str:
         gpus = f", {self.gpus:g} GPU" if self.gpus else ""
-        return f"{self.cpus:g} CPU{gpus} and {self.memory / GIB:.3g} GB memory"
+        return f"{self.cpus:g} CPU{gpus} and {self.memory / GIB:.1f} GB memory"
 
 
 class NotFound(ClusterError):
@@ -61,7 +61,8 @@ def client(address: str) -> Any:
             "(pip install 'backprop-mcp[ray]', i.e. ray[default])"
         ) from None
     # The SDK reports each upload at INFO on stderr; what matters reaches the record instead.
-    logging.getLogger("ray.dashboard.modules.dashboard_sdk").setLevel(logging.WARNING)
+    for name in ("ray.dashboard.modules.dashboard_sdk", "ray._private.runtime_env.packaging"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
     class BoundedClient(JobSubmissionClient):  # type: ignore[misc]
         def _do_request(self, method: str, endpoint: str, **kwargs: Any) -> Any:
@@ -126,5 +127,5 @@ def fit(address: str, settings: Settings) -> tuple[list[str], Needs]:
         if node["CPU"] >= needs.cpus and node["GPU"] >= needs.gpus and node["memory"] >= needs.memory:
             return [], needs
     best = max(nodes, key=lambda n: (n["CPU"], n["GPU"], n["memory"]))
-    most = f"{best['CPU']:g} CPU, {best['GPU']:g} GPU, {best['memory'] / GIB:.3g} GB memory"
+    most = f"{best['CPU']:g} CPU, {best['GPU']:g} GPU, {best['memory'] / GIB:.1f} GB memory"
     return [f"no Ray node has {needs.words()} free (the freest has {most})"], needs

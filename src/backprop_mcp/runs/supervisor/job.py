@@ -155,12 +155,20 @@ class JobSupervisor(Supervisor):
         finally:
             self.echo.flush()
 
-    def _requested_reason(self, reason: str | None) -> tuple[str | None, str | None]:
-        found, why = super()._requested_reason(reason)
-        if found == "stop_requested" and self._stop_request() is None:
-            # A stop signal without backprop's request: the cluster stopped the job itself.
-            why = "stopped by the cluster: the Ray job was stopped (SIGTERM to its entrypoint)"
-        return found, why
+    def finish(self, proc: Any) -> None:
+        if self.stop_reason == "stop_requested" and self._stop_request() is None:
+            # The cluster stopped the job (`ray job stop`): Ray signals the script itself too, so
+            # it may be gone before this supervisor's own stop sequence began; that stop is still why.
+            self.stop_acted = True
+            self.stopped_by_cluster = True
+        super().finish(proc)
+
+    def set_state(self, status: str, detail: str | None = None, **extra: Any) -> None:
+        if status == "stopped" and getattr(self, "stopped_by_cluster", False):
+            detail = (
+                "stopped by the cluster: its Ray job was stopped (`ray job stop`, SIGTERM to its entrypoint)"
+            )
+        super().set_state(status, detail, **extra)
 
 
 def _run(env: dict[str, str], echo: Echo) -> int:

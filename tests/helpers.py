@@ -30,7 +30,8 @@ def isolated_env(home: Path, **extra: str) -> dict[str, str]:
 
     The limits admit runs on a small, busy CI machine; governor tests set their own.
     """
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BACKPROP_")}
+    # RAY_ADDRESS is a setting too (the ray backend's cluster): a developer's own must not apply.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BACKPROP_") and k != "RAY_ADDRESS"}
     env.update(
         BACKPROP_HOME=str(home),
         BACKPROP_CONFIG=str(home / "no-user-config.json"),

@@ -23,6 +23,9 @@ _RUN_OPTIONS: list[tuple[tuple[str, ...], str, dict[str, Any]]] = [
     (("--no-gpu",), "use_gpu", {"action": "store_const", "const": False}),
     (("--no-queue",), "queue", {"action": "store_const", "const": False}),
     (("--argv-compat",), "argv_compat", {"action": "store_const", "const": True}),
+    (("--backend",), "backend", {"metavar": "NAME"}),
+    (("--ray-address",), "ray_address", {"metavar": "URL"}),
+    (("--ray-storage",), "ray_storage", {"metavar": "DIR"}),
 ]
 # Governor limits, also taken by `status` so it can show the verdict under them.
 _LIMIT_OPTIONS: list[tuple[tuple[str, ...], str, dict[str, Any]]] = [

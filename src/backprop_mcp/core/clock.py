@@ -23,3 +23,9 @@ def parse_iso(value: str | None) -> float | None:
         return base + (float("0" + value[19:-1]) if value[19:20] == "." else 0.0)
     except ValueError:
         return None
+
+
+def age_seconds(iso: str | None) -> float:
+    """Seconds since a `now_iso` time; infinite for one that cannot be read."""
+    at = parse_iso(iso)
+    return time.time() - at if at is not None else float("inf")

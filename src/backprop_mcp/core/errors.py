@@ -75,3 +75,7 @@ class StoreError(BackpropError):
 
 class StoreCorrupt(StoreError):
     """A store file was not valid JSON of a known schema; it has been moved aside."""
+
+
+class ClusterError(BackpropError):
+    """The cluster a run is sent to (the ray backend) cannot be reached, or refused a request."""

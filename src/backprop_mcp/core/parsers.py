@@ -260,3 +260,26 @@ def parse_run_id(value: object, where: str) -> str:
         return check_run_id(value)
     except UsageError as exc:
         raise ConfigError(f"{where}: {exc}") from None
+
+
+def parse_ray_address(value: object, where: str) -> str | None:
+    """The address of a Ray cluster's Jobs API (its dashboard): http(s)://HOST:PORT, or HOST:PORT
+    for http. `ray://` (Ray Client) and GCS addresses are not the Jobs API."""
+    if value is None:
+        return None
+    allowed = "the Ray dashboard's address, like http://127.0.0.1:8265 (or 127.0.0.1:8265)"
+    if (
+        not isinstance(value, str)
+        or not value.strip()
+        or "\0" in value
+        or any(c.isspace() for c in value.strip())
+    ):
+        raise ConfigError(f"{where} must be {allowed}; got {show(value)}")
+    text = value.strip().rstrip("/")
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        scheme, rest = "http", text
+    host, colon, port = rest.rpartition(":")
+    if scheme not in ("http", "https") or not host or "/" in rest or not colon or not port.isdigit():
+        raise ConfigError(f"{where} must be {allowed}; got {show(value)}")
+    return f"{scheme}://{rest}"

@@ -139,7 +139,8 @@ class RunRecord(TypedDict):
     python: str
     """Interpreter that runs the script."""
     python_source: str
-    """How the interpreter was chosen: option, config, virtualenv or current."""
+    """How the interpreter was chosen: option, config, virtualenv, current, or cluster (the
+    `python` of the Ray cluster that ran the current attempt)."""
     cwd: str
     """Working directory of the script."""
     framework: str
@@ -197,6 +198,9 @@ class RunRecord(TypedDict):
     records written before it was kept)."""
     sweep: NotRequired[SweepRef]
     """Present on a trial of a sweep: the sweep, the trial number and its parameters."""
+    job_id: NotRequired[str]
+    """Present on a run of the ray backend once its current attempt was submitted: the Ray job's
+    submission id (docs/cluster.md)."""
     bad_event_lines: int
     """Lines that looked like events but were not valid (logged and skipped)."""
     supervisor_pid: int | None

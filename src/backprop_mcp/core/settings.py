@@ -23,6 +23,7 @@ from backprop_mcp.core.parsers import (
     parse_gpu_memory_limit,
     parse_path_list,
     parse_python,
+    parse_ray_address,
     parse_run_id,
     parse_stop_signal,
     parse_text,
@@ -30,6 +31,7 @@ from backprop_mcp.core.parsers import (
 
 FRAMEWORK_CHOICES = ("auto", "pytorch", "tensorflow", "jax", "none")
 PROBE_CHOICES = ("auto", "nvml", "nvidia-smi", "rocm", "none", "static")
+BACKEND_CHOICES = ("local", "ray")
 # The wall-clock cap defaults to this multiple of the time box: a run may spend up to twice its
 # box paused (hot GPU, busy machine) before it is stopped anyway.
 WALL_CAP_MULTIPLE = 3.0
@@ -226,6 +228,30 @@ FIELDS: tuple[Field, ...] = (
         parse_path_list,
         "directories scripts must lie in (MCP server; os.pathsep-separated in the variable)",
     ),
+    Field(
+        "backend",
+        "backend",
+        "BACKPROP_BACKEND",
+        "--backend",
+        choice(BACKEND_CHOICES),
+        "where runs run: local (this machine, the default) or ray (a Ray cluster's Jobs API)",
+    ),
+    Field(
+        "ray_address",
+        "ray.address",
+        "RAY_ADDRESS",
+        "--ray-address",
+        parse_ray_address,
+        "the Ray dashboard's address for --backend ray (default http://127.0.0.1:8265)",
+    ),
+    Field(
+        "ray_storage",
+        "ray.storage",
+        "BACKPROP_RAY_STORAGE",
+        "--ray-storage",
+        parse_text,
+        "a folder every Ray node sees at the same path: runs' checkpoints (default: node-local)",
+    ),
 )
 FIELDS_BY_NAME = {f.name: f for f in FIELDS}
 FIELDS_BY_KEY = {f.key: f for f in FIELDS}
@@ -289,6 +315,9 @@ class Settings(NamedTuple):
     argv_compat: bool = False
     python: str | None = None
     allowed_roots: list[str] | None = None
+    backend: str = "local"
+    ray_address: str | None = None
+    ray_storage: str | None = None
     default_script: str | None = None
     """`trainingScriptPath` (absolute): what `backprop run` starts when no script is given."""
     default_run_id: str | None = None

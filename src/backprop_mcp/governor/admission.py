@@ -343,6 +343,13 @@ class Admission:
                     continue
                 path.unlink(missing_ok=True)
 
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """The queue's lock, held for the block: runs admitted elsewhere (the ray backend's, whose
+        supervisors are not on this machine) are counted and admitted under it, one starter at a time."""
+        with self._locked():
+            yield
+
     def prune(self, *, timeout: float) -> None:
         """Drop dead tickets and reclaim the slots of dead or wedged supervisors, waiting at most
         `timeout` for the lock (a running supervisor looks at the others without stalling)."""

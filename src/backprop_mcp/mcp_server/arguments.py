@@ -105,6 +105,9 @@ class RunOptions(TypedDict, total=False):
     queue_timeout_minutes: Annotated[float, _option("queue_timeout_minutes")]
     framework: FrameworkName
     argv_compat: Annotated[bool, Field(description="also pass the seed's argv flags")]
+    # Not ray_address: where the project's folder is uploaded is the user's choice (config,
+    # RAY_ADDRESS, the server's --ray-address), never an agent's (docs/cluster.md, Security).
+    backend: Literal["local", "ray"]
 
 
 RunOptions.__pydantic_config__ = {"extra": "forbid"}  # type: ignore[attr-defined]
@@ -117,7 +120,8 @@ OPTIONS_TEXT = (
     "checkpoint_every_minutes, max_parallel, min_free_ram_gb, max_cpu_percent, gpu_min_free_vram_mb, "
     "gpu_max_temp_c, grace_seconds, queue_timeout_minutes. Booleans: use_gpu, queue (false: refuse "
     'when busy), argv_compat. gpus: ["0"] or UUIDs; gpu_memory_limit: "80%" or GB; stop_signal: '
-    "SIGINT, SIGTERM, SIGHUP, SIGUSR1 or SIGUSR2; framework: auto, pytorch, tensorflow, jax or none."
+    "SIGINT, SIGTERM, SIGHUP, SIGUSR1 or SIGUSR2; framework: auto, pytorch, tensorflow, jax or none; "
+    "backend: local or ray (the configured cluster)."
 )
 Options = Annotated[RunOptions | None, Field(description=OPTIONS_TEXT)]
 ResumeOptions = Annotated[

@@ -33,6 +33,9 @@ DEFAULT_OPTIONS = (
     "max_cpu_percent",
     "gpu_memory_limit",
     "grace_seconds",
+    "backend",
+    "ray_address",
+    "ray_storage",
 )
 
 

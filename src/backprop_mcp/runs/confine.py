@@ -42,7 +42,7 @@ _LABELS = {
 
 # Interpreters chosen by the user's own configuration, never by an MCP argument: a stored run
 # whose interpreter came from one of these may be resumed whatever folder it lies in.
-CONFIGURED_SOURCES = frozenset({"config", "virtualenv", "current", "imported"})
+CONFIGURED_SOURCES = frozenset({"config", "virtualenv", "current", "imported", "cluster"})
 
 # Symlinks followed in one walk before the path is refused (Linux's own limit is 40).
 _MAX_LINKS = 40

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal, cast
 
 from backprop_mcp.backends.base import Backend, SupervisorId
+from backprop_mcp.backends.choice import of_record
 from backprop_mcp.backends.local import LocalBackend
 from backprop_mcp.core.answers import (
     Comparison,
@@ -26,7 +27,7 @@ from backprop_mcp.core.answers import (
     StopResult,
     SystemStatus,
 )
-from backprop_mcp.core.clock import now_iso, parse_iso
+from backprop_mcp.core.clock import age_seconds, now_iso
 from backprop_mcp.core.config import resolve_settings
 from backprop_mcp.core.errors import (
     BackpropError,
@@ -50,9 +51,7 @@ from backprop_mcp.core.stored import UNKNOWN_STATUS
 from backprop_mcp.governor import decisions, proctree
 from backprop_mcp.governor.admission import Admission
 from backprop_mcp.governor.probe_choice import make_probe
-from backprop_mcp.runs.launch import (
-    limits_of,
-)
+from backprop_mcp.runs.launch import limits_of
 from backprop_mcp.runs.listing import Order, complete_row, is_old_row, needs_metrics, ordered, parse_sort
 from backprop_mcp.runs.runlog import empty_note
 
@@ -115,9 +114,14 @@ class RunControl:
     # -- reading ----------------------------------------------------------------------------------
 
     def get(self, run_id: str) -> RunRecord:
-        """The run's record, marking it `lost` first if its supervisor is gone."""
+        """The run's record, marking it `lost` first if its supervisor is gone (a run on a cluster:
+        what its job reported since the last read folded in first, see `RemoteBackend.follow`)."""
         check_run_id(run_id)
         record = self.store.read(run_id)
+        remote = of_record(record["options"]) if record["status"] in ACTIVE_STATES else None
+        if remote is not None:
+            with self.store.run_lock(run_id):
+                return remote.follow(self.store, self.store.read(run_id))
         if record["status"] in ACTIVE_STATES and not self._supervised(record):
             with self.store.run_lock(run_id):
                 record = self.store.read(run_id)
@@ -134,7 +138,7 @@ class RunControl:
         stopped (SIGSTOP) or hung past the run's end is treated like a dead one."""
         supervisor = self._supervisor(record)
         if supervisor is None:
-            return _age(record["updated_at"]) < LAUNCH_GRACE_SECONDS
+            return age_seconds(record["updated_at"]) < LAUNCH_GRACE_SECONDS
         return self.backend.is_alive(supervisor) and self._wedged(record, supervisor) is None
 
     def _ledger(self, record: RunRecord) -> Path:
@@ -352,6 +356,12 @@ class RunControl:
         record = self.get(run_id)
         if record["status"] not in ACTIVE_STATES:
             raise RunStateError(f"run {run_id} has already ended ({record['status']}); nothing to stop")
+        remote = of_record(record["options"])
+        if remote is not None:  # its supervisor is a cluster job's: the backend reaches it
+            remote.stop(self.store, record, force=force, pruned=pruned)
+            with contextlib.suppress(StoreError):
+                self.store.append_event(run_id, {"type": "stop_requested", "force": force})
+            return None
         # First the request in the run folder, then the signal to whatever supervisor is known by
         # then: a supervisor reads this file after making its pid known, so a stop at any moment
         # of a launch reaches it one way or the other (see `Supervisor.run`).
@@ -436,8 +446,3 @@ class RunControl:
         from backprop_mcp.runs.metrics import run_metrics
 
         return run_metrics(self.get, self.store, run_ids, metrics=metrics, points=points)
-
-
-def _age(iso: str) -> float:
-    at = parse_iso(iso)
-    return time.time() - at if at is not None else float("inf")

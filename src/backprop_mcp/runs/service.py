@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
+from backprop_mcp.backends.choice import of_record, remote_backend
 from backprop_mcp.core.answers import DryRun, ImportReport
 from backprop_mcp.core.clock import now_iso
 from backprop_mcp.core.errors import (
@@ -177,8 +178,9 @@ class Service(RunControl):
         return given if given.is_absolute() else self.cwd / given
 
     def _launch(self, run_id: str) -> None:
-        """Submit the run's current attempt to the backend, all or nothing (see `Backend.submit`)."""
-        self.backend.submit(self.store, run_id, self.env)
+        """Submit the run's current attempt to its backend, all or nothing (see `Backend.submit`)."""
+        remote = of_record(self.store.read(run_id)["options"])
+        (remote or self.backend).submit(self.store, run_id, self.env)
 
     def _launched(self, run_id: str) -> RunRecord:
         """The record of a run just launched. Queued, it says its place in the queue: the ticket
@@ -191,6 +193,9 @@ class Service(RunControl):
 
     def _decide(self, settings: Settings) -> Decision:
         self.store.ensure()
+        remote = remote_backend(settings.backend, settings.ray_address)
+        if remote is not None:  # the cluster's resources decide, not this machine's
+            return remote.decide(self.store, settings)
         probe = make_probe(settings.gpu_probe, cpu_cache=self.store.governor_dir / "cpu_sample.json")
         snapshot = probe.snapshot()
         active = Admission(self.store.governor_dir).active()
@@ -267,6 +272,9 @@ class Service(RunControl):
                 own = [*allowed_roots, self.store.run_dir(run_id)]
                 usable = functools.partial(confine.confined, roots=own)
             checkpoint = None if from_scratch else newest_existing_checkpoint(record, usable)
+            if of_record(record["options"]) is not None and not from_scratch and record["checkpoints"]:
+                # Written on the cluster: its job looks for the newest one that exists there.
+                checkpoint = record["checkpoints"][-1]["path"]
             if checkpoint is None and not from_scratch:
                 known = len(record["checkpoints"])
                 hidden = sum(1 for c in record["checkpoints"] if usable and usable(Path(c["path"])) is None)
@@ -327,6 +335,7 @@ class Service(RunControl):
                 }
             )
             record["attempts"].append(new_attempt(attempt, checkpoint))
+            record.pop("job_id", None)  # the new attempt's job is not submitted yet
             if preview is not None:
                 preview(self._dry_run_of(record, settings))
                 return self.store.read(run_id)

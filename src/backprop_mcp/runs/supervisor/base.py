@@ -13,6 +13,7 @@ import selectors
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from typing import Any
 
 import psutil
@@ -80,6 +81,9 @@ class SupervisorBase:
         self.last_write = 0.0
         self.bad_lines = 0
         self.proc: subprocess.Popen[bytes] | None = None
+        # Run in the script's process between fork and exec (a job's supervisor ties the script's
+        # life to its own); None locally, where the run's ledger lets a reader end an orphan.
+        self.script_preexec: Callable[[], None] | None = None
         self.output: RunLog | None = None
         self.started_epoch = 0.0
         self.cpu_watch: dict[int, psutil.Process] = {}

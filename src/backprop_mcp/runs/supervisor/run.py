@@ -92,6 +92,7 @@ class Supervisor(EndingSupervisor):
                 stderr=subprocess.PIPE,
                 start_new_session=True,  # its own process group: signals reach the whole tree
                 close_fds=True,
+                preexec_fn=self.script_preexec,  # noqa: PLW1509 (the supervisor starts no threads)
             )
         except OSError as exc:
             self._release()

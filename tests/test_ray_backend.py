@@ -1,0 +1,332 @@
+"""The ray backend against a real Ray head on loopback (one per test session, `ray_head`): runs
+submitted, followed, time-boxed, stopped, resumed and listed through the CLI and the MCP tools over
+stdio; their metrics and history as a local run's; a job killed on the cluster and a head that
+goes away recorded truthfully; the cluster's admission and maxParallel; and the bad inputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from importlib.util import find_spec
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from mcp import Client
+from mcp.client.stdio import StdioServerParameters
+
+from backprop_mcp.core.errors import ClusterError, UsageError
+from backprop_mcp.core.records import ACTIVE_STATES, TERMINAL_STATES
+from backprop_mcp.runs.joblog import job_home, store_key
+from backprop_mcp.runs.requests import RunRequest
+from backprop_mcp.runs.service import Service
+from tests.helpers import FIXTURES, cli, cli_json, isolated_env, no_survivors, wait_for_end, wait_until
+from tests.ray_head import Head, kill_head, ray_command, start_head, stop_head
+from tests.test_mcp_stdio import server_command
+from tests.test_mcp_tools import call, wait_end
+
+pytestmark = pytest.mark.skipif(
+    find_spec("ray") is None, reason="Ray is not installed: pip install 'backprop-mcp[ray]' (ray[default])"
+)
+
+# Bounds every wait on a ray run: a job's runtime environment is set up before its entrypoint runs
+# (seconds on an idle machine, far more on a loaded 2-core runner).
+WAIT = 120.0
+# How long the cluster may stay silent before a run is ended as lost, in the head-gone test: long
+# enough that a busy reader's own retries do not trip it, short enough to keep the test quick.
+SILENT_SECONDS = "5"
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def ray_env(tmp_path: Path, head: Head, **extra: str) -> dict[str, str]:
+    return isolated_env(
+        tmp_path / "home",
+        BACKPROP_BACKEND="ray",
+        RAY_ADDRESS=head.address,
+        BACKPROP_RAY_STORAGE=str(tmp_path / "cluster"),
+        **extra,
+    )
+
+
+def project_with(tmp_path: Path, **scripts: str) -> Path:
+    """A project folder holding fixtures under new names (name=fixture file)."""
+    folder = tmp_path / "project"
+    folder.mkdir(exist_ok=True)
+    for name, fixture in scripts.items():
+        shutil.copy(FIXTURES / f"{fixture}.py", folder / f"{name}.py")
+    return folder
+
+
+def job_state(service: Service, run_id: str) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((service.store.run_dir(run_id) / "ray-job.json").read_text("utf-8"))
+    return data
+
+
+def running(service: Service, run_id: str) -> dict[str, Any]:
+    """Wait until the run runs on the cluster and its supervisor there is known; its record."""
+
+    def check() -> dict[str, Any] | None:
+        record = service.get(run_id)
+        assert record["status"] in ACTIVE_STATES, record
+        supervisor = job_state(service, run_id).get("supervisor")
+        return dict(record) if record["status"] == "running" and supervisor else None
+
+    return wait_until(check, timeout=WAIT, what=f"run {run_id} to run on the cluster")
+
+
+def logged(service: Service, run_id: str, text: str) -> None:
+    wait_until(
+        lambda: any(text in line for line in service.logs(run_id, tail=50)["lines"]),
+        timeout=WAIT,
+        what=f"{text!r} in the log of {run_id}",
+    )
+
+
+def test_the_cli_follows_a_ray_run_to_its_end_lists_it_and_resumes_it_from_its_checkpoint(
+    ray_head: Head, tmp_path: Path
+) -> None:
+    project = project_with(tmp_path, train="trains_from_its_checkpoint")
+    env = isolated_env(tmp_path / "home")  # the backend chosen on the command line alone
+    ray = ("--backend", "ray", "--ray-address", ray_head.address.removeprefix("http://"))
+    try:
+        done = cli(
+            env, "run", "train.py", *ray, "--run-id", "r1", "--", "20", "10", cwd=project, timeout=WAIT
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        record = cli_json(env, "status", "r1")
+        assert (record["status"], record["termination_reason"], record["exit_code"]) == (
+            "completed",
+            "exit_zero",
+            0,
+        )
+        assert (record["step"], record["loss"], record["metrics"]) == (20, 120.0, {"val_loss": 120.5})
+        assert record["job_id"].startswith("backprop-r1-1-")
+        assert (record["options"]["backend"], record["options"]["ray_address"]) == ("ray", ray_head.address)
+        assert record["python_source"] == "cluster"
+        assert record["cwd"] == str(project) and record["script"] == str(project / "train.py")
+        lines = cli_json(env, "logs", "r1", "--tail", "3")["lines"]
+        assert lines[-1] == '{"event": "metric", "name": "val_loss", "value": 120.5, "step": 20}'
+
+        # The same script run locally: the same record fields and the same metric history.
+        done = cli(env, "run", "train.py", "--run-id", "l1", "--", "20", "10", cwd=project, timeout=WAIT)
+        assert done.returncode == 0, done.stderr
+        local = cli_json(env, "status", "l1")
+        for field in ("status", "step", "loss", "metrics", "termination_reason", "exit_code", "total"):
+            assert record[field] == local[field], field
+        assert set(record) - {"job_id"} == set(local)
+        curves = cli_json(env, "metrics", "r1", "l1")["runs"]
+        assert curves[0]["metrics"] == curves[1]["metrics"]
+        assert curves[0]["metrics"]["loss"]["reported"] == 20
+
+        done = cli(env, "resume", "r1", "--", "6", "3", cwd=project, timeout=WAIT)
+        assert done.returncode == 0, done.stdout + done.stderr
+        record = cli_json(env, "status", "r1")
+        assert (record["status"], record["attempt"], record["step"]) == ("completed", 2, 16)
+        assert record["resume_from"] == record["attempts"][0]["resume_from"] or record[
+            "resume_from"
+        ].endswith("step10.json")
+        assert record["attempts"][0]["status"] == "completed" and record["job_id"].startswith(
+            "backprop-r1-2-"
+        )
+        rows = {row["run_id"]: row for row in cli_json(env, "list")["runs"]}
+        assert (rows["r1"]["status"], rows["r1"]["attempt"], rows["r1"]["step"]) == ("completed", 2, 16)
+        loss = cli_json(env, "metrics", "r1")["runs"][0]["metrics"]["loss"]
+        assert loss["reported"] == 26 and loss["last"] == 216.0  # both attempts, joined
+    finally:
+        shutil.rmtree(job_home(None, store_key(tmp_path / "home")), ignore_errors=True)
+
+
+@pytest.mark.anyio
+async def test_mcp_tools_time_box_resume_stop_and_list_a_ray_run(ray_head: Head, tmp_path: Path) -> None:
+    project = project_with(tmp_path, train="checkpoints_on_sigint")
+    env = isolated_env(tmp_path / "home", RAY_ADDRESS=ray_head.address)
+    env["BACKPROP_RAY_STORAGE"] = str(tmp_path / "cluster")
+    command, *args = server_command()
+    params = StdioServerParameters(
+        command=command, args=[*args, "--root", str(project)], env=env, cwd=project
+    )
+    options = {"backend": "ray", "min_free_ram_gb": 0, "use_gpu": False, "grace_seconds": 10}
+    service = Service(Path(env["BACKPROP_HOME"]), env=env, cwd=project)
+    with anyio.fail_after(WAIT * 4):
+        async with Client(params) as client:
+            first = await call(
+                client, "run_training", script="train.py", max_run_minutes=0.05, options=options
+            )
+            ended = await wait_end(client, first["run_id"])
+            assert (ended["status"], ended["termination_reason"]) == ("timed_out", "deadline"), ended
+            saved = ended["latest_checkpoint"]
+            assert saved.startswith(str(tmp_path / "cluster")) and Path(saved).is_file()
+            assert ended["step"] == json.loads(Path(saved).read_text("utf-8"))["step"] > 0
+
+            resumed = await call(client, "resume_run", run_id=first["run_id"], max_run_minutes=5)
+            assert resumed["attempt"] == 2
+            await anyio.to_thread.run_sync(running, service, first["run_id"])
+            await anyio.to_thread.run_sync(logged, service, first["run_id"], "ready")
+            await call(client, "stop_run", run_id=first["run_id"])
+            stopped = await wait_end(client, first["run_id"])
+            assert (stopped["status"], stopped["termination_reason"]) == ("stopped", "stop_requested"), (
+                stopped
+            )
+            assert stopped["resume_from"] == saved and stopped["latest_checkpoint"] != saved
+            assert stopped["step"] > ended["step"]  # it went on from the first attempt's checkpoint
+
+            page = await call(client, "list_experiments")
+            row = next(r for r in page["runs"] if r["run_id"] == first["run_id"])
+            assert (row["status"], row["attempt"]) == ("stopped", 2)
+            metrics = await call(client, "get_metrics", run_ids=[first["run_id"]])
+            assert metrics["runs"][0]["metrics"]["loss"]["last"] == pytest.approx(stopped["loss"], rel=1e-4)
+    assert no_survivors(first["run_id"])
+
+
+def test_a_job_stopped_or_killed_on_the_cluster_is_recorded_as_such(ray_head: Head, tmp_path: Path) -> None:
+    project = project_with(tmp_path, wait="waits_forever")
+    env = ray_env(tmp_path, ray_head)
+    service = Service(Path(env["BACKPROP_HOME"]), env=env, cwd=project)
+    stopped = service.start(RunRequest(script="wait.py", run_id="by-ray"))
+    killed = service.start(RunRequest(script="wait.py", run_id="by-kill"))
+    running(service, "by-ray")
+    logged(service, "by-ray", "ready")
+    done = subprocess.run(
+        [
+            str(ray_command()),
+            "job",
+            "stop",
+            "--address",
+            ray_head.address,
+            job_state(service, "by-ray")["job_id"],
+        ],
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    record = wait_for_end(service, stopped["run_id"], timeout=WAIT)
+    assert (record["status"], record["termination_reason"]) == ("stopped", "stop_requested"), record
+    assert "stopped by the cluster" in (record["status_detail"] or "") or "ray job stop" in (
+        record["status_detail"] or ""
+    )
+
+    running(service, "by-kill")
+    pid, _ = job_state(service, "by-kill")["supervisor"]
+    os.kill(pid, 9)  # the job's entrypoint, as an out-of-memory kill on the node would
+    record = wait_for_end(service, killed["run_id"], timeout=WAIT)
+    assert (record["status"], record["termination_reason"]) == ("lost", "supervisor_lost"), record
+    assert "ended FAILED" in (record["status_detail"] or "")
+    wait_until(lambda: no_survivors("by-kill"), timeout=WAIT, what="the killed run's script to die with it")
+    assert no_survivors("by-ray")
+
+
+def test_admission_asks_the_cluster_and_max_parallel_holds_across_the_store(
+    ray_head: Head, tmp_path: Path
+) -> None:
+    project = project_with(tmp_path, wait="waits_forever")
+    env = ray_env(tmp_path, ray_head, BACKPROP_MAX_PARALLEL="1")
+    service = Service(Path(env["BACKPROP_HOME"]), env=env, cwd=project)
+    huge = {"min_free_ram_gb": 65536}
+    record = service.start(RunRequest(script="wait.py", run_id="too-big", options=huge))
+    assert record["status"] == "queued" and "no Ray node has 1 CPU and 65536.0 GB memory free" in (
+        record["status_detail"] or ""
+    )
+    assert "job_id" not in record
+    refused = service.start(RunRequest(script="wait.py", run_id="refused", options={**huge, "queue": False}))
+    assert refused["status"] == "rejected" and "no Ray node has" in (refused["status_detail"] or "")
+    assert service.stop("too-big")["status"] == "stopped"
+
+    service.start(RunRequest(script="wait.py", run_id="first"))
+    running(service, "first")
+    # Another process of the same store (the CLI) finds the one place taken.
+    second = cli_json(env, "run", "wait.py", "--run-id", "second", "--detach", cwd=project)
+    assert second["status"] == "queued", second
+    record = service.get("second")
+    assert record["status"] == "queued" and "1 ray runs of this store live; maxParallel is 1" in (
+        record["status_detail"] or ""
+    )
+    service.stop("first")
+    wait_for_end(service, "first", timeout=WAIT)
+    running(service, "second")  # submitted by a read once the place was free
+    service.stop("second")
+    assert wait_for_end(service, "second", timeout=WAIT)["status"] == "stopped"
+
+
+def test_a_head_that_goes_away_mid_run_leaves_a_truthful_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    head = start_head(cpus=1)
+    try:
+        project = project_with(tmp_path, wait="waits_forever")
+        env = ray_env(tmp_path, head)
+        # Read by whoever follows the run: here, this process.
+        monkeypatch.setenv("BACKPROP_RAY_SILENT_SECONDS", SILENT_SECONDS)
+        service = Service(Path(env["BACKPROP_HOME"]), env=env, cwd=project)
+        service.start(RunRequest(script="wait.py", run_id="orphaned"))
+        running(service, "orphaned")
+        kill_head(head)
+
+        def ended() -> dict[str, Any] | None:
+            record = service.get("orphaned")
+            return dict(record) if record["status"] in TERMINAL_STATES else None
+
+        record = wait_until(ended, timeout=WAIT, what="the run of a gone head to end")
+        assert (record["status"], record["termination_reason"]) == ("lost", "supervisor_lost"), record
+        assert "does not answer" in (record["status_detail"] or "") or "no longer knows" in (
+            record["status_detail"] or ""
+        )
+        wait_until(lambda: no_survivors("orphaned"), timeout=WAIT, what="the script to die with its head")
+    finally:
+        stop_head(head)
+
+
+def test_bad_ray_inputs_are_clear_errors_and_leave_nothing(tmp_path: Path) -> None:
+    project = project_with(tmp_path, wait="waits_forever")
+    outside = tmp_path / "elsewhere.py"
+    shutil.copy(FIXTURES / "waits_forever.py", outside)
+    env = isolated_env(tmp_path / "home")
+    done = cli(
+        env, "run", "wait.py", "--backend", "ray", "--ray-address", "ray://127.0.0.1:10001", cwd=project
+    )
+    assert done.returncode == 2 and "--ray-address must be the Ray dashboard's address" in done.stderr
+    done = cli(env, "run", "wait.py", "--backend", "cloud", cwd=project)
+    assert done.returncode == 2 and "--backend must be one of local, ray" in done.stderr
+    service = Service(Path(env["BACKPROP_HOME"]), env=env, cwd=project)
+    ray = {"backend": "ray", "ray_address": "http://127.0.0.1:9"}  # nothing listens on port 9
+    with pytest.raises(UsageError, match="lies outside the run's working directory"):
+        service.start(RunRequest(script=str(outside), options=ray))
+    with pytest.raises(UsageError, match="runs with the python of the Ray cluster"):
+        service.start(RunRequest(script="wait.py", python=sys.executable, options=ray))
+    with pytest.raises(
+        ClusterError, match=re.escape("the Ray cluster at http://127.0.0.1:9 does not answer")
+    ):
+        service.start(RunRequest(script="wait.py", run_id="unreachable", options=ray))
+    assert service.list_runs()["runs"] == []
+
+
+def test_local_runs_never_import_ray(tmp_path: Path) -> None:
+    project = project_with(tmp_path, train="trains_from_its_checkpoint")
+    env = isolated_env(tmp_path / "home")
+    code = (
+        "import sys; from pathlib import Path; from backprop_mcp.runs.service import Service; "
+        "from backprop_mcp.runs.requests import RunRequest; from tests.helpers import wait_for_end; "
+        f"s = Service(Path({env['BACKPROP_HOME']!r}), cwd=Path({str(project)!r})); "
+        "r = s.start(RunRequest(script='train.py', args=['3', '1'])); wait_for_end(s, r['run_id']); "
+        "s.list_runs(); print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        cwd=Path(__file__).parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+        check=False,
+    )
+    assert (done.returncode, done.stdout.strip()) == (0, "[]"), done.stderr

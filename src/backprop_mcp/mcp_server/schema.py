@@ -40,12 +40,13 @@ def tool(
     title: str,
     description: str,
     annotations: ToolAnnotations,
-    returns: dict[str, Any],
+    returns: dict[str, Any] | None,
     plain: tuple[str, ...] = (),
 ) -> Tool:
     """A tool from a function: `description` (not the docstring) is what the model reads, and
     `returns` its output schema. The function returns a plain JSON-ready answer that the server
-    compacts (see `app.BackpropServer.call_tool`)."""
+    compacts (see `app.BackpropServer.call_tool`), or, with `returns=None`, its own result (an
+    image: a tool with an output schema must answer with structured content)."""
     built = Tool.from_function(
         fn, title=title, description=description, annotations=annotations, structured_output=False
     )

@@ -29,7 +29,7 @@ def build(app: App) -> list[Tool]:
     async def plot_metrics(
         run_ids: Annotated[
             OneRun | list[OneRun] | None,
-            Field(description=f"A run id or a list (up to {MAX_PLOT_RUNS} runs in all)."),
+            Field(description=f"A run id or a list ({MAX_PLOT_RUNS} runs at most)."),
         ] = None,
         metrics: Annotated[
             list[Annotated[str, Field(max_length=200)]] | None,
@@ -38,7 +38,7 @@ def build(app: App) -> list[Tool]:
         sweep: Annotated[
             str | None,
             Field(
-                description="A sweep id: its trials (the best when many).",
+                description="A sweep id: its (best) trials.",
                 max_length=128,
                 pattern=RUN_ID_PATTERN,
             ),
@@ -71,8 +71,8 @@ def build(app: App) -> list[Tool]:
         tool(
             plot_metrics,
             title="Plot curves",
-            description="Metric curves of runs or of a sweep's trials as a PNG image: a panel per "
-            "metric, a line per run, dashed where a resumed attempt joins.",
+            description="A PNG image of the metric curves of runs or a sweep's trials: a panel per "
+            "metric, a line per run, dashed where a resume joins.",
             annotations=READ_ONLY,
             returns=None,
         ),

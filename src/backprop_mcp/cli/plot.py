@@ -19,12 +19,12 @@ def plot_command(service: Any, ns: argparse.Namespace) -> int:
     if not ns.run_ids and ns.sweep is None:
         raise UsageError("give the run ids to plot, or --sweep SWEEP_ID (or both)")
     path = Path(ns.output).expanduser()
-    if path.suffix.lower() != ".png":
-        raise UsageError(f"-o names the PNG file to write: give a name ending in .png, got {ns.output!r}")
     if path.is_dir():
         raise UsageError(
             f"-o {ns.output!r} is a folder; give the PNG file's name, e.g. {path / 'curves.png'}"
         )
+    if path.suffix.lower() != ".png":
+        raise UsageError(f"-o names the PNG file to write: give a name ending in .png, got {ns.output!r}")
     drawn = plot(service, ns.run_ids, sweep_id=ns.sweep, metrics=ns.metrics)
     written = _write(path, drawn["png"])
     if ns.json:

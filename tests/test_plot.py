@@ -24,7 +24,7 @@ from mcp import Client
 from mcp.client.stdio import StdioServerParameters
 from mcp_types import ImageContent, TextContent
 
-from backprop_mcp.runs.plots import MAX_PLOT_RUNS, PLOT_EXTRA, QUANTIZED_COLOURS
+from backprop_mcp.runs.plots import MAX_PLOT_RUNS, QUANTIZED_COLOURS
 from backprop_mcp.runs.requests import RunRequest
 from backprop_mcp.runs.service import Service
 from backprop_mcp.sweeps.curves import trials_to_plot
@@ -57,6 +57,8 @@ SESSION_SECONDS = 300
 WIDE = 800  # two panels of 400 pixels
 
 TINY = FIXTURES / "trains_a_tiny_model_by_lr_and_width.py"
+# What the error without matplotlib must say, word for word: the extra that installs it.
+PLOT_EXTRA = "pip install 'backprop-mcp[plot]'"
 
 
 @pytest.fixture
@@ -284,6 +286,25 @@ def test_names_matplotlib_would_read_as_math_or_controls_are_drawn_as_text(
     out = tmp_path / "odd.png"
     done = cli(env, "plot", "odd", "--metric", "lr$\\bad$", "--metric", "a\u202eb", "-o", str(out))
     assert done.returncode == 0, done.stderr
+    _assert_a_plot(_picture(out.read_bytes()), [BLUE])
+
+
+def test_values_beyond_what_matplotlib_can_lay_out_are_drawn_at_a_limit_and_said(
+    service: Service, env: dict[str, str], tmp_path: Path
+) -> None:
+    script = tmp_path / "diverges.py"
+    script.write_text(
+        "import json\n"
+        "for step, loss in enumerate([1e308, -1e308, 5e-324, 0.0, 1.0, 1.7976931348623157e308], 1):\n"
+        '    print(json.dumps({"step": step * 10**15, "loss": loss, "metrics": {"tiny": 5e-324 * step}}))\n',
+        encoding="utf-8",
+    )
+    _start(service, "diverged", script)
+    assert wait_for_end(service, "diverged", timeout=SESSION_SECONDS)["status"] == "completed"
+    out = tmp_path / "diverged.png"
+    done = cli(env, "plot", "diverged", "--metric", "loss", "--metric", "tiny", "-o", str(out))
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == "backprop: note: diverged: values of loss beyond ±1e+100 are drawn at the limit\n"
     _assert_a_plot(_picture(out.read_bytes()), [BLUE])
 
 

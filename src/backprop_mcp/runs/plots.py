@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from backprop_mcp.core.answers import Plot
-from backprop_mcp.core.errors import UsageError
+from backprop_mcp.core.errors import BackpropError, UsageError
 from backprop_mcp.core.records import ACTIVE_STATES, RunRecord
 from backprop_mcp.core.store import Store
 from backprop_mcp.runs import history
@@ -60,6 +60,9 @@ TITLE_CHARS = 90
 # A panel's values all positive and spanning this factor or more: a log scale shows the whole
 # curve (a loss falling from 10 to 0.01 is a flat line on a linear scale).
 LOG_SCALE_SPAN = 100.0
+# Values are drawn within ±DRAWN_LIMIT: matplotlib cannot lay out an axis that spans more than a
+# float holds (a diverged loss of 1e308 beside -1e308), nor a log scale near the largest float.
+DRAWN_LIMIT = 1e100
 # Validation metrics, drawn after the loss by default: val_loss, val/acc, validation_f1, ...
 _VALIDATION = re.compile(r"val(id(ation)?)?[_/.-]", re.I)
 _DRAWING = threading.Lock()
@@ -118,6 +121,11 @@ def plot_runs(
         missing = [name for name in chosen if not curves[run_id][name]]
         if missing:
             notes.append(f"{run_id} did not report {', '.join(missing)}")
+        clipped = [name for name in chosen if _clip(curves[run_id], name)]
+        if clipped:
+            notes.append(
+                f"{run_id}: values of {', '.join(clipped)} beyond ±{DRAWN_LIMIT:g} are drawn at the limit"
+            )
         if stored.joins():
             joins[run_id] = stored.joins()
     names = _labels([record for record, _ in loaded], labels or {})
@@ -158,6 +166,15 @@ def _thinned(name: str, curve: list[tuple[float, float]]) -> list[tuple[float, f
     values = [value for _, value in curve]
     best = values.index(min(values) if lower_is_better(name) else max(values))
     return [curve[i] for i in downsample(len(curve), LINE_POINTS, best)]
+
+
+def _clip(curves: dict[str, list[tuple[float, float]]], name: str) -> bool:
+    """Whether `name`'s curve had values beyond ±DRAWN_LIMIT, now drawn at the limit."""
+    curve = curves[name]
+    if all(-DRAWN_LIMIT <= value <= DRAWN_LIMIT for _, value in curve):
+        return False
+    curves[name] = [(step, max(-DRAWN_LIMIT, min(DRAWN_LIMIT, value))) for step, value in curve]
+    return True
 
 
 def _text(text: str, chars: int = LABEL_CHARS) -> str:
@@ -268,7 +285,10 @@ def _draw(
             figure.suptitle(_text(title, TITLE_CHARS), fontsize=10)
         canvas_class(figure)
         drawn = io.BytesIO()
-        figure.savefig(drawn, format="png", dpi=DPI)
+        try:
+            figure.savefig(drawn, format="png", dpi=DPI)
+        except (ValueError, OverflowError) as exc:  # what the checks above leave to matplotlib
+            raise BackpropError(f"matplotlib could not draw these curves: {exc}") from None
     png = _small(image_module, drawn)
     width, height = struct.unpack(">II", png[16:24])  # the IHDR chunk, first in every PNG
     return png, width, height

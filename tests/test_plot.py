@@ -352,9 +352,17 @@ async def test_plot_metrics_answers_a_real_client_with_a_small_png_and_names_the
         _start(service, run_id, FIXTURES / "reports_four_metrics_by_rate.py", "--rate", str(0.01 * 3**n))
     for run_id in ids:
         assert wait_for_end(service, run_id, timeout=SESSION_SECONDS)["status"] == "completed"
+    script = tmp_path / "sweep.py"
+    shutil.copy(TINY, script)
+    swept = cli(
+        env, "sweep", str(script), "--param", "lr=0.1,0.01", "--metric", "val_loss", "--sweep-id", "sw"
+    )
+    assert swept.returncode == 0, swept.stdout + swept.stderr
     with anyio.fail_after(SESSION_SECONDS):
         async with Client(_server(env, tmp_path), mode="legacy") as client:
             result = await client.call_tool("plot_metrics", {"run_ids": ids})
+            trials = await client.call_tool("plot_metrics", {"sweep": "sw", "run_ids": ids[0]})
+            no_sweep = await client.call_tool("plot_metrics", {"sweep": "nosuch"})
             one = await client.call_tool("plot_metrics", {"run_ids": ids[0], "metrics": ["acc"]})
             unknown = await client.call_tool("plot_metrics", {"run_ids": [ids[0], "nope"]})
             no_metric = await client.call_tool("plot_metrics", {"run_ids": ids[0], "metrics": ["f1"]})
@@ -378,10 +386,13 @@ async def test_plot_metrics_answers_a_real_client_with_a_small_png_and_names_the
 
     assert not one.is_error and isinstance(one.content[0], ImageContent)
     assert json.loads(one.content[1].text)["metrics"] == ["acc"]  # type: ignore[union-attr]
+    assert not trials.is_error and isinstance(trials.content[0], ImageContent)
+    assert json.loads(trials.content[1].text)["runs"] == [ids[0], "sw-t1", "sw-t2"]  # type: ignore[union-attr]
     errors = {
         "unknown": (unknown, "no run with id 'nope'"),
         "no_metric": (no_metric, "no run reported 'f1'; they reported: loss, val_loss, val_acc, acc"),
         "neither": (neither, "give run_ids, a sweep, or both"),
+        "no_sweep": (no_sweep, "no sweep with id 'nosuch'\nWhat to do: run_sweep returned its sweep_id"),
         "missing": (missing, f"which is not installed: {PLOT_EXTRA}"),
     }
     for name, (answer, words) in errors.items():

@@ -1,11 +1,11 @@
 """Curves to look at: the chosen metrics of one or more runs, read from their metric history
 (`history`: all attempts joined, where each resumed attempt joins marked), drawn as one PNG for
-`backprop plot` and the plot_metrics tool (`RunControl.plot`).
+`backprop plot` and the plot_metrics tool (`Service.plot`).
 
 matplotlib (the `plot` extra) is imported here only, and only when drawing, so nothing that starts
 fast pays for it. No pyplot: a Figure on its own Agg canvas holds no global state, so the MCP
-server can draw on a worker thread; a lock keeps two drawings from sharing matplotlib's font
-cache at once.
+server can draw on a worker thread; a lock keeps two drawings from using matplotlib's shared
+caches (fonts, text layout) at once.
 
 The picture: one panel per metric (two columns), one line per run in the same colour in every
 panel, a dashed vertical line of the run's colour at each step where a resumed attempt joins its

@@ -18,7 +18,7 @@ import anyio
 import pytest
 from mcp import Client
 from mcp.client.stdio import StdioServerParameters
-from mcp_types import TextContent
+from mcp_types import ListToolsResult, TextContent
 
 from backprop_mcp.mcp_server.roots import Roots
 from backprop_mcp.mcp_server.tools import build_server
@@ -26,9 +26,10 @@ from tests.helpers import FIXTURES, isolated_env
 from tests.test_mcp_stdio import server_command
 
 KB = 1024
-# The budgets of issue 11: all tools listed (the sweep tools of issue 12 included), the whole
-# sweep-and-resume's tool output, and any one answer the agent did not ask to be larger.
-TOOLS_LIST_BYTES = 12 * KB
+# The budgets of issue 11: all tools listed (the sweep tools of issue 12 and plot_metrics of issue
+# 13 included; counted by `tools_list_bytes`, as the project's before-stop hook counts them), the
+# whole sweep-and-resume's tool output, and any one answer the agent did not ask to be larger.
+TOOLS_LIST_BYTES = 12_000
 SWEEP_OUTPUT_BYTES = 12 * KB
 ANSWER_BYTES = 4 * KB
 # The server's instructions are in every conversation too.
@@ -48,6 +49,14 @@ def anyio_backend() -> str:
 
 def compact_bytes(value: Any) -> int:
     return len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
+
+
+def tools_list_bytes(listed: ListToolsResult) -> int:
+    """What tools/list costs, counted as the before-stop hook counts it: the compact JSON of the
+    list of tools, each dumped as the wire has it (aliases, no nulls)."""
+    return compact_bytes(
+        [tool.model_dump(mode="json", by_alias=True, exclude_none=True) for tool in listed.tools]
+    )
 
 
 def _nulls(node: Any) -> bool:
@@ -100,7 +109,7 @@ async def test_a_six_trial_sweep_and_the_resume_of_its_best_trial_stay_within_th
     with anyio.fail_after(SESSION_SECONDS):
         async with Client(params, mode="legacy") as client:
             listed = await client.list_tools()
-            tools_bytes = compact_bytes(listed.model_dump(mode="json", by_alias=True, exclude_none=True))
+            tools_bytes = tools_list_bytes(listed)
             instructions = client.instructions or ""
             # Not part of the sweep: the server option is in force.
             machine = await client.call_tool("get_status", {})
@@ -204,3 +213,44 @@ def test_the_published_options_text_names_every_run_option_and_what_it_takes() -
     assert not missing, missing
     for choice in (*get_args(SignalName), *get_args(FrameworkName)):
         assert choice in OPTIONS_TEXT, choice
+
+
+@pytest.mark.anyio
+async def test_tools_list_fits_its_budget_as_the_hook_counts_it_and_keeps_the_bounds_agents_plan_around(
+    tmp_path: Path,
+) -> None:
+    server = build_server(home=tmp_path / "home", roots=Roots((tmp_path,), "option"), cwd=tmp_path)
+    async with Client(server, mode="legacy") as client:
+        listed = await client.list_tools()
+    sizes = {
+        tool.name: compact_bytes(tool.model_dump(mode="json", by_alias=True, exclude_none=True))
+        for tool in listed.tools
+    }
+    total = tools_list_bytes(listed)
+    print(f"\ntools/list {total} B for {len(sizes)} tools: {sizes}")
+    assert total <= TOOLS_LIST_BYTES, sizes
+    arguments = {tool.name: tool.input_schema["properties"] for tool in listed.tools}
+    # The bounds an agent plans a call around are published...
+    assert arguments["wait_for_run"]["timeout_seconds"]["maximum"] == 300
+    assert arguments["get_sweep"]["wait_seconds"] == {
+        "default": 0,
+        "description": "Wait for its end.",
+        "maximum": 300,
+        "type": "integer",
+    }
+    assert arguments["list_experiments"]["limit"]["maximum"] == 100
+    assert arguments["get_logs"]["tail"]["maximum"] == 500
+    assert arguments["get_metrics"]["points"]["maximum"] == 1000
+    # ...the floors of counts, sanity caps and `default: false` are not (the server enforces them).
+    assert arguments["get_logs"]["attempt"] == {
+        "type": "integer",
+        "description": arguments["get_logs"]["attempt"]["description"],
+    }
+    assert arguments["run_training"]["max_run_minutes"].keys() == {"type", "description"}
+    assert arguments["run_training"]["dry_run"] == {
+        "description": "Only show the command and the governor's verdict.",
+        "type": "boolean",
+    }
+    # A run's state is published as a string: the agent passes back one it saw.
+    assert arguments["wait_for_run"]["since"]["type"] == "string"
+    assert "enum" not in arguments["wait_for_run"]["since"]

@@ -22,7 +22,7 @@ from backprop_mcp.mcp_server.summary import size
 from backprop_mcp.mcp_server.sweep_tools import ANSWER_BYTES, VALUE_CHARS, shaped
 from backprop_mcp.runs.service import Service
 from tests.helpers import FIXTURES, isolated_env
-from tests.test_agent_budget import KB, Ledger, compact_bytes
+from tests.test_agent_budget import KB, Ledger, tools_list_bytes
 from tests.test_mcp_stdio import server_command
 from tests.test_mcp_tools import GENEROUS, LIMITS, call, connect, fails, make_server, text_of, write_script
 
@@ -280,7 +280,7 @@ async def test_an_agent_runs_a_six_trial_sweep_learns_the_best_and_resumes_it_wi
     with anyio.fail_after(STDIO_SESSION_SECONDS):
         async with Client(params, mode="legacy") as client:
             listed = await client.list_tools()
-            tools_bytes = compact_bytes(listed.model_dump(mode="json", by_alias=True, exclude_none=True))
+            tools_bytes = tools_list_bytes(listed)
             agent = Ledger(client)
             started = await agent.call(
                 "run_sweep",

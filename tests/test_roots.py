@@ -56,7 +56,7 @@ NOT_PATHS = {
     "sort": "a metric name to order runs by",
     "metrics": "metric names looked up in the runs' history",
     "sweep_id": "checked against the sweep-id pattern: letters, digits, '._-'",
-    "sweep": "a sweep id compared with the runs' index rows",
+    "sweep": "a sweep id: matched against index rows, or read (plot_metrics) after the sweep-id check",
     "params": "values and distribution strings a sweep passes to the script as its arguments",
 }
 # The fields of RunRequest that are not paths.

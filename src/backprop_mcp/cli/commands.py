@@ -252,6 +252,10 @@ def _dispatch(ns: argparse.Namespace, script_args: list[str] | None) -> int:
 
             print(metrics_text(answer))
         return 0
+    if ns.command == "plot":
+        from backprop_mcp.cli.plot import plot_command
+
+        return plot_command(service, ns)
     if ns.command == "import-legacy":
         imported = service.import_legacy(Path(ns.path) if ns.path else None)
         if out:

@@ -172,12 +172,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     metrics.add_argument("--points", type=_int, default=50, help="points per curve, 1 to 1000 (default 50)")
 
+    plot = add_command("plot", "draw runs' metric curves into a PNG (needs backprop-mcp[plot])")
+    plot.add_argument("run_ids", nargs="*", metavar="run_id")
+    plot.add_argument(
+        "--metric",
+        dest="metrics",
+        action="append",
+        metavar="NAME",
+        help="a metric to draw, one panel each (repeat for more; default: loss, val_* metrics; 4 at most)",
+    )
+    plot.add_argument("--sweep", metavar="SWEEP_ID", help="draw this sweep's trials (its best 20 when more)")
+    plot.add_argument(
+        "-o", "--output", metavar="PATH", default="curves.png", help="the PNG to write (default curves.png)"
+    )
+
     legacy = add_command("import-legacy", "import the seed's ~/.backprop/experiments.json")
     legacy.add_argument("path", nargs="?")
     lst.add_argument("--sweep", metavar="SWEEP_ID", help="only the trials of this sweep")
 
     sweeps = _add_sweep_commands(add_command)
-    for command in (run, resume, status, lst, logs, stop, compare, metrics, legacy, *sweeps):
+    for command in (run, resume, status, lst, logs, stop, compare, metrics, plot, legacy, *sweeps):
         command.add_argument("--json", action="store_true", help="print JSON (the MCP tools' shapes)")
     return parser
 

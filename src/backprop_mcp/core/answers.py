@@ -1,6 +1,6 @@
 """The shapes of the service's answers, shared by the CLI's `--json` and the MCP tools: a page of
-runs, the machine's status, a log tail, a dry run, a comparison, metric histories and an import
-report.
+runs, the machine's status, a log tail, a dry run, a comparison, metric histories, their curves
+drawn (`Plot`) and an import report.
 
 TypedDicts, like every shape in `core` (see `records` for why).
 """
@@ -209,6 +209,24 @@ class ImportReport(TypedDict):
     """Entries skipped, with the reason."""
 
 
+class Plot(TypedDict):
+    """Metric curves of one or more runs drawn as one PNG (`backprop plot`, plot_metrics)."""
+
+    png: bytes
+    """The picture: one panel per metric, one line per run."""
+    width: int
+    """Its size in pixels."""
+    height: int
+    runs: list[str]
+    """The runs drawn, in the order of the legend."""
+    metrics: list[str]
+    """The metrics drawn, one panel each."""
+    joins: dict[str, list[float]]
+    """Per run drawn that was resumed: the steps where its later attempts join (dashed lines)."""
+    notes: list[str]
+    """What was left out and why: runs without a history, metrics a run did not report, a cap."""
+
+
 # Set after the class bodies, as pydantic's own `with_config` does: written inside a TypedDict
 # body, a type checker takes `__pydantic_config__` for a required key of the shape.
 _DOCUMENTED: tuple[Any, ...] = (
@@ -224,6 +242,7 @@ _DOCUMENTED: tuple[Any, ...] = (
     RunMetrics,
     MetricsAnswer,
     ImportReport,
+    Plot,
 )
 for _shape in _DOCUMENTED:
     _shape.__pydantic_config__ = _DOC_CONFIG

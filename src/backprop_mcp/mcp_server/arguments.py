@@ -120,8 +120,8 @@ OPTIONS_TEXT = (
     "checkpoint_every_minutes, max_parallel, min_free_ram_gb, max_cpu_percent, gpu_min_free_vram_mb, "
     "gpu_max_temp_c, grace_seconds, queue_timeout_minutes. Booleans: use_gpu, queue (false: refuse "
     'when busy), argv_compat. gpus: ["0"] or UUIDs; gpu_memory_limit: "80%" or GB; stop_signal: '
-    "SIGINT, SIGTERM, SIGHUP, SIGUSR1 or SIGUSR2; framework: auto, pytorch, tensorflow, jax or none; "
-    "backend: local or ray (the configured cluster)."
+    "SIGINT|SIGTERM|SIGHUP|SIGUSR1|SIGUSR2; framework: auto|pytorch|tensorflow|jax|none; "
+    "backend: local|ray (the configured cluster)."
 )
 Options = Annotated[RunOptions | None, Field(description=OPTIONS_TEXT)]
 ResumeOptions = Annotated[

@@ -81,11 +81,11 @@ def build(app: App) -> list[Tool]:
         ] = 60,
         until: Annotated[
             Until,
-            Field(description='"change": a state changes; "any": one ends; "end" or "all": all end.'),
+            Field(description="change: a state changes; any: one ends; end or all: all end."),
         ] = "change",
         since: Annotated[
             RunState | None,
-            Field(description="The state you last saw (default: the state now)."),
+            Field(description="The state you last saw in its summary (default: the state now)."),
         ] = None,
     ) -> dict[str, Any]:
         async def read(one: str) -> RunRecord:
@@ -110,12 +110,12 @@ def build(app: App) -> list[Tool]:
     async def list_experiments(
         status: Status = None,
         name: Annotated[
-            str | None, Field(description='A glob over run names, e.g. "lr-*".', max_length=200)
+            str | None, Field(description="A glob over run names, e.g. lr-*", max_length=200)
         ] = None,
         sort: Annotated[
             str | None,
             Field(
-                description='A metric: "loss" lowest first, "-val_acc" highest first (default: newest).',
+                description="A metric: loss lowest first, -val_acc highest first (default: newest).",
                 max_length=200,
             ),
         ] = None,
@@ -154,7 +154,7 @@ def build(app: App) -> list[Tool]:
         metric: Annotated[
             str,
             Field(
-                description='"loss" or any metric the scripts reported.',
+                description="loss or any metric the scripts reported.",
                 min_length=1,
                 max_length=200,
             ),
@@ -248,10 +248,8 @@ def build(app: App) -> list[Tool]:
             description="Wait for one run or a list, with progress notifications, until `until` holds or "
             "timeout_seconds pass; call again to keep waiting.",
             annotations=READ_ONLY,
-            returns=output(
-                f"runs: {ROWS}; ended: all ended; changed; waited_s; next_step.",
-                {"runs": "array", "ended": "boolean"},
-            ),
+            returns=output(f"{ROWS}, ended (all ended), changed, waited_s, next_step."),
+            plain=("since",),
         ),
         tool(
             list_experiments,
@@ -259,7 +257,7 @@ def build(app: App) -> list[Tool]:
             description="List runs (summaries with args and metrics), newest first or sorted by a metric, "
             "a page at a time.",
             annotations=READ_ONLY,
-            returns=output(f"runs: {ROWS}; next_cursor; total; next_step.", {"runs": "array"}),
+            returns=output(f"{ROWS}, next_cursor, total, next_step."),
         ),
         tool(
             compare_runs,
@@ -269,8 +267,7 @@ def build(app: App) -> list[Tool]:
             annotations=READ_ONLY,
             returns=output(
                 "metric, by, lower_is_better, top_run_id, runs (best first, with value, best, "
-                "ended_early), next_step.",
-                {"runs": "array"},
+                "ended_early), next_step."
             ),
         ),
         tool(
@@ -280,9 +277,7 @@ def build(app: App) -> list[Tool]:
             "resumed attempts join.",
             annotations=READ_ONLY,
             returns=output(
-                "runs: [{run_id, metrics: {name: {steps, values, last, last_step, best, best_step}}, "
-                "joins}].",
-                {"runs": "array"},
+                "runs: [{run_id, metrics: {name: {steps, values, last, last_step, best, best_step}}, joins}]."
             ),
         ),
         tool(
@@ -291,7 +286,7 @@ def build(app: App) -> list[Tool]:
             description="The last lines of a run's stdout and stderr, each cut to 2000 characters: why it "
             "failed, or what it printed.",
             annotations=READ_ONLY,
-            returns=output("run_id, attempt, lines (oldest first), truncated, note.", {"lines": "array"}),
+            returns=output("run_id, attempt, lines (oldest first), truncated, note."),
         ),
     ]
 

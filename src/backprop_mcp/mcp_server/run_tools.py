@@ -21,9 +21,10 @@ from backprop_mcp.mcp_server.arguments import (
     ResumeOptions,
     RunId,
     RunOptions,
+    setting_field,
 )
 from backprop_mcp.mcp_server.roots import locate_script
-from backprop_mcp.mcp_server.schema import ROWS, SUMMARY, SUMMARY_REF, SUMMARY_TEXT, output, tool
+from backprop_mcp.mcp_server.schema import ROWS, SUMMARY_REF, SUMMARY_TEXT, output, tool
 from backprop_mcp.mcp_server.summary import counts, summaries, summary
 
 # Hints at their default values (not read-only, not idempotent) are left out: tools/list is paid for.
@@ -71,7 +72,7 @@ def build(app: App) -> list[Tool]:
         python: Annotated[
             str | None,
             Field(
-                description="Interpreter (default: the configured one, else the active venv's).",
+                description="Interpreter (default: configured, else the active venv's).",
                 max_length=4096,
             ),
         ] = None,
@@ -111,7 +112,11 @@ def build(app: App) -> list[Tool]:
             list[Annotated[str, Field(max_length=4096)]] | None,
             Field(description="New script arguments (default: the previous ones).", max_length=256),
         ] = None,
-        max_run_minutes: Minutes = None,
+        max_run_minutes: Annotated[
+            float | None,
+            setting_field("max_run_minutes", described=False),
+            Field(description="Time box in minutes (default: the run's)."),
+        ] = None,
         from_scratch: Annotated[bool, Field(description="Start over, not from the checkpoint.")] = False,
         options: ResumeOptions = None,
     ) -> dict[str, Any]:
@@ -173,7 +178,7 @@ def build(app: App) -> list[Tool]:
             description="Start the next attempt of an ended run from its latest checkpoint (given to "
             "the script as BACKPROP_RESUME_FROM). Returns its summary at once; then wait_for_run.",
             annotations=WRITES,
-            returns=output(SUMMARY_REF, SUMMARY),
+            returns=output(SUMMARY_REF),
             plain=("options",),
         ),
         tool(
@@ -182,9 +187,7 @@ def build(app: App) -> list[Tool]:
             description="Stop one live run or several: the stop signal, a grace period to checkpoint, "
             "then termination.",
             annotations=STOPS,
-            returns=output(
-                f"runs: {ROWS}; errors: why one could not be stopped; next_step.", {"runs": "array"}
-            ),
+            returns=output(f"{ROWS}, errors (why one was not stopped), next_step."),
         ),
     ]
 

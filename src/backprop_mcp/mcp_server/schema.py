@@ -1,12 +1,13 @@
 """What `tools/list` shows of a tool, kept lean because every conversation pays for it: a short,
 explicit description; an input schema derived from the function's typed arguments, then stripped
 of what pydantic adds for its own sake (titles, `anyOf` with null for an optional argument,
-`"default": null`, `$defs`); and an output schema written by hand that names the top-level fields
-of the answer, never a whole record repeated in each tool."""
+`"default": null`, `$defs`) and of what says nothing (see DROPPED); and an output schema written by
+hand whose description names the top-level fields of the answer, never a whole record repeated in
+each tool."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 from mcp.server.mcpserver.tools import Tool
@@ -15,23 +16,18 @@ from mcp_types import ToolAnnotations
 # The run summary (mcp_server.summary), in every answer about one run.
 SUMMARY_TEXT = (
     "A run summary: run_id, name, status, reason, attempt, step, total, loss, metrics, elapsed_s, "
-    "left_s (of its time box), eta_s, args, checkpoint (latest), checkpoints (count), queue_position, "
-    "sweep, next_step; on start and resume also max_run_minutes, config_files."
+    "left_s (of its time box), eta_s, args, checkpoint, checkpoints, queue_position, sweep, next_step; "
+    "also max_run_minutes, config_files."
 )
-SUMMARY = {"run_id": "string", "status": "string"}
 SUMMARY_REF = "A run summary (as run_training's)"
-ROWS = "run summaries without next_step"
+ROWS = "runs (summaries)"
 
 
-def output(description: str, fields: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """An output schema: an object whose `fields` (name: JSON type) are always there, and whose
-    other top-level fields the description names (typing each would cost five times the bytes
-    every conversation pays for; nulls never appear)."""
-    schema: dict[str, Any] = {"type": "object", "description": description}
-    if fields:
-        schema["properties"] = {name: {"type": kind} for name, kind in fields.items()}
-        schema["required"] = list(fields)
-    return schema
+def output(description: str) -> dict[str, Any]:
+    """An output schema: an object whose top-level fields the description names. Not typed one by
+    one: that would cost five times the bytes every conversation pays for, and say little more
+    than the names (`runs` is a list, `ended` a boolean; nulls never appear)."""
+    return {"type": "object", "description": description}
 
 
 def tool(
@@ -40,12 +36,13 @@ def tool(
     title: str,
     description: str,
     annotations: ToolAnnotations,
-    returns: dict[str, Any],
+    returns: dict[str, Any] | None,
     plain: tuple[str, ...] = (),
 ) -> Tool:
     """A tool from a function: `description` (not the docstring) is what the model reads, and
     `returns` its output schema. The function returns a plain JSON-ready answer that the server
-    compacts (see `app.BackpropServer.call_tool`)."""
+    compacts (see `app.BackpropServer.call_tool`), or, with `returns=None`, its own result (an
+    image: a tool with an output schema must answer with structured content)."""
     built = Tool.from_function(
         fn, title=title, description=description, annotations=annotations, structured_output=False
     )
@@ -57,8 +54,13 @@ def tool(
 # Keys left out of published input schemas: definitions (inlined instead), the length bounds of
 # strings and lists (sanity limits such as 4096 characters for a path) and the run id's pattern:
 # the server still enforces them with a clear error, but no agent plans around them, and every
-# conversation would pay for them. The numeric bounds of top-level arguments stay.
+# conversation would pay for them. Of the numeric bounds of top-level arguments, those an agent
+# plans around stay (a wait's 300 s, a page's 100 runs, a tail's 500 lines); the floor of a count
+# or a duration (0 or 1: nobody asks for -3 lines) and sanity caps (SANITY_CAP or more: attempt
+# 100,000, a 7-day time box) go, enforced all the same. So does `"default": false`: a flag is off
+# unless set.
 DROPPED = frozenset({"$defs", "maxLength", "maxItems", "minLength", "minItems", "pattern"})
+SANITY_CAP = 10_000
 # ...and, inside an object argument (`options`: rare settings such as min_free_ram_gb 0-65536),
 # the numeric bounds too; they are validated all the same, each with a one-line error naming the
 # option and its range.
@@ -68,8 +70,9 @@ NESTED_DROPPED = DROPPED | {"minimum", "maximum", "exclusiveMinimum", "exclusive
 def lean(schema: dict[str, Any], plain: tuple[str, ...] = ()) -> dict[str, Any]:
     """An input schema without pydantic's extras: `$ref`s inlined, titles and null defaults gone,
     and an optional argument shown as its type (null is still accepted: it means "not given").
-    The arguments named in `plain` are published as a described object only (their validation is
-    unchanged): another tool's schema shows their fields once."""
+    The arguments named in `plain` are published as their type and description only (their
+    validation is unchanged): an object whose fields another tool's schema or the description
+    shows, or a string whose values the agent has seen (a run's state)."""
     definitions = schema.get("$defs", {})
 
     def walk(node: Any, depth: int) -> Any:
@@ -91,7 +94,9 @@ def lean(schema: dict[str, Any], plain: tuple[str, ...] = ()) -> dict[str, Any]:
             if (
                 key in dropped
                 or (key == "title" and isinstance(value, str))
-                or (key, value) == ("default", None)
+                or (key == "default" and (value is None or value is False))
+                or (key in ("minimum", "exclusiveMinimum") and value in (0, 1) and value is not True)
+                or (key == "maximum" and isinstance(value, int | float) and value >= SANITY_CAP)
             ):
                 continue
             if key == "properties":  # names to schemas: a property may be called "title" or "default"
@@ -103,5 +108,8 @@ def lean(schema: dict[str, Any], plain: tuple[str, ...] = ()) -> dict[str, Any]:
     leaned: dict[str, Any] = walk(schema, 0)
     for name in plain:
         described = leaned["properties"][name]
-        leaned["properties"][name] = {"type": "object", "description": described.get("description", "")}
+        leaned["properties"][name] = {
+            "type": described.get("type", "object"),
+            "description": described.get("description", ""),
+        }
     return leaned

@@ -22,7 +22,7 @@ previews the command and the governor's verdict.
 2. wait_for_run(run_id) takes one id or a list (until="end", "any" or "change") and reports \
 progress; get_status(run_id) shows one run (detail=true: its full record).
 3. list_experiments(sort="loss") or compare_runs(run_ids, by="best") ranks runs; get_metrics \
-gives their curves; get_logs their output.
+gives their curves (plot_metrics: as an image); get_logs their output.
 4. resume_run(run_id) continues a timed-out or stopped run from its checkpoint (max_run_minutes, \
 new args allowed).
 5. run_sweep(script, params={"lr": "loguniform(1e-4,1e-1)", "width": [32, 64]}, metric="val_loss") \

@@ -85,7 +85,7 @@ def build(app: App) -> list[Tool]:
                 max_length=MAX_PARAMS,
             ),
         ],
-        metric: Annotated[str, Field(description='E.g. "val_loss".', min_length=1, max_length=200)],
+        metric: Annotated[str, Field(description="E.g. val_loss.", min_length=1, max_length=200)],
         client_roots: ClientRoots,
         mode: Annotated[Literal["min", "max"], Field(description="Lower or higher is better.")] = "min",
         method: Annotated[

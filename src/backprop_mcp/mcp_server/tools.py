@@ -1,7 +1,8 @@
 """The MCP tools of backprop-mcp and the server that serves them. The tools live in modules by
 concern (`run_tools`: start, resume, stop; `read_tools`: status, wait, list, compare, metrics,
-logs; `sweep_tools`: sweeps); each module's `build(app)` returns its tools, and TOOL_SETS lists
-the modules, so a new family of tools is one module and one line here."""
+logs; `plot_tools`: curves as an image; `sweep_tools`: sweeps); each module's `build(app)` returns
+its tools, and TOOL_SETS lists the modules, so a new family of tools is one module and one line
+here."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import TYPE_CHECKING, Literal
 from mcp.server.mcpserver.tools import Tool
 
 from backprop_mcp import __version__
-from backprop_mcp.mcp_server import read_tools, run_tools, sweep_tools
+from backprop_mcp.mcp_server import plot_tools, read_tools, run_tools, sweep_tools
 from backprop_mcp.mcp_server.app import WAIT_POLL_SECONDS, App, BackpropServer, add_resources
 from backprop_mcp.mcp_server.roots import Roots
 from backprop_mcp.mcp_server.shapes import INSTRUCTIONS
@@ -22,7 +23,12 @@ if TYPE_CHECKING:
     from backprop_mcp.runs.service import Service
 
 # Every module of tools, in the order tools/list shows them.
-TOOL_SETS: tuple[Callable[[App], list[Tool]], ...] = (run_tools.build, read_tools.build, sweep_tools.build)
+TOOL_SETS: tuple[Callable[[App], list[Tool]], ...] = (
+    run_tools.build,
+    read_tools.build,
+    plot_tools.build,
+    sweep_tools.build,
+)
 
 
 def build_tools(app: App) -> list[Tool]:

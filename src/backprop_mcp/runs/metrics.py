@@ -39,13 +39,14 @@ def run_metrics(
         raise UsageError("give a list of 1 or more run ids")
     if len(run_ids) > MAX_METRIC_RUNS:
         raise UsageError(f"ask for the metrics of at most {MAX_METRIC_RUNS} runs at once, got {len(run_ids)}")
-    asked = _check_names(metrics)
+    asked = check_names(metrics)
     if isinstance(points, bool) or not isinstance(points, int) or not 1 <= points <= history.MAX_POINTS:
         raise UsageError(f"points must be a whole number from 1 to {history.MAX_POINTS}, got {points!r}")
     return MetricsAnswer(runs=[_run(store, record, asked, points) for record in read_runs(get, run_ids)])
 
 
-def _check_names(metrics: Sequence[str] | None) -> list[str] | None:
+def check_names(metrics: Sequence[str] | None) -> list[str] | None:
+    """The metric names asked for, checked, without repeats; None when none were (the default)."""
     if metrics is None or (not isinstance(metrics, str) and len(metrics) == 0):
         return None
     if isinstance(metrics, str):

@@ -1,4 +1,4 @@
-"""The use-cases of backprop-mcp (start, resume, status, list, stop, logs, compare, import):
+"""The use-cases of backprop-mcp (start, resume, status, list, stop, logs, compare, plot, import):
 `Service`, the one API that the CLI and the MCP server both call. Starting and resuming live here;
 reading, listing and stopping are inherited from `control.RunControl`."""
 
@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from backprop_mcp.backends.choice import of_record, remote_backend
-from backprop_mcp.core.answers import DryRun, ImportReport
+from backprop_mcp.core.answers import DryRun, ImportReport, Plot
 from backprop_mcp.core.clock import now_iso
 from backprop_mcp.core.errors import (
     NoCheckpoint,
@@ -384,6 +384,22 @@ class Service(RunControl):
 
         source = path or Path(self.env.get("HOME", str(Path.home()))) / ".backprop" / "experiments.json"
         return import_experiments(self.store, source)
+
+    def plot(
+        self,
+        run_ids: Sequence[str],
+        *,
+        metrics: Sequence[str] | None = None,
+        labels: Mapping[str, str] | None = None,
+        title: str | None = None,
+        lead: str | None = None,
+    ) -> Plot:
+        """The runs' metric curves drawn as one PNG (`runs.plots`; needs the `plot` extra)."""
+        from backprop_mcp.runs.plots import plot_runs
+
+        return plot_runs(
+            self.get, self.store, run_ids, metrics=metrics, labels=labels, title=title, lead=lead
+        )
 
 
 def _refuse_a_finished_run(record: RunRecord) -> None:

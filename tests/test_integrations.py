@@ -21,6 +21,7 @@ import pytest
 
 from backprop_mcp.core.records import RunRecord
 from backprop_mcp.integrations import common
+from backprop_mcp.runs.history import MAX_POINTS
 from backprop_mcp.runs.service import Service
 from tests.helpers import FIXTURES, WAIT_SECONDS, cli, wait_until
 
@@ -45,6 +46,9 @@ MORE_STEPS = 16
 STEPS = ["--steps", "1000000"]
 # The fixtures' batches per epoch (64 rows in batches of 8).
 BATCHES_PER_EPOCH = 8
+# The Hugging Face fixture logs its loss every second step: the first loss of an attempt comes at
+# most this many steps after its checkpoint.
+LOG_EVERY = 2
 # Followed in the foreground, the CLI exits with 4 for a timed-out run and 0 for a completed one.
 EXIT_TIMED_OUT, EXIT_COMPLETED = 4, 0
 FRAMEWORKS = (
@@ -152,10 +156,19 @@ def train_stop_and_resume(
         3,
         stopped_at[-1]["path"],
     )
-    answer = service.metrics([run_id], metrics=["loss", validation_metric])["runs"][0]
+    answer = service.metrics([run_id], metrics=["loss", validation_metric], points=MAX_POINTS)["runs"][0]
     assert answer["missing"] == [], answer
-    # Each resumed attempt begins on the joined curve where its checkpoint left off, not at 0.
-    assert len(answer["joins"]) == 2 and all(join > 0 for join in answer["joins"]), answer["joins"]
+    # Each resumed attempt begins on the joined curve where its checkpoint left off, not at step 0
+    # (Keras goes back to the start of the epoch it stopped in), and with the trained weights: its
+    # first loss is far below the first loss of the run (a fresh model's, the same in every attempt
+    # started from scratch: the data and the seeds are fixed).
+    assert len(answer["joins"]) == 2, answer["joins"]
+    loss = answer["metrics"]["loss"]
+    for join, resumed in zip(answer["joins"], (saved[-1], stopped_at[-1]), strict=True):
+        assert resumed["step"] is not None
+        assert resumed["step"] - BATCHES_PER_EPOCH < join <= resumed["step"] + LOG_EVERY, (join, resumed)
+        first_loss_after = next(v for s, v in zip(loss["steps"], loss["values"], strict=True) if s >= join)
+        assert first_loss_after < loss["values"][0] / 2, (first_loss_after, loss["values"][0])
     assert final["step"] is not None and final["step"] > step
     return final
 

@@ -243,6 +243,37 @@ def test_the_keras_callback_times_out_stops_and_resumes_by_itself(
     assert {"val_loss", "val_mae", "mae"} <= set(final["metrics"])
 
 
+@needs("pytorch_lightning", "torch")
+def test_the_pytorch_lightning_callback_reports_checkpoints_and_resumes(tmp_path: Path) -> None:
+    # The older package has its own Callback base; the hooks are the same, so one short training
+    # and one resume of it, outside backprop's supervisor, show that the Trainer takes the callback.
+    script = str(FIXTURES / "train_pytorch_lightning.py")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BACKPROP_")}
+    env |= {"BACKPROP_CHECKPOINT_DIR": str(tmp_path / "ckpt"), "BACKPROP_CHECKPOINT_EVERY_SECONDS": "0.001"}
+    events = _events_of(script, env, "--steps", "3")
+    checkpoints = [e for e in events if e["event"] == "checkpoint_saved"]
+    assert checkpoints, events  # the interval passes between two steps (a tiny one: most steps)
+    assert events[-1]["event"] == "done"
+    resume = {"BACKPROP_RESUME_FROM": str(checkpoints[-1]["path"])}
+    resumed = _events_of(script, env | resume, "--steps", "5")
+    first_step = next(e["step"] for e in resumed if e["event"] == "progress")
+    assert first_step == int(str(checkpoints[-1]["step"])) + 1
+    assert resumed[-1]["event"] == "done"
+
+
+def _events_of(script: str, env: dict[str, str], *args: str) -> list[dict[str, object]]:
+    done = subprocess.run(
+        [sys.executable, script, *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return [json.loads(line) for line in done.stdout.splitlines() if line.startswith('{"event"')]
+
+
 # --- what importing costs ---------------------------------------------------------------------------
 
 

@@ -16,6 +16,7 @@ import sys
 from collections.abc import Callable
 from importlib.util import find_spec
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -346,3 +347,38 @@ def test_only_the_newest_own_checkpoints_are_kept_and_a_saved_folder_can_be_save
 def test_a_bad_number_of_checkpoints_to_keep_is_refused_with_what_is_allowed() -> None:
     with pytest.raises(ValueError, match="at least 1 or None"):
         common.Session(keep_checkpoints=0)
+
+
+class _FakeCuda:
+    """torch.cuda at the probe boundary: this machine has no GPU."""
+
+    def __init__(self) -> None:
+        self.fractions: list[tuple[float, int]] = []
+
+    def is_available(self) -> bool:
+        return True
+
+    def device_count(self) -> int:
+        return 1
+
+    def set_per_process_memory_fraction(self, fraction: float, device: int) -> None:
+        self.fractions.append((fraction, device))
+
+
+def test_the_gpu_memory_limit_is_applied_once_per_framework_as_each_is_imported(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(common._Limited, "frameworks", None)
+    for name in ("torch", "tensorflow", "jax"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "unset")  # restored to absent afterwards
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION")
+    monkeypatch.setenv("BACKPROP_GPU_MEMORY_FRACTION", "0.5")
+    # Before any framework (the Keras module's first call): JAX's share, read when JAX starts.
+    assert common.limit_gpu_memory() is False
+    assert os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.5000"
+    cuda = _FakeCuda()
+    monkeypatch.setitem(sys.modules, "torch", SimpleNamespace(cuda=cuda))
+    assert common.limit_gpu_memory() is True  # torch imported since: limited now
+    assert common.limit_gpu_memory() is False  # and only once
+    assert cuda.fractions == [(0.5, 0)]

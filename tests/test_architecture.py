@@ -34,6 +34,9 @@ LAYERS: dict[str, int] = {
 # `backprop_mcp.script` under interpreters without backprop-mcp installed; every module may import
 # the top-level package for `__version__`).
 ISLANDS = frozenset({PACKAGE, f"{PACKAGE}.script"})
+# The framework callbacks run inside training scripts beside the helper: they may import the helper
+# and each other, nothing else of the package, and nothing of the package imports them.
+SCRIPT_SIDE = f"{PACKAGE}.integrations"
 # Entry points sit above everything: `python -m backprop_mcp`.
 ENTRY_POINTS = frozenset({f"{PACKAGE}.__main__"})
 # The two adapters never import each other: each is one service call plus its own rendering.
@@ -100,8 +103,8 @@ def graph(root: Path = SRC) -> dict[str, set[str]]:
 
 
 def layer_of(name: str) -> tuple[str, int] | None:
-    """(subpackage, layer) of a module; None for the islands and entry points."""
-    if name in ISLANDS or name in ENTRY_POINTS:
+    """(subpackage, layer) of a module; None for the islands, the script side and entry points."""
+    if name in ISLANDS or name in ENTRY_POINTS or _on_script_side(name):
         return None
     top = name.split(".")[1] if name.count(".") >= 1 else name
     if top not in LAYERS:
@@ -120,9 +123,19 @@ def wrong_imports(edges: dict[str, set[str]]) -> list[str]:
     return wrong
 
 
+def _on_script_side(name: str) -> bool:
+    return name == SCRIPT_SIDE or name.startswith(f"{SCRIPT_SIDE}.")
+
+
 def _why_wrong(source: str, target: str) -> str | None:
     if source in ISLANDS:
         return "it must import nothing of the package"
+    if _on_script_side(source):
+        if target in ISLANDS or _on_script_side(target):
+            return None
+        return "the integrations run inside training scripts: they import only backprop_mcp.script"
+    if _on_script_side(target):
+        return "nothing of the package imports the integrations (they run inside training scripts)"
     if source in ENTRY_POINTS or target in ISLANDS:
         return None
     if target in ENTRY_POINTS:
@@ -284,4 +297,23 @@ def test_the_script_helper_and_the_adapters_are_held_to_their_rules(tmp_path: Pa
     assert wrong_imports(graph(_tree(tmp_path, files))) == [
         "backprop_mcp.cli.a -> backprop_mcp.mcp_server.b (the adapters never import each other)",
         "backprop_mcp.script -> backprop_mcp.core.contract (it must import nothing of the package)",
+    ]
+
+
+def test_the_integrations_import_only_the_script_helper_and_nothing_imports_them(tmp_path: Path) -> None:
+    files = {
+        "script.py": "",
+        "core/__init__.py": "",
+        "core/contract.py": "",
+        "runs/__init__.py": "",
+        "runs/a.py": "def f():\n    from backprop_mcp.integrations import common\n",
+        "integrations/__init__.py": "",
+        "integrations/common.py": "from backprop_mcp import script\n",
+        "integrations/keras.py": "from .common import x\nfrom ..core import contract\n",
+    }
+    assert wrong_imports(graph(_tree(tmp_path, files))) == [
+        "backprop_mcp.integrations.keras -> backprop_mcp.core.contract (the integrations run inside "
+        "training scripts: they import only backprop_mcp.script)",
+        "backprop_mcp.runs.a -> backprop_mcp.integrations.common (nothing of the package imports the "
+        "integrations (they run inside training scripts))",
     ]

@@ -500,3 +500,21 @@ def test_restore_default_sigint_brings_back_keyboard_interrupt(spawn: Callable[.
     child.proc.send_signal(signal.SIGINT)
     assert child.next_line() == "interrupted False"
     assert child.finish() == 0
+
+
+def test_after_ignore_stop_signals_no_stop_signal_changes_how_the_script_exits(
+    spawn: Callable[..., _Child],
+) -> None:
+    code = textwrap.dedent("""
+        import os, signal
+        from backprop_mcp import script
+        script.install_stop_handler()
+        script.ignore_stop_signals()
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+            os.kill(os.getpid(), signum)
+        print("still here", script.should_stop(), flush=True)
+        raise SystemExit(124)
+    """)
+    child = spawn(code, env={contract.ENV_STOP_SIGNAL: "SIGUSR1"})
+    assert child.next_line() == "still here False"
+    assert child.finish() == 124

@@ -246,6 +246,18 @@ def install_stop_handler() -> None:
         signal.signal(signum, _on_stop_signal)
 
 
+def ignore_stop_signals() -> None:
+    """Ignore the stop signals from now on: for a script that is about to exit after a stop.
+
+    As Python shuts down it puts the default handlers back, so a stop signal arriving then (the
+    supervisor's own, at the deadline) would kill the script mid-exit and hide its exit status;
+    an ignored signal stays ignored. A script that hangs is still ended: backprop sends SIGKILL
+    after the grace period. Call it from the main thread.
+    """
+    for signum in _stop_signals():
+        signal.signal(signum, signal.SIG_IGN)
+
+
 def restore_default_sigint() -> None:
     """Re-arm Python's default SIGINT handler (KeyboardInterrupt), e.g. after a library replaced it."""
     signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -10,6 +10,7 @@ every tool's schema is held to the shape that keeps tools/list small.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -251,6 +252,43 @@ async def test_tools_list_fits_its_budget_as_the_hook_counts_it_and_keeps_the_bo
         "description": "Only show the command and the governor's verdict.",
         "type": "boolean",
     }
+    # A default that depends on the call says on what: grid only when every param is a list.
+    assert (
+        arguments["run_sweep"]["method"]["description"]
+        == "Default: grid if every param is a list, else random."
+    )
     # A run's state is published as a string: the agent passes back one it saw.
     assert arguments["wait_for_run"]["since"]["type"] == "string"
     assert "enum" not in arguments["wait_for_run"]["since"]
+
+
+# A list argument's cap below this is one an agent meets (runs to compare, panels to draw); 256
+# script arguments is a sanity limit nobody plans around.
+PLANNED_ITEMS = 100
+
+
+def _max_items(node: Any) -> list[int]:
+    """Every `maxItems` in a JSON schema, however deep (an argument may be an id or a list)."""
+    if isinstance(node, dict):
+        own = [node["maxItems"]] if "maxItems" in node else []
+        return own + [cap for value in node.values() for cap in _max_items(value)]
+    if isinstance(node, list):
+        return [cap for value in node for cap in _max_items(value)]
+    return []
+
+
+@pytest.mark.anyio
+async def test_every_list_cap_an_agent_can_meet_is_named_in_its_description(tmp_path: Path) -> None:
+    # tools/list leaves out maxItems (schema.DROPPED, for the bytes); the server still enforces it,
+    # so an agent learns the cap from the description or from a refusal. A description that names
+    # another number ("4 at most" for the default of a cap of 6) misleads it.
+    server = build_server(home=tmp_path / "home", roots=Roots((tmp_path,), "option"), cwd=tmp_path)
+    unnamed = {}
+    for tool in (await server.tools()).values():
+        published = tool.parameters["properties"]
+        for name, full in tool.fn_metadata.arg_model.model_json_schema()["properties"].items():
+            said = published[name].get("description", "")
+            for cap in _max_items(full):
+                if cap < PLANNED_ITEMS and not re.search(rf"\b{cap}\b", said):
+                    unnamed[f"{tool.name}.{name}"] = (cap, said)
+    assert not unnamed, unnamed

@@ -143,10 +143,11 @@ def test_downsampling_keeps_the_last_the_best_and_the_first_within_the_points_as
 
 
 def _attempts(
-    tmp_path: Path, *attempts: tuple[str | None, list[tuple[int | None, float]]]
+    tmp_path: Path, *attempts: tuple[str | None, list[tuple[int | None, float | dict[str, float]]]]
 ) -> tuple[Store, RunRecord]:
     """A store holding one run whose attempts reported these (step, loss) points; each attempt
-    is (its resume_from, its points), a step of None meaning the script gave none."""
+    is (its resume_from, its points), a step of None meaning the script gave none, and a point of
+    {name: value} other metrics at that step instead of a loss."""
     store = Store(tmp_path / "home").ensure()
     record = new_record(run_id="joined", script="train.py", created_at="2026-01-01T00:00:00.000Z")
     record["attempts"] = [new_attempt(i, resume) for i, (resume, _) in enumerate(attempts, start=1)]
@@ -154,7 +155,10 @@ def _attempts(
     for number, (_, points) in enumerate(attempts, start=1):
         recorder = Recorder(history.history_path(store, "joined", number), "joined", number)
         for step, loss in points:
-            line = json.dumps({"step": step, "loss": loss} if step is not None else {"loss": loss})
+            if isinstance(loss, dict):
+                line = json.dumps({"step": step, "metrics": loss})
+            else:
+                line = json.dumps({"step": step, "loss": loss} if step is not None else {"loss": loss})
             for event in parse_line(line.encode()).events:
                 recorder.observe(event)
         if points:
@@ -193,6 +197,26 @@ def test_a_resume_from_scratch_restarts_the_curve_and_an_attempt_without_history
     assert history.series(store, record, "loss") == [(2, 2.0), (3, 1.5)]
     assert history.joins(store, record) == []
     assert history.names(store, record) == ["loss"]
+
+
+def test_a_metric_only_attempts_off_the_curve_reported_is_not_named_and_a_restart_is_said(
+    tmp_path: Path,
+) -> None:
+    # Attempt 2 resumes at step 2, replacing all attempt 1 reported of val_loss.
+    store, record = _attempts(
+        tmp_path, (None, [(1, 1.0), (2, {"val_loss": 0.5})]), ("ckpt-1", [(2, 0.8), (3, 0.7)])
+    )
+    stored = history.load(store, record)
+    assert stored.series("val_loss") == [] and stored.names() == ["loss"] and stored.restarted is None
+    # Attempt 3 starts from scratch: acc, reported by attempt 1 only, is off the curve too.
+    store, record = _attempts(
+        tmp_path / "restarted",
+        (None, [(1, 1.0), (2, {"acc": 0.5})]),
+        ("ckpt-2", [(3, 0.9)]),
+        (None, [(1, 2.0), (2, {"f1": 0.1})]),
+    )
+    stored = history.load(store, record)
+    assert stored.names() == ["loss", "f1"] and stored.restarted == 3 and stored.joins() == []
 
 
 def test_attempts_of_a_script_that_gives_no_steps_follow_one_another(tmp_path: Path) -> None:

@@ -24,7 +24,7 @@ from mcp import Client
 from mcp.client.stdio import StdioServerParameters
 from mcp_types import ImageContent, TextContent
 
-from backprop_mcp.runs.plots import MAX_PLOT_RUNS, QUANTIZED_COLOURS
+from backprop_mcp.runs.plots import MAX_PLOT_RUNS, MAX_PNG_BYTES, QUANTIZED_COLOURS
 from backprop_mcp.runs.requests import RunRequest
 from backprop_mcp.runs.service import Service
 from backprop_mcp.sweeps.curves import trials_to_plot
@@ -44,6 +44,7 @@ ORANGE = (255, 127, 14)
 COLOUR_TOLERANCE = 12
 # A plot with lines, text, grid and antialiased edges has dozens of colours; a blank one has one.
 MIN_COLOURS = 20
+GREEN = (44, 160, 44)  # the third run's
 PURPLE = (148, 103, 189)  # the fifth run's
 # A curve across a panel is hundreds of pixels of its colour.
 MIN_LINE_PIXELS = 200
@@ -55,6 +56,9 @@ MAX_PLOT_BYTES = 60_000
 # Bounds every MCP session and every wait for runs here: a loaded 2-core machine starts runs slowly.
 SESSION_SECONDS = 300
 WIDE = 800  # two panels of 400 pixels
+
+# The longest file name most file systems take (ext4, tmpfs, APFS: 255 bytes).
+NAME_MAX = 255
 
 TINY = FIXTURES / "trains_a_tiny_model_by_lr_and_width.py"
 # What the error without matplotlib must say, word for word: the extra that installs it.
@@ -141,6 +145,7 @@ def test_a_resumed_run_is_drawn_with_its_join_and_a_second_run_beside_it(
     answer = json.loads(shown.stdout)
     assert answer["metrics"] == ["loss", "val_loss", "val_acc"] and answer["runs"] == ["first", "second"]
     assert answer["joins"] == {"first": [21]} and answer["notes"] == [] and answer["path"] == str(out)
+    assert type(answer["joins"]["first"][0]) is int  # a step, as get_metrics and plot_metrics give it
     assert answer["bytes"] == out.stat().st_size and (answer["width"], answer["height"]) == both.size
 
     # One panel of the resumed run: its curve spans steps 1 to 40, and the dashed line of its
@@ -174,6 +179,56 @@ def _rises(image: Any) -> bool:
     columns = _columns(image, BLUE, _panel_rows(image))
     left, right = min(columns), max(columns)
     return sum(columns[right]) / len(columns[right]) < sum(columns[left]) / len(columns[left])
+
+
+def test_each_run_is_drawn_only_where_it_has_a_curve_and_a_restart_from_scratch_is_said(
+    service: Service, env: dict[str, str], tmp_path: Path
+) -> None:
+    resumable = FIXTURES / "trains_from_its_checkpoint.py"  # loss, and val_loss every second step
+    _finished(service, "resumed", resumable, "10", "5")
+    _resumed(service, "resumed", "10", "5")  # from step 5: steps 6-15
+    lines = [json.dumps({"step": n, "loss": 1 / n, "metrics": {"val_acc": n / 15}}) for n in range(1, 16)]
+    _finished(service, "other", FIXTURES / "prints_each_argument_as_a_line.py", *lines)
+
+    # The resumed run has no val_acc: its join's dashed line (its colour) stays out of that panel.
+    out = tmp_path / "acc.png"
+    done = cli(env, "plot", "resumed", "other", "--metric", "val_acc", "-o", str(out))
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == "backprop: note: resumed did not report val_acc\n"
+    image = _picture(out.read_bytes())
+    assert _pixels(image, ORANGE) >= MIN_LINE_PIXELS
+    assert not _columns(image, BLUE, _panel_rows(image)), "a line of a run the panel has no curve of"
+
+    # Restarted from scratch for one step: only the loss is on its curve now (val_loss came every
+    # second step of the attempts before), and the plot says why the rest is gone.
+    service.resume("resumed", args=["1", "1"], from_scratch=True)
+    assert wait_for_end(service, "resumed", timeout=SESSION_SECONDS)["status"] == "completed"
+    shown = cli(env, "plot", "resumed", "-o", str(out), "--json")
+    assert shown.returncode == 0, shown.stderr
+    answer = json.loads(shown.stdout)
+    assert answer["metrics"] == ["loss"] and answer["joins"] == {}, answer
+    assert answer["notes"] == [
+        "resumed: attempt 3 started from scratch; the attempts before it are not drawn"
+    ]
+    metrics = service.metrics(["resumed"])["runs"][0]
+    assert list(metrics["metrics"]) == ["loss"] and not metrics["missing"], metrics
+    assert metrics["note"] == "attempt 3 started from scratch; the attempts before it are not on the curve"
+
+
+def test_curves_of_noise_stay_a_few_tens_of_kb(service: Service, env: dict[str, str], tmp_path: Path) -> None:
+    ids = [f"noisy-{seed}" for seed in range(1, 4)]
+    for seed, run_id in enumerate(ids, start=1):
+        _start(service, run_id, FIXTURES / "reports_six_noisy_metrics.py", str(seed))
+    for run_id in ids:
+        assert wait_for_end(service, run_id, timeout=SESSION_SECONDS)["status"] == "completed"
+    panels = [arg for name in ("loss", *(f"noise{k}" for k in range(5))) for arg in ("--metric", name)]
+    out = tmp_path / "noise.png"
+    done = cli(env, "plot", *ids, *panels, "-o", str(out), "--json")
+    assert done.returncode == 0, done.stderr
+    size = json.loads(done.stdout)["bytes"]
+    print(f"\nplot: 6 panels of noise, 3 runs: {size:,} B of PNG")
+    assert size <= MAX_PNG_BYTES
+    _assert_a_plot(_picture(out.read_bytes()), [BLUE, ORANGE, GREEN])
 
 
 def test_a_sweeps_trials_are_drawn_named_by_their_params(
@@ -259,6 +314,11 @@ def test_bad_inputs_are_clear_errors_that_name_what_exists(
     (tmp_path / "folder.png").mkdir()
     assert "is a folder" in refused("good", "-o", str(tmp_path / "folder.png"))
     assert "cannot write the plot to" in refused("good", "-o", str(tmp_path / "missing" / "x.png"))
+    (tmp_path / "file").write_text("", encoding="utf-8")
+    assert "Not a directory" in refused("good", "-o", str(tmp_path / "file" / "x.png"))
+    # A name as long as a file's name may be is written (no longer name is made of it on the way).
+    longest = tmp_path / ("n" * (NAME_MAX - len(".png")) + ".png")
+    assert cli(env, "plot", "good", "-o", str(longest)).returncode == 0 and longest.exists()
     assert f"plot at most {MAX_PLOT_RUNS} runs at once, got 21" in refused(
         *[f"r{n}" for n in range(21)], "-o", str(out)
     )
@@ -277,7 +337,7 @@ def test_names_matplotlib_would_read_as_math_or_controls_are_drawn_as_text(
     script.write_text(
         "import json\n"
         "for step in range(1, 6):\n"
-        '    metrics = {"lr$\\\\bad$": step, "a\\u202eb": 2}\n'
+        '    metrics = {"lr$\\\\bad$": step, "a\\u202eb": 2, "\\U0001f525 f1": step}\n'
         '    print(json.dumps({"step": step, "loss": 1 / step, "metrics": metrics}))\n',
         encoding="utf-8",
     )
@@ -287,6 +347,10 @@ def test_names_matplotlib_would_read_as_math_or_controls_are_drawn_as_text(
     done = cli(env, "plot", "odd", "--metric", "lr$\\bad$", "--metric", "a\u202eb", "-o", str(out))
     assert done.returncode == 0, done.stderr
     _assert_a_plot(_picture(out.read_bytes()), [BLUE])
+    # A character matplotlib's fonts lack is drawn as a box and said as a note, not a Python warning.
+    done = cli(env, "plot", "odd", "--metric", "\U0001f525 f1", "-o", str(out))
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.startswith("backprop: note: matplotlib: Glyph 128293") and "Warning" not in done.stderr
 
 
 def test_values_beyond_what_matplotlib_can_lay_out_are_drawn_at_a_limit_and_said(

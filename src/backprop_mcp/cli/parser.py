@@ -179,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="metrics",
         action="append",
         metavar="NAME",
-        help="a metric to draw, one panel each (repeat for more; default: loss, val_* metrics; 4 at most)",
+        help="a metric to draw, one panel each (repeat for more, 6 at most; default: loss, val_* metrics, 4)",
     )
     plot.add_argument("--sweep", metavar="SWEEP_ID", help="draw this sweep's trials (its best 20 when more)")
     plot.add_argument(

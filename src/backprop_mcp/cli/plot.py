@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -39,13 +40,15 @@ def plot_command(service: Any, ns: argparse.Namespace) -> int:
 
 def _write(path: Path, png: bytes) -> Path:
     """`png` written to `path` whole (a temporary file beside it, then renamed), so a failure
-    leaves an earlier picture of that name as it was; its absolute path."""
+    leaves an earlier picture of that name as it was; its absolute path. The temporary name is
+    short: a file name that fits the system's limit must not fail for what is added to it."""
     absolute = path.absolute()
-    temporary = absolute.with_name(f".{absolute.name}.{os.getpid()}.tmp")
+    temporary = absolute.with_name(f".plot-{os.getpid()}.tmp")
     try:
         temporary.write_bytes(png)
         os.replace(temporary, absolute)
     except OSError as exc:
-        temporary.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # its own failure must not hide why the write failed
+            temporary.unlink(missing_ok=True)
         raise UsageError(f"cannot write the plot to {absolute}: {exc.strerror or exc}") from None
     return absolute

@@ -33,12 +33,15 @@ def build(app: App) -> list[Tool]:
         ] = None,
         metrics: Annotated[
             list[Annotated[str, Field(max_length=200)]] | None,
-            Field(description="Panels (default: loss, val_*; 4 at most).", max_length=MAX_PANELS),
+            Field(
+                description=f"Metrics, a panel each, {MAX_PANELS} at most (default: loss, val_*; 4).",
+                max_length=MAX_PANELS,
+            ),
         ] = None,
         sweep: Annotated[
             str | None,
             Field(
-                description="A sweep id: its (best) trials.",
+                description=f"A sweep id: its trials (the best {MAX_PLOT_RUNS} when more).",
                 max_length=128,
                 pattern=RUN_ID_PATTERN,
             ),
@@ -56,7 +59,7 @@ def build(app: App) -> list[Tool]:
         drawn = await app.call(plot, app.service, ids, sweep_id=sweep, metrics=metrics)
         said: dict[str, Any] = {"runs": drawn["runs"], "metrics": drawn["metrics"]}
         if drawn["joins"]:
-            said["joins"] = {run: [_step(s) for s in steps] for run, steps in drawn["joins"].items()}
+            said["joins"] = drawn["joins"]
         if drawn["notes"]:
             said["notes"] = drawn["notes"]
         said["size"] = f"{drawn['width']}x{drawn['height']}"
@@ -77,7 +80,3 @@ def build(app: App) -> list[Tool]:
             returns=None,
         ),
     ]
-
-
-def _step(step: float) -> float:
-    return int(step) if step.is_integer() else step

@@ -198,7 +198,10 @@ def build(app: App) -> list[Tool]:
         ],
         metrics: Annotated[
             list[Annotated[str, Field(max_length=200)]] | None,
-            Field(description="Names (default: loss and a few more).", max_length=MAX_ASKED_METRICS),
+            Field(
+                description=f"Names, {MAX_ASKED_METRICS} at most (default: loss and a few more).",
+                max_length=MAX_ASKED_METRICS,
+            ),
         ] = None,
         points: Annotated[
             int | None,

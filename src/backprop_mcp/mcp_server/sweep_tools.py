@@ -90,10 +90,10 @@ def build(app: App) -> list[Tool]:
         mode: Annotated[Literal["min", "max"], Field(description="Lower or higher is better.")] = "min",
         method: Annotated[
             Literal["grid", "random", "tpe"] | None,
-            Field(description="Default: grid, else random."),
+            Field(description="Default: grid if every param is a list, else random."),
         ] = None,
         max_trials: Annotated[
-            int | None, Field(description="Default: the grid, or 10.", ge=1, le=MAX_TRIALS)
+            int | None, Field(description="Default: the grid's size, else 10.", ge=1, le=MAX_TRIALS)
         ] = None,
         args: Annotated[
             list[Annotated[str, Field(max_length=4096)]] | None,

@@ -79,6 +79,11 @@ class _Segment:
         self.offset = offset  # added to its steps (an attempt that counted instead of giving steps)
         self.until = math.inf  # its points at or after this step were replaced by a later attempt
 
+    def keeps(self, metric: str) -> bool:
+        """Whether any point of `metric` in this attempt lies on the joined curve."""
+        found = self.attempt.metrics.get(metric)
+        return found is not None and any(x + self.offset < self.until for x in found[0])
+
 
 class RunHistory:
     """A run's stored history: each attempt's file, and the attempts joined into one curve.
@@ -89,12 +94,16 @@ class RunHistory:
         self.problems: list[str] = []
         """What could not be read (a corrupt file moved aside, one of a newer schema), in words."""
         self.segments: list[_Segment] = []
+        self.restarted: int | None = None
+        """The attempt that last restarted from scratch, leaving the earlier ones off the curve."""
 
     def names(self) -> list[str]:
-        """Every metric any attempt reported, the loss first, then in the order first seen."""
+        """Every metric with a point on the joined curve, the loss first, then in the order first
+        seen. A metric only attempts left off the curve reported (before a restart from scratch,
+        or wholly replaced by a later attempt) is not one: it has no curve to show or rank."""
         seen: dict[str, None] = {}
-        for attempt in self.attempts:
-            seen.update(dict.fromkeys(attempt.metrics))
+        for segment in self.segments:
+            seen.update((name, None) for name in segment.attempt.metrics if segment.keeps(name))
         names = list(seen)
         if LOSS in seen:
             names.remove(LOSS)
@@ -140,7 +149,10 @@ def load(store: Store, record: RunRecord) -> RunHistory:
         if attempt is None:
             continue
         history.attempts.append(attempt)
-        _join(history.segments, attempt, from_scratch=number > 1 and summary["resume_from"] is None)
+        from_scratch = number > 1 and summary["resume_from"] is None
+        if from_scratch and history.segments and attempt.first_step() is not None:
+            history.restarted = number  # the earlier attempts' points leave the curve
+        _join(history.segments, attempt, from_scratch=from_scratch)
     return history
 
 

@@ -82,6 +82,10 @@ def _run(store: Store, record: RunRecord, asked: list[str] | None, points: int) 
     if missing:
         answer["available"] = some_names(names)
     notes = list(stored.problems)
+    if stored.restarted is not None:
+        notes.append(
+            f"attempt {stored.restarted} started from scratch; the attempts before it are not on the curve"
+        )
     if not names:  # else an answer of the run id alone, which explains nothing
         live = record["status"] in ACTIVE_STATES
         notes.append(

@@ -19,6 +19,7 @@ import math
 import re
 import struct
 import threading
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -51,6 +52,11 @@ LEGEND_COLUMNS = 4
 # A join line is two pixels wide (in points at DPI): snapped to whole pixels, it keeps its run's
 # colour exactly instead of two paler antialiased columns.
 JOIN_POINTS = 72 * 2 / DPI
+# The most bytes of PNG a plot should cost: an agent pays for the picture (a third more as base64).
+# Curves of noise, every pixel column a zigzag, cost the most: drawn antialiased, three runs of six
+# such metrics are 60 KB. A plot over this is drawn again with its curves not antialiased (jagged
+# but as readable): 20 such runs in 6 panels are then 40 KB (tests/fixtures/reports_six_noisy_metrics.py).
+MAX_PNG_BYTES = 48_000
 # Colours of the PNG's palette: the 20 lines' colours, their antialiased edges, greys of the text
 # and grid. Measured: a 3-panel plot of five runs is 55 KB in full colour, 15 KB in 128 colours.
 QUANTIZED_COLOURS = 128
@@ -98,6 +104,11 @@ def plot_runs(
     for record in records:
         stored = history.load(store, record)
         notes += [f"{record['run_id']}: {problem}" for problem in stored.problems]
+        if stored.restarted is not None:
+            notes.append(
+                f"{record['run_id']}: attempt {stored.restarted} started from scratch; "
+                "the attempts before it are not drawn"
+            )
         if stored.names():
             loaded.append((record, stored))
         else:
@@ -127,11 +138,14 @@ def plot_runs(
                 f"{run_id}: values of {', '.join(clipped)} beyond ±{DRAWN_LIMIT:g} are drawn at the limit"
             )
         if stored.joins():
-            joins[run_id] = stored.joins()
+            joins[run_id] = [int(step) if step.is_integer() else step for step in stored.joins()]
     names = _labels([record for record, _ in loaded], labels or {})
     if title is None and len(names) == 1:
         title = next(iter(names.values()))
-    png, width, height = _draw(mpl, chosen, curves, names, joins, title)
+    png, width, height, said = _draw(mpl, chosen, curves, names, joins, title)
+    if len(png) > MAX_PNG_BYTES:
+        png, width, height, said = _draw(mpl, chosen, curves, names, joins, title, antialiased=False)
+    notes += said
     return Plot(
         png=png,
         width=width,
@@ -226,7 +240,11 @@ def _draw(
     labels: dict[str, str],
     joins: dict[str, list[float]],
     title: str | None,
-) -> tuple[bytes, int, int]:
+    *,
+    antialiased: bool = True,
+) -> tuple[bytes, int, int, list[str]]:
+    """The PNG, its width and height, and what matplotlib warned of while drawing (a glyph its
+    fonts lack, drawn as a box), as notes instead of warnings on stderr."""
     figure_class, canvas_class, line_class, colormaps, image_module = mpl
     runs = list(curves)
     columns = 1 if len(metrics) == 1 else 2
@@ -239,7 +257,9 @@ def _draw(
         PANEL_INCHES[1] * rows + legend_rows * LEGEND_ROW_INCHES + (TITLE_INCHES if title else 0),
     )
     palette = colormaps["tab10" if len(runs) <= 10 else "tab20"].colors
-    with _DRAWING:
+    # catch_warnings sets process-wide state: held under the lock, as matplotlib's caches are.
+    with _DRAWING, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         figure = figure_class(figsize=size, dpi=DPI, layout="constrained")
         axes = figure.subplots(rows, columns, squeeze=False).flatten()
         for index, (ax, metric) in enumerate(zip(axes, metrics, strict=False)):
@@ -247,10 +267,18 @@ def _draw(
             for number, run_id in enumerate(runs):
                 colour = palette[number % len(palette)]
                 points = curves[run_id][metric]
-                if points:
-                    xs, ys = zip(*points, strict=True)
-                    values += ys
-                    ax.plot(xs, ys, color=colour, linewidth=1.4, marker="o" if len(xs) == 1 else "")
+                if not points:
+                    continue  # nor its joins: a dashed line of a colour the panel has no curve of
+                xs, ys = zip(*points, strict=True)
+                values += ys
+                ax.plot(
+                    xs,
+                    ys,
+                    color=colour,
+                    linewidth=1.4,
+                    marker="o" if len(xs) == 1 else "",
+                    antialiased=antialiased,
+                )
                 for step in joins.get(run_id, []):
                     ax.axvline(step, color=colour, linestyle="--", linewidth=JOIN_POINTS)
             better = "lower" if lower_is_better(metric) else "higher"
@@ -291,4 +319,7 @@ def _draw(
             raise BackpropError(f"matplotlib could not draw these curves: {exc}") from None
     png = _small(image_module, drawn)
     width, height = struct.unpack(">II", png[16:24])  # the IHDR chunk, first in every PNG
-    return png, width, height
+    # Deprecations speak to this code's authors, not to whoever looks at the picture.
+    shown = (w for w in caught if not issubclass(w.category, DeprecationWarning | PendingDeprecationWarning))
+    said = [f"matplotlib: {text}" for text in dict.fromkeys(str(w.message) for w in shown)]
+    return png, width, height, said

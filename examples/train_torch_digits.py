@@ -249,7 +249,11 @@ def main(argv: list[str] | None = None) -> int:
             TypeError,
             ValueError,
         ) as exc:
-            problem = f"{type(exc).__name__}: {exc}"
+            # torch's own words for a cut-short file ("Invalid argument") do not say what is wrong.
+            problem = (
+                f"{type(exc).__name__}: {exc}: the file is damaged (cut short?) or is not a checkpoint "
+                f"of this script; resume from an earlier one (backprop run ... -r PATH) or from scratch"
+            )
         if problem is not None:
             print(f"{NAME}: cannot resume from {resume}: {problem}", file=sys.stderr)
             return 2

@@ -40,6 +40,12 @@ def detect(tmp_path: Path, source: str, **env: str) -> str:
         ("import importlib\ntf = importlib.import_module('tensorflow')\n", "tensorflow"),
         # The first framework imported decides, and the words in a docstring are not imports.
         ('"""Unlike the PyTorch version, which does\nimport torch\n"""\nimport jax\nimport torch\n', "jax"),
+        # backprop's callback modules import their framework.
+        ("from backprop_mcp.integrations.huggingface import BackpropCallback\n", "pytorch"),
+        ("from backprop_mcp.integrations import lightning\n", "pytorch"),
+        # Imports for type checkers only never run.
+        ("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import tensorflow\nimport jax\n", "jax"),
+        ("import typing\nif typing.TYPE_CHECKING:\n    import torch\nelse:\n    import optax\n", "jax"),
         ("import numpy, sklearn\n", "none"),
         ("", "none"),
     ],
@@ -70,6 +76,14 @@ def test_the_framework_is_read_from_the_imports_wherever_they_are(
         ("import keras\n", {"KERAS_BACKEND": "torch"}, "pytorch"),
         ("import keras\n", {"KERAS_BACKEND": "numpy"}, "none"),
         ("import keras\n", {}, "tensorflow"),
+        # The callback module imports Keras, on the backend set by then.
+        (
+            "import os\nos.environ['KERAS_BACKEND'] = 'torch'\n"
+            "from backprop_mcp.integrations.keras import BackpropCallback\n",
+            {},
+            "pytorch",
+        ),
+        ("from backprop_mcp.integrations import keras\n", {"KERAS_BACKEND": "jax"}, "jax"),
     ],
 )
 def test_keras_counts_as_the_backend_it_will_run_on(
@@ -94,6 +108,8 @@ def test_a_script_that_does_not_parse_is_read_by_its_import_lines(tmp_path: Path
     assert detect(tmp_path, python2) == "pytorch"
     assert detect(tmp_path, "import keras\nprint 'x'\n", KERAS_BACKEND="jax") == "jax"
     assert detect(tmp_path, "print 'no framework'\n") == "none"
+    callback = "from backprop_mcp.integrations.keras import BackpropCallback\nprint 'x'\n"
+    assert detect(tmp_path, callback, KERAS_BACKEND="torch") == "pytorch"
 
 
 def test_a_framework_given_is_kept_and_an_unreadable_script_has_none(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -260,6 +261,65 @@ def test_the_pytorch_lightning_callback_reports_checkpoints_and_resumes(tmp_path
     first_step = next(e["step"] for e in resumed if e["event"] == "progress")
     assert first_step == int(str(checkpoints[-1]["step"])) + 1
     assert resumed[-1]["event"] == "done"
+
+
+# --- a stop in the middle of an epoch ------------------------------------------------------------
+
+# The fixtures send themselves the stop signal after this step, in the middle of their first epoch
+# (8 batches): before any validation is due.
+STOP_STEP = 3
+
+
+def _stopped(script: str, tmp_path: Path, *args: str) -> tuple[int, list[dict[str, object]]]:
+    """Exit status and events of a fixture run outside the supervisor, with a checkpoint folder and
+    no checkpoint interval, that signals itself after step STOP_STEP."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BACKPROP_")}
+    env |= {"BACKPROP_CHECKPOINT_DIR": str(tmp_path / "ckpt"), "KERAS_BACKEND": "torch"}
+    done = subprocess.run(
+        [sys.executable, str(FIXTURES / script), "--signal-at-step", str(STOP_STEP), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT,
+        check=False,
+    )
+    events = [json.loads(line) for line in done.stdout.splitlines() if line.startswith('{"event"')]
+    return done.returncode, events
+
+
+def _assert_stopped_at_once(returncode: int, events: list[dict[str, object]], signum: int) -> None:
+    """Ended with 128 + the signal after one checkpoint at the stop step, and nothing after it: no
+    validation of a half-trained epoch (it can outlast the time left before the deadline), no
+    second save of the same step (a rewrite that a later kill would leave half-written)."""
+    assert returncode == 128 + signum, events
+    saved = [e for e in events if e["event"] == "checkpoint_saved"]
+    assert [e["step"] for e in saved] == [STOP_STEP], saved
+    assert events[-1]["event"] == "checkpoint_saved", events
+    assert not [e for e in events if e["event"] in ("metric", "done")], events
+
+
+@needs("lightning", "torch")
+@pytest.mark.parametrize("signal_name", ["INT", "TERM"])
+def test_a_lightning_training_stopped_mid_epoch_saves_once_skips_validation_and_exits_with_the_signal(
+    tmp_path: Path, signal_name: str
+) -> None:
+    # SIGTERM: Lightning ends fit() with its own SIGTERMException, a SystemExit of status 0.
+    returncode, events = _stopped("train_lightning.py", tmp_path, "--signal", signal_name)
+    _assert_stopped_at_once(returncode, events, getattr(signal, "SIG" + signal_name))
+
+
+@needs("transformers", "torch", "accelerate")
+def test_a_hugging_face_training_stopped_mid_epoch_saves_once_and_skips_the_epoch_end_evaluation(
+    tmp_path: Path,
+) -> None:
+    returncode, events = _stopped("train_hf_trainer.py", tmp_path, "--per-epoch")
+    _assert_stopped_at_once(returncode, events, signal.SIGINT)
+
+
+@needs("keras", "torch")
+def test_a_keras_training_stopped_mid_epoch_saves_once_and_skips_the_validation(tmp_path: Path) -> None:
+    returncode, events = _stopped("train_keras.py", tmp_path)
+    _assert_stopped_at_once(returncode, events, signal.SIGINT)
 
 
 def _events_of(script: str, env: dict[str, str], *args: str) -> list[dict[str, object]]:

@@ -175,3 +175,11 @@ def test_outside_backprop_it_trains_offline_and_refuses_checkpoints_it_cannot_co
     assert broken.returncode == 2, broken.stderr
     assert f"cannot resume from {garbage}" in broken.stderr
     assert "Traceback" not in broken.stderr
+
+    # A checkpoint cut short (a copy, a full disk): refused, saying so.
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(final.read_bytes()[:5000])
+    broken = run_outside_backprop(tmp_path, "--epochs", "1", resume_from=cut)
+    assert broken.returncode == 2, broken.stderr
+    assert f"cannot resume from {cut}" in broken.stderr and "damaged" in broken.stderr, broken.stderr
+    assert "Traceback" not in broken.stderr

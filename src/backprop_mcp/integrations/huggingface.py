@@ -74,6 +74,19 @@ class BackpropCallback(TrainerCallback):  # type: ignore[misc]  # transformers i
             control.should_training_stop = True
             # The loss since the last logging step is reported before the end.
             control.should_log = True
+            # An evaluation (a whole pass over the evaluation data) could outlast the margin
+            # before the deadline; the checkpoint comes first.
+            control.should_evaluate = False
+
+    def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self._session.stopping is None:
+            return
+        # The Trainer ends the epoch it cut short as any other: an evaluation with an "epoch"
+        # strategy, and a second save of the step just saved (rewriting the checkpoint in place,
+        # where a kill would leave it half-written), with an "epoch" save strategy.
+        control.should_evaluate = False
+        if self._session.saved_step == state.global_step:
+            control.should_save = False
 
     def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
         values = _metrics(logs)

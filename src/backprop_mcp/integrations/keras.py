@@ -87,6 +87,12 @@ class BackpropCallback(keras.callbacks.Callback):  # type: ignore[misc]  # keras
         if stop:
             self.model.stop_training = True
 
+    def on_test_begin(self, logs: Any = None) -> None:
+        if self._session.stopping is not None and self._session.saved_step == self._step:
+            # fit() validates the epoch it cut short: a whole pass over the validation data that
+            # can outlast the margin before the deadline. The checkpoint is saved: end here.
+            self._session.end_if_stopped()
+
     def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
         values = scalars(logs)
         self._final = values

@@ -8,8 +8,10 @@ base classes (a Trainer accepts only its own), with the same hooks.
 from __future__ import annotations
 
 import math
+import signal
 from typing import Any
 
+from backprop_mcp import script as bp
 from backprop_mcp.integrations.common import KEEP_CHECKPOINTS, Session, note, resume_path, scalar, scalars
 
 
@@ -73,6 +75,11 @@ class LightningHooks:
             trainer.should_stop = True
 
     def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
+        if self._stop_asked_at is not None:
+            # Lightning validates once more when training is asked to stop: a whole pass over the
+            # validation data that can outlast the margin before the deadline, of an epoch cut
+            # short. The checkpoint is saved: end here.
+            self._session.end_if_stopped()
         self._before_validation = {name: id(value) for name, value in trainer.callback_metrics.items()}
 
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
@@ -97,9 +104,17 @@ class LightningHooks:
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         # Lightning ends fit() with its own SIGTERMException (between two batches, so the state
         # is whole) when SIGTERM is the stop signal: save what was trained.
-        if type(exception).__name__ == "SIGTERMException" and self._session.saved_step != trainer.global_step:
-            self._session.mark_stopping()
+        if type(exception).__name__ != "SIGTERMException":
+            return  # a real error: Lightning raises it again and the run fails
+        session = self._session
+        session.mark_stopping()
+        if session.saved_step != trainer.global_step:
             self._save(trainer, int(trainer.global_step))
+        # The exception is a SystemExit with no status, which would end the script with 0, as if
+        # training had finished: it carries the contract's status instead (128 + SIGTERM, or of
+        # the stop signal that came first).
+        code = bp.stop_exit_code()
+        exception.code = 128 + signal.SIGTERM if code == bp.EXIT_DEADLINE else code  # type: ignore[attr-defined]
 
     def _save(self, trainer: Any, step: int) -> None:
         session = self._session

@@ -29,12 +29,25 @@ FRAMEWORK_OF: dict[str, str] = {
     **dict.fromkeys(("jax", "jaxlib", "flax", "optax", "haiku", "equinox"), "jax"),
 }  # fmt: skip
 KERAS = "keras"
+# backprop's own callback modules import their framework: a script may import only those.
+_INTEGRATIONS = "backprop_mcp.integrations"
+_PACKAGE_OF_INTEGRATION = {
+    "lightning": "lightning",
+    "pytorch_lightning": "pytorch_lightning",
+    "huggingface": "transformers",
+    "keras": KERAS,
+}
 # Keras 3 runs on the backend named by KERAS_BACKEND, else by ~/.keras/keras.json, else TensorFlow.
 KERAS_BACKEND = "KERAS_BACKEND"
 KERAS_DEFAULT_BACKEND = "tensorflow"
 _FRAMEWORK_OF_KERAS_BACKEND = {"tensorflow": "tensorflow", "jax": "jax", "torch": "pytorch"}
 _IMPORT_RE = re.compile(
-    rb"^[ \t]*(?:import|from)[ \t]+(" + "|".join([*FRAMEWORK_OF, KERAS]).encode() + rb")\b", re.M
+    rb"^[ \t]*(?:import|from)[ \t]+("
+    + "|".join([*FRAMEWORK_OF, KERAS, *(f"{_INTEGRATIONS}.{m}" for m in _PACKAGE_OF_INTEGRATION)])
+    .replace(".", r"\.")
+    .encode()
+    + rb")\b",
+    re.M,
 )
 
 
@@ -67,7 +80,7 @@ def detect_framework(script: Path, requested: str, env: Mapping[str, str] | None
         match = _IMPORT_RE.search(source[:_HEAD_BYTES])
         if match is None:
             return "none"
-        found = (match.group(1).decode(), None, None)
+        found = (_package(match.group(1).decode()), None, None)
     package, assigned, default = found
     if package != KERAS:
         return FRAMEWORK_OF[package]
@@ -98,8 +111,21 @@ class _ImportReader(ast.NodeVisitor):
             self._imported(alias.name)
 
     def visit_ImportFrom(self, node: ast.ImportFrom) -> None:
-        if node.level == 0 and node.module:
+        if node.level == 0 and node.module == _INTEGRATIONS:
+            for alias in node.names:  # from backprop_mcp.integrations import keras
+                self._imported(f"{_INTEGRATIONS}.{alias.name}")
+        elif node.level == 0 and node.module:
             self._imported(node.module)
+
+    def visit_If(self, node: ast.If) -> None:
+        # `if TYPE_CHECKING:` imports are for type checkers only; they never run.
+        test = node.test
+        name = test.attr if isinstance(test, ast.Attribute) else test.id if isinstance(test, ast.Name) else ""
+        if name == "TYPE_CHECKING":
+            for child in node.orelse:
+                self.visit(child)
+        else:
+            self.generic_visit(node)
 
     def visit_Assign(self, node: ast.Assign) -> None:
         self.generic_visit(node)
@@ -131,11 +157,18 @@ class _ImportReader(ast.NodeVisitor):
     def _imported(self, module: str) -> None:
         if self.found is not None:
             return
-        top = module.split(".", 1)[0]
+        top = _package(module).split(".", 1)[0]
         if top == KERAS:
             self.found = (KERAS, self.keras_backend, self.keras_default)
         elif top in FRAMEWORK_OF:
             self.found = (top, None, None)
+
+
+def _package(module: str) -> str:
+    """The framework package a module stands for: its own, or that of a backprop callback module."""
+    if module.startswith(_INTEGRATIONS + "."):
+        return _PACKAGE_OF_INTEGRATION.get(module.split(".")[2], module)
+    return module
 
 
 def _text(node: ast.expr) -> str | None:

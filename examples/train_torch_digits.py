@@ -337,9 +337,8 @@ def mismatch(saved: Any, config: dict[str, Any]) -> str | None:
 
 if __name__ == "__main__":
     status = main()
-    # Everything is written (checkpoints are closed files, events flushed below), so skip the
-    # interpreter's teardown of torch and scikit-learn: it takes 2-3 s on a busy machine, long
-    # enough for the deadline's stop signal to land in it after the script stopped for the deadline.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(status)
+    # Python's teardown of torch and scikit-learn takes seconds on a busy machine: long enough for
+    # the deadline's stop signal to land in it after the script stopped for the deadline, and kill
+    # it mid-exit with its status lost. Ignoring the stop signals from here keeps the status.
+    bp.ignore_stop_signals()
+    sys.exit(status)

@@ -195,21 +195,7 @@ def test_a_job_stopped_or_killed_on_the_cluster_is_recorded_as_such(ray_head: He
     killed = service.start(RunRequest(script="wait.py", run_id="by-kill"))
     running(service, "by-ray")
     logged(service, "by-ray", "ready")
-    done = subprocess.run(
-        [
-            str(ray_command()),
-            "job",
-            "stop",
-            "--address",
-            ray_head.address,
-            job_state(service, "by-ray")["job_id"],
-        ],
-        capture_output=True,
-        text=True,
-        timeout=WAIT,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
+    ray_job_stop(ray_head, job_state(service, "by-ray")["job_id"])
     record = wait_for_end(service, stopped["run_id"], timeout=WAIT)
     assert (record["status"], record["termination_reason"]) == ("stopped", "stop_requested"), record
     assert "stopped by the cluster" in (record["status_detail"] or "") or "ray job stop" in (
@@ -226,13 +212,25 @@ def test_a_job_stopped_or_killed_on_the_cluster_is_recorded_as_such(ray_head: He
     assert no_survivors("by-ray")
 
 
-def test_admission_asks_the_cluster_and_max_parallel_holds_across_the_store(
+def stored(service: Service, run_id: str) -> dict[str, Any]:
+    """The run's record as stored, without reading it through the backend (no fold, no submit)."""
+    return dict(service.store.read(run_id))
+
+
+def ray_job_stop(head: Head, job_id: str) -> None:
+    command = [str(ray_command()), "job", "stop", "--address", head.address, job_id]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=WAIT, check=False)
+    assert done.returncode == 0, done.stderr
+
+
+def test_admission_asks_the_cluster_and_queued_runs_advance_in_order_without_any_read(
     ray_head: Head, tmp_path: Path
 ) -> None:
     project = project_with(tmp_path, wait="waits_forever")
-    env = ray_env(tmp_path, ray_head, BACKPROP_MAX_PARALLEL="1")
+    # The waiters look at the cluster often, so that the test waits little for them.
+    env = ray_env(tmp_path, ray_head, BACKPROP_MAX_PARALLEL="1", BACKPROP_SAMPLE_INTERVAL_SECONDS="0.2")
     service = Service(Path(env["BACKPROP_HOME"]), env=env, cwd=project)
-    huge = {"min_free_ram_gb": 65536}
+    huge = {"min_free_ram_gb": 65536, "queue_timeout_minutes": 0.05}
     record = service.start(RunRequest(script="wait.py", run_id="too-big", options=huge))
     assert record["status"] == "queued" and "no Ray node has 1 CPU and 65536.0 GB memory free" in (
         record["status_detail"] or ""
@@ -240,20 +238,37 @@ def test_admission_asks_the_cluster_and_max_parallel_holds_across_the_store(
     assert "job_id" not in record
     refused = service.start(RunRequest(script="wait.py", run_id="refused", options={**huge, "queue": False}))
     assert refused["status"] == "rejected" and "no Ray node has" in (refused["status_detail"] or "")
-    assert service.stop("too-big")["status"] == "stopped"
+    # Its waiter ends it at its queue timeout, with nobody reading it.
+    wait_until(
+        lambda: stored(service, "too-big")["status"] == "rejected", timeout=WAIT, what="the queue timeout"
+    )
+    assert stored(service, "too-big")["termination_reason"] == "queue_timeout"
 
     service.start(RunRequest(script="wait.py", run_id="first"))
     running(service, "first")
-    # Another process of the same store (the CLI) finds the one place taken.
+    # Another process of the same store (the CLI, which then exits) finds the one place taken.
     second = cli_json(env, "run", "wait.py", "--run-id", "second", "--detach", cwd=project)
     assert second["status"] == "queued", second
-    record = service.get("second")
-    assert record["status"] == "queued" and "1 ray runs of this store live; maxParallel is 1" in (
-        record["status_detail"] or ""
+    third = service.start(RunRequest(script="wait.py", run_id="third"))
+    assert (third["status"], third["queue_position"]) == ("queued", 2), third
+    assert "1 ray runs of this store live; maxParallel is 1" in (
+        stored(service, "second")["status_detail"] or ""
     )
-    service.stop("first")
-    wait_for_end(service, "first", timeout=WAIT)
-    running(service, "second")  # submitted by a read once the place was free
+
+    # The first run's job ends on the cluster, and from here on nobody reads any of the runs: the
+    # second's waiter notices the place is free and submits it; the third waits behind it.
+    ray_job_stop(ray_head, job_state(service, "first")["job_id"])
+    wait_until(lambda: stored(service, "second").get("job_id"), timeout=WAIT, what="the second run's job")
+    assert stored(service, "first")["status"] == "stopped"
+    waiting = stored(service, "third")
+    assert (waiting["status"], waiting["queue_position"]) == ("queued", 1), waiting
+    assert "job_id" not in waiting
+
+    # A waiter that dies leaves its run truthfully lost, not queued forever.
+    os.kill(job_state(service, "third")["waiter"][0], 9)
+    wait_until(lambda: service.get("third")["status"] == "lost", timeout=WAIT, what="the waiter's death")
+    assert "queue waiter died" in (service.get("third")["status_detail"] or "")
+    running(service, "second")
     service.stop("second")
     assert wait_for_end(service, "second", timeout=WAIT)["status"] == "stopped"
 

@@ -7,13 +7,23 @@ Ray is imported here only, and only when a ray run is started or read: local run
 
 from __future__ import annotations
 
+import json
 import logging
+import secrets
+from pathlib import Path
 from typing import Any, NamedTuple
 
+from backprop_mcp.core.clock import now_iso
 from backprop_mcp.core.errors import ClusterError
+from backprop_mcp.core.records import RunRecord
 from backprop_mcp.core.settings import Settings
+from backprop_mcp.runs import joblog
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+ENTRYPOINT = "python -m backprop_mcp.runs.supervisor.job"
+# The share of a node's custom `node:IP` resource a stop job asks for, so that it runs on the node
+# of the supervisor it signals.
+NODE_SHARE = 0.001
 # Every request to the Jobs API gives up after this: a head on the local network answers in
 # milliseconds, and uploading a working_dir of some MB takes a few seconds; past this the cluster is
 # treated as not answering, so no read of a run ever hangs on it.
@@ -129,3 +139,50 @@ def fit(address: str, settings: Settings) -> tuple[list[str], Needs]:
     best = max(nodes, key=lambda n: (n["CPU"], n["GPU"], n["memory"]))
     most = f"{best['CPU']:g} CPU, {best['GPU']:g} GPU, {best['memory'] / GIB:.1f} GB memory"
     return [f"no Ray node has {needs.words()} free (the freest has {most})"], needs
+
+
+def submit_stop_job(
+    address: str,
+    home: Path,
+    record: RunRecord,
+    state: dict[str, Any],
+    node: str,
+    *,
+    force: bool,
+    pruned: str | None,
+) -> None:
+    """A small job on the supervisor's node that leaves the stop request and signals it."""
+    pid, started = state["supervisor"]
+    request = {
+        "run_id": record["run_id"],
+        "attempt": record["attempt"],
+        "pid": pid,
+        "started": started,
+        "force": force,
+        "pruned": pruned,
+        "at": now_iso(),
+    }
+    env_vars = {
+        joblog.STOP_ENV: json.dumps(request),
+        joblog.STORE_KEY_ENV: joblog.store_key(home),
+        joblog.STORAGE_ENV: record["options"].get("ray_storage") or "",
+    }
+    conn = client(address)
+    call(
+        address,
+        "take the stop job",
+        lambda: conn.submit_job(
+            entrypoint=f"{ENTRYPOINT} stop",
+            submission_id=f"backprop-stop-{record['run_id']}-{record['attempt']}-{secrets.token_hex(4)}",
+            runtime_env={"py_modules": [package()], "env_vars": env_vars},
+            entrypoint_resources={f"node:{node}": NODE_SHARE},
+            metadata={"backprop_run_id": record["run_id"], "backprop_stop": "1"},
+        ),
+    )
+
+
+def package() -> str:
+    """backprop_mcp's own folder: it travels with each job, so the cluster runs this very version."""
+    import backprop_mcp
+
+    return str(Path(backprop_mcp.__file__).parent)

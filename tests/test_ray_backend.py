@@ -5,12 +5,17 @@ goes away recorded truthfully; the cluster's admission and maxParallel; and the 
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
+import threading
+from collections.abc import Callable, Iterator
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
@@ -29,6 +34,7 @@ from tests.helpers import FIXTURES, cli, cli_json, isolated_env, no_survivors, w
 from tests.ray_head import Head, kill_head, ray_command, start_head, stop_head
 from tests.test_mcp_stdio import server_command
 from tests.test_mcp_tools import call, wait_end
+from tests.test_sweeps import known, max_overlap
 
 pytestmark = pytest.mark.skipif(
     find_spec("ray") is None, reason="Ray is not installed: pip install 'backprop-mcp[ray]' (ray[default])"
@@ -37,6 +43,8 @@ pytestmark = pytest.mark.skipif(
 # Bounds every wait on a ray run: a job's runtime environment is set up before its entrypoint runs
 # (seconds on an idle machine, far more on a loaded 2-core runner).
 WAIT = 120.0
+# What a Ray dashboard takes in one upload (its client_max_size): a working directory packs to one.
+UPLOAD_LIMIT = 100 * 1024**2
 # How long the cluster may stay silent before a run is ended as lost, in the head-gone test: long
 # enough that a busy reader's own retries do not trip it, short enough to keep the test quick.
 SILENT_SECONDS = "5"
@@ -64,6 +72,43 @@ def project_with(tmp_path: Path, **scripts: str) -> Path:
     for name, fixture in scripts.items():
         shutil.copy(FIXTURES / f"{fixture}.py", folder / f"{name}.py")
     return folder
+
+
+@contextlib.contextmanager
+def http_server() -> Iterator[int]:
+    """A real HTTP server on loopback that is no Ray dashboard (it answers 404 to everything)."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@contextlib.contextmanager
+def silent_server() -> Iterator[tuple[int, Callable[[], int]]]:
+    """A port that accepts connections and never answers (a hung head); and how many it accepted."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.1)
+    accepted: list[socket.socket] = []
+    done = threading.Event()
+
+    def accept() -> None:
+        while not done.is_set():
+            with contextlib.suppress(TimeoutError):
+                accepted.append(listener.accept()[0])
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1], lambda: len(accepted)
+    finally:
+        done.set()
+        thread.join()
+        for conn in [*accepted, listener]:
+            conn.close()
 
 
 def job_state(service: Service, run_id: str) -> dict[str, Any]:
@@ -273,6 +318,70 @@ def test_admission_asks_the_cluster_and_queued_runs_advance_in_order_without_any
     assert wait_for_end(service, "second", timeout=WAIT)["status"] == "stopped"
 
 
+def test_a_grid_sweep_runs_its_trials_as_ray_runs_within_max_parallel(ray_head: Head, tmp_path: Path) -> None:
+    project = project_with(tmp_path, scores="scores_its_params")
+    env = ray_env(
+        tmp_path,
+        ray_head,
+        BACKPROP_MAX_PARALLEL="1",  # the second trial waits in the ray queue for the first
+        BACKPROP_SWEEP_POLL_SECONDS="0.2",
+        BACKPROP_SAMPLE_INTERVAL_SECONDS="0.2",
+    )
+    grid = ["--param", "x=0,0.3", "--metric", "val_loss", "--parallel", "2", "--json"]
+    ran = cli(env, "sweep", "scores.py", *grid, "--", "--steps", "3", cwd=project, timeout=WAIT * 2)
+    assert ran.returncode == 0, ran.stderr
+    done = json.loads(ran.stdout)
+    assert (done["status"], done["counts"]) == ("completed", {"completed": 2}), done["status_detail"]
+    assert done["best"]["params"] == {"x": 0.3}
+    assert done["best"]["objective"] == pytest.approx(known({"x": 0.3, "layers": 1}) + 1 / 3)
+    service = Service(Path(env["BACKPROP_HOME"]), env=env, cwd=project)
+    run_ids = [t["run_id"] for t in done["trials"]]
+    for number, run_id in enumerate(run_ids, 1):
+        record = service.get(run_id)
+        assert record["options"]["backend"] == "ray" and record["job_id"].startswith(f"backprop-{run_id}-1-")
+        assert record["sweep"]["trial"] == number and record["python_source"] == "cluster"
+        given = service.logs(run_id, tail=20)["lines"][0]
+        assert json.loads(given.removeprefix("params: ")) == record["sweep"]["params"]
+        assert service.metrics([run_id])["runs"][0]["metrics"]["val_loss"]["reported"] == 3
+    assert max_overlap(service, run_ids) == 1
+    rows = cli_json(env, "list", "--sweep", done["sweep_id"])["runs"]
+    assert sorted(row["run_id"] for row in rows) == sorted(run_ids)
+
+
+def test_a_ray_runs_log_is_a_local_runs_log_and_what_travels_is_bounded(
+    ray_head: Head, tmp_path: Path
+) -> None:
+    project = project_with(tmp_path, odd="prints_odd_line_breaks")
+    # A repository's history does not travel: this one alone is over what the dashboard takes.
+    (project / ".git").mkdir()
+    (project / ".git" / "pack").write_bytes(os.urandom(UPLOAD_LIMIT + 1024**2))
+    env = ray_env(tmp_path, ray_head)
+    service = Service(Path(env["BACKPROP_HOME"]), env=env, cwd=project)
+    service.start(RunRequest(script="odd.py", run_id="on-ray"))
+    service.start(RunRequest(script="odd.py", run_id="here", options={"backend": "local"}))
+    on_ray, here = wait_for_end(service, "on-ray", timeout=WAIT), wait_for_end(service, "here", timeout=WAIT)
+    assert (
+        (on_ray["status"], on_ray["metrics"])
+        == (here["status"], here["metrics"])
+        == (
+            "completed",
+            {"val_loss": 0.5},
+        )
+    )
+    # Carriage returns, form feeds, line separators, bytes that are not UTF-8 and a forged mark: the
+    # same bytes in the same lines as the local run's log.
+    logged = service.store.log_path("on-ray", 1).read_bytes()
+    assert logged == service.store.log_path("here", 1).read_bytes()
+    assert logged.startswith(b"step 1/3\rstep 2/3\rstep 3/3\n") and b"caf\xe9 au lait\r\n" in logged
+    assert "two" not in (service.store.run_dir("on-ray") / "supervisor.log").read_text("utf-8")
+
+    (project / ".git" / "pack").rename(project / "data.bin")
+    with pytest.raises(ClusterError, match="refused the run's working directory as too large") as refused:
+        service.start(RunRequest(script="odd.py", run_id="too-large"))
+    assert ".rayignore" in (refused.value.hint or "")
+    assert [r["run_id"] for r in service.list_runs()["runs"]] == ["here", "on-ray"]
+
+
 def test_a_head_that_goes_away_mid_run_leaves_a_truthful_record(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -301,7 +410,7 @@ def test_a_head_that_goes_away_mid_run_leaves_a_truthful_record(
         stop_head(head)
 
 
-def test_bad_ray_inputs_are_clear_errors_and_leave_nothing(tmp_path: Path) -> None:
+def test_bad_ray_inputs_are_clear_errors_and_leave_nothing(ray_head: Head, tmp_path: Path) -> None:
     project = project_with(tmp_path, wait="waits_forever")
     outside = tmp_path / "elsewhere.py"
     shutil.copy(FIXTURES / "waits_forever.py", outside)
@@ -320,9 +429,35 @@ def test_bad_ray_inputs_are_clear_errors_and_leave_nothing(tmp_path: Path) -> No
         service.start(RunRequest(script="wait.py", python=sys.executable, options=ray))
     with pytest.raises(
         ClusterError, match=re.escape("the Ray cluster at http://127.0.0.1:9 does not answer")
-    ):
+    ) as refused:
         service.start(RunRequest(script="wait.py", run_id="unreachable", options=ray))
+    assert "not the GCS port (6379)" in (refused.value.hint or "")
+    # Something answers there, but it is no Ray dashboard (a wrong port): said so, not "Jobs API".
+    with http_server() as port:
+        not_ray = {"backend": "ray", "ray_address": f"http://127.0.0.1:{port}"}
+        with pytest.raises(
+            ClusterError, match="is a Ray dashboard's Jobs API: it answered its version check"
+        ) as refused:
+            service.start(RunRequest(script="wait.py", options=not_ray))
+    assert "dashboard's" in (refused.value.hint or "")
+    # RAY_ADDRESS in the environment (Ray's own client would prefer it) does not redirect a run
+    # whose address was given: the run goes where its settings say, or nowhere.
+    done = cli(
+        {**env, "RAY_ADDRESS": ray_head.address},
+        *("run", "wait.py", "--backend", "ray", "--ray-address", "127.0.0.1:9", "--detach"),
+        cwd=project,
+    )
+    assert done.returncode == 1 and "http://127.0.0.1:9 does not answer" in done.stderr, done.stdout
     assert service.list_runs()["runs"] == []
+
+
+def test_a_cluster_that_does_not_answer_costs_a_status_one_timeout(tmp_path: Path) -> None:
+    env = isolated_env(tmp_path / "home", BACKPROP_RAY_REQUEST_SECONDS="1")
+    with silent_server() as (port, connections):
+        answer = cli_json(env, "status", "--backend", "ray", "--ray-address", f"127.0.0.1:{port}")
+        assert connections() == 1  # every later request of the status failed at once, saying why
+    assert "does not answer" in answer["cluster"]["error"] and answer["cluster"]["nodes"] == []
+    assert not answer["verdict"]["allowed"] and "does not answer" in answer["verdict"]["reasons"][0]
 
 
 def test_local_runs_never_import_ray(tmp_path: Path) -> None:

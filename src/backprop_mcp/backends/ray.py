@@ -36,6 +36,7 @@ from backprop_mcp.backends.ray_state import (
     silent_seconds,
     write_state,
 )
+from backprop_mcp.core.answers import ClusterView
 from backprop_mcp.core.clock import age_seconds, now_iso
 from backprop_mcp.core.errors import BackpropError, ClusterError, RunStateError, StoreError, UsageError
 from backprop_mcp.core.files import replace_json
@@ -54,6 +55,9 @@ WAITER_ABANDON_SECONDS = 30.0
 # A run whose submission has not been recorded yet is being submitted (by the starter, which may be
 # uploading its working_dir), not lost, for this long.
 SUBMIT_GRACE_SECONDS = 120.0
+# Never sent with the working directory, on top of what its .gitignore and .rayignore exclude: a
+# repository's history is often the largest part of a project and no script trains on it.
+WORKING_DIR_EXCLUDES = (".git",)
 # A graceful stop whose job still runs this long after its grace is stopped through Ray at once:
 # the stop job normally reaches the supervisor within seconds.
 STOP_BACKSTOP_SECONDS = 60.0
@@ -100,6 +104,16 @@ class RayBackend:
             decision["allowed"] = False
             decision["reasons"].append(f"{waiting} ray run(s) of this store wait in the ray queue")
         return decision
+
+    def overview(
+        self, store: Store, settings: Settings
+    ) -> tuple[ClusterView, list[str], list[str], Decision]:
+        cluster = ray_cluster.view(self.address)
+        try:
+            verdict = self.decide(store, settings)
+        except ClusterError as exc:
+            verdict = Decision(allowed=False, reasons=[exc.message], gpu=None, checks=[])
+        return cluster, live_runs(store), ray_queue(store).queued(), verdict
 
     def _decide(self, store: Store, settings: Settings) -> tuple[Decision, ray_cluster.Needs]:
         live = len(live_runs(store))
@@ -225,6 +239,7 @@ class RayBackend:
                 submission_id=f"backprop-{run_id}-{attempt}-{token[:8]}",
                 runtime_env={
                     "working_dir": record["cwd"],
+                    "excludes": list(WORKING_DIR_EXCLUDES),
                     "py_modules": [ray_cluster.package()],
                     "env_vars": env_vars,
                 },

@@ -52,6 +52,8 @@ CLUSTER_FIELDS = (
     "python_source",
 )
 SUPERVISOR_LOG = "supervisor.log"
+SCRIPT_KINDS = frozenset("oeOE")
+STDOUT_KINDS = frozenset("oO")
 
 
 class Folded(NamedTuple):
@@ -78,9 +80,9 @@ def fold(store: Store, record: RunRecord, text: str, consumed: int, token: str, 
     notes: list[bytes] = []
     stdout_seen = False
     for kind, payload in joblog.lines(chunk, token):
-        if kind in ("o", "e"):
-            output.append(payload.encode("utf-8", "replace") + b"\n")
-            stdout_seen = stdout_seen or kind == "o"
+        if kind in SCRIPT_KINDS:
+            output.append(joblog.output(kind, payload) + b"\n")
+            stdout_seen = stdout_seen or kind in STDOUT_KINDS
         elif kind in ("r", "v"):
             try:
                 data = json.loads(payload)
@@ -134,9 +136,11 @@ def _rebuild_history(store: Store, record: RunRecord, text: str, token: str) -> 
     recorder = Recorder(
         history_path(store, record["run_id"], record["attempt"]), record["run_id"], record["attempt"]
     )
-    stdout = [payload for kind, payload in joblog.lines(text, token) if kind == "o"]
+    stdout = [
+        joblog.output(kind, payload) for kind, payload in joblog.lines(text, token) if kind in STDOUT_KINDS
+    ]
     splitter = LineSplitter()
-    items = splitter.feed("\n".join(stdout).encode("utf-8", "replace") + b"\n")
+    items = splitter.feed(b"\n".join(stdout) + b"\n")
     for item in plain_runs(items):
         if isinstance(item, tuple):
             recorder.observe_plain(*item)

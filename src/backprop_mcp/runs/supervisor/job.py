@@ -74,14 +74,25 @@ class Echo:
             rest = rest[MAX_ECHO_LINE_BYTES:]
         self.partial[kind] = rest
         if complete:
-            head = joblog.mark(self.token, kind)
-            self.out.write(b"".join(head + line.rstrip(b"\r") + b"\n" for line in complete))
+            self.out.write(b"".join(self.output_line(kind, line) for line in complete))
             self.out.flush()
+
+    def output_line(self, kind: str, line: bytes) -> bytes:
+        """A line of the script's output as the job log carries it: as it is, or, when Ray would
+        alter it (it turns a carriage return into a line break, and bytes that are not UTF-8
+        into U+FFFD), as a JSON string under the kind in capitals (`joblog.output`)."""
+        if b"\r" not in line:
+            with contextlib.suppress(UnicodeDecodeError):
+                line.decode("utf-8")
+                return joblog.mark(self.token, kind) + line + b"\n"
+        quoted = json.dumps(line.decode("utf-8", "surrogateescape")).encode("ascii")
+        return joblog.mark(self.token, kind.upper()) + quoted + b"\n"
 
     def flush(self) -> None:
         for kind, rest in self.partial.items():
             if rest:
-                self.emit(kind, rest)
+                self.out.write(self.output_line(kind, rest))
+                self.out.flush()
                 self.partial[kind] = b""
 
 

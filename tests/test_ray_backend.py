@@ -25,11 +25,13 @@ import pytest
 from mcp import Client
 from mcp.client.stdio import StdioServerParameters
 
-from backprop_mcp.core.errors import ClusterError, UsageError
+from backprop_mcp.backends.ray_state import ray_queue
+from backprop_mcp.core.errors import ClusterError, RunStateError, UsageError
 from backprop_mcp.core.records import ACTIVE_STATES, TERMINAL_STATES
 from backprop_mcp.runs.joblog import job_home, store_key
 from backprop_mcp.runs.requests import RunRequest
 from backprop_mcp.runs.service import Service
+from backprop_mcp.runs.supervisor.job import ECHO_TAIL_LINES, MAX_ECHO_BYTES
 from tests.helpers import FIXTURES, cli, cli_json, isolated_env, no_survivors, wait_for_end, wait_until
 from tests.ray_head import Head, kill_head, ray_command, start_head, stop_head
 from tests.test_mcp_stdio import server_command
@@ -197,7 +199,7 @@ async def test_mcp_tools_time_box_resume_stop_and_list_a_ray_run(ray_head: Head,
     env["BACKPROP_RAY_STORAGE"] = str(tmp_path / "cluster")
     command, *args = server_command()
     params = StdioServerParameters(
-        command=command, args=[*args, "--root", str(project)], env=env, cwd=project
+        command=command, args=[*args, "--root", str(project), "--backend", "ray"], env=env, cwd=project
     )
     options = {"backend": "ray", "min_free_ram_gb": 0, "use_gpu": False, "grace_seconds": 10}
     service = Service(Path(env["BACKPROP_HOME"]), env=env, cwd=project)
@@ -216,6 +218,11 @@ async def test_mcp_tools_time_box_resume_stop_and_list_a_ray_run(ray_head: Head,
             assert resumed["attempt"] == 2
             await anyio.to_thread.run_sync(running, service, first["run_id"])
             await anyio.to_thread.run_sync(logged, service, first["run_id"], "ready")
+            # The machine view of a ray server is the cluster's, within an answer's budget.
+            machine = await call(client, "get_status")
+            assert machine["cluster"]["cpus_total"] == 2 and machine["cluster"]["nodes"][0]["head"]
+            assert [r["run_id"] for r in machine["live_runs"]] == [first["run_id"]]
+            assert len(json.dumps(machine, separators=(",", ":"))) <= 4096
             await call(client, "stop_run", run_id=first["run_id"])
             stopped = await wait_end(client, first["run_id"])
             assert (stopped["status"], stopped["termination_reason"]) == ("stopped", "stop_requested"), (
@@ -299,6 +306,11 @@ def test_admission_asks_the_cluster_and_queued_runs_advance_in_order_without_any
     assert "1 ray runs of this store live; maxParallel is 1" in (
         stored(service, "second")["status_detail"] or ""
     )
+    machine = cli_json(env, "status")
+    assert (machine["cluster"]["cpus_total"], machine["cluster"]["nodes_left_out"]) == (2, 0)
+    assert [r["run_id"] for r in machine["live_runs"]] == ["first"]
+    assert [r["run_id"] for r in machine["queued_runs"]] == ["second", "third"]
+    assert not machine["verdict"]["allowed"]
 
     # The first run's job ends on the cluster, and from here on nobody reads any of the runs: the
     # second's waiter notices the place is free and submits it; the third waits behind it.
@@ -316,6 +328,27 @@ def test_admission_asks_the_cluster_and_queued_runs_advance_in_order_without_any
     running(service, "second")
     service.stop("second")
     assert wait_for_end(service, "second", timeout=WAIT)["status"] == "stopped"
+
+
+def test_a_stop_while_the_starter_submits_is_refused_not_overwritten(ray_head: Head, tmp_path: Path) -> None:
+    project = project_with(tmp_path, wait="waits_forever")
+    env = ray_env(tmp_path, ray_head)
+    service = Service(Path(env["BACKPROP_HOME"]), env=env, cwd=project)
+    started: list[Any] = []
+    # The ray queue's lock held here: the starter has created the run and waits to submit it.
+    with ray_queue(service.store).exclusive():
+        starter = threading.Thread(
+            target=lambda: started.append(service.start(RunRequest(script="wait.py", run_id="racing")))
+        )
+        starter.start()
+        wait_until(lambda: service.store.exists("racing"), timeout=WAIT, what="the run to be created")
+        with pytest.raises(RunStateError, match="still being submitted"):
+            service.stop("racing")
+    starter.join(timeout=WAIT)
+    assert started and started[0]["job_id"]
+    running(service, "racing")
+    service.stop("racing")
+    assert wait_for_end(service, "racing", timeout=WAIT)["status"] == "stopped"
 
 
 def test_a_grid_sweep_runs_its_trials_as_ray_runs_within_max_parallel(ray_head: Head, tmp_path: Path) -> None:
@@ -380,6 +413,27 @@ def test_a_ray_runs_log_is_a_local_runs_log_and_what_travels_is_bounded(
         service.start(RunRequest(script="odd.py", run_id="too-large"))
     assert ".rayignore" in (refused.value.hint or "")
     assert [r["run_id"] for r in service.list_runs()["runs"]] == ["here", "on-ray"]
+
+
+def test_a_flooding_script_leaves_a_bounded_job_log_and_the_whole_metric_history(
+    ray_head: Head, tmp_path: Path
+) -> None:
+    project = project_with(tmp_path, flood="floods_plain_progress_with_a_dip")
+    env = ray_env(tmp_path, ray_head)
+    service = Service(Path(env["BACKPROP_HOME"]), env=env, cwd=project)
+    # 200,000 lines of about 70 bytes: past what a job log carries; the dip and the spike lie past it.
+    flood = ["200000", "150001", "180001"]
+    service.start(RunRequest(script="flood.py", run_id="on-ray", args=flood))
+    service.start(RunRequest(script="flood.py", run_id="here", args=flood, options={"backend": "local"}))
+    on_ray, here = wait_for_end(service, "on-ray", timeout=WAIT), wait_for_end(service, "here", timeout=WAIT)
+    assert (on_ray["status"], on_ray["step"]) == (here["status"], here["step"]) == ("completed", 200000)
+    assert job_state(service, "on-ray")["consumed"] < MAX_ECHO_BYTES + 2 * 1024**2
+    curves = service.metrics(["on-ray", "here"], points=1000)["runs"]
+    assert curves[0]["metrics"] == curves[1]["metrics"]
+    assert curves[0]["metrics"]["loss"]["best"] == 0.001
+    lines = service.logs("on-ray", tail=ECHO_TAIL_LINES + 1)["lines"]
+    assert "past the first 8 MiB did not travel with the job log" in lines[0]
+    assert lines[-1] == service.logs("here", tail=1)["lines"][-1]
 
 
 def test_a_head_that_goes_away_mid_run_leaves_a_truthful_record(

@@ -17,6 +17,7 @@ import os
 from typing import Any, NamedTuple, cast
 
 from backprop_mcp.core.errors import StoreError
+from backprop_mcp.core.files import atomic_write
 from backprop_mcp.core.records import AttemptSummary, RunRecord
 from backprop_mcp.core.store import Store
 from backprop_mcp.runs import joblog
@@ -76,6 +77,7 @@ def fold(store: Store, record: RunRecord, text: str, consumed: int, token: str, 
     if not chunk:
         return Folded(None, None, consumed)
     newest: dict[str, Any] | None = None
+    history: dict[str, Any] | None = None
     output: list[bytes] = []
     notes: list[bytes] = []
     stdout_seen = False
@@ -83,7 +85,7 @@ def fold(store: Store, record: RunRecord, text: str, consumed: int, token: str, 
         if kind in SCRIPT_KINDS:
             output.append(joblog.output(kind, payload) + b"\n")
             stdout_seen = stdout_seen or kind in STDOUT_KINDS
-        elif kind in ("r", "v"):
+        elif kind in ("r", "v", "h"):
             try:
                 data = json.loads(payload)
             except ValueError:
@@ -93,6 +95,8 @@ def fold(store: Store, record: RunRecord, text: str, consumed: int, token: str, 
                 continue
             if kind == "r":
                 newest = data
+            elif kind == "h":
+                history = data
             else:
                 with contextlib.suppress(StoreError):
                     store.append_event(run_id, data)
@@ -108,7 +112,12 @@ def fold(store: Store, record: RunRecord, text: str, consumed: int, token: str, 
     if notes:
         with contextlib.suppress(StoreError, OSError):
             _append(store.run_dir(run_id) / SUPERVISOR_LOG, b"".join(notes))
-    if stdout_seen:
+    if history is not None:  # the supervisor's own, whole: the output did not all travel
+        path = history_path(store, run_id, attempt)
+        with contextlib.suppress(StoreError, OSError):
+            path.parent.mkdir(mode=0o700, exist_ok=True)
+            atomic_write(path, json.dumps(history, separators=(",", ":")).encode("utf-8"))
+    elif stdout_seen:
         _rebuild_history(store, record, text, token)
     supervisor = None
     if newest is not None and isinstance(newest.get("supervisor_pid"), int):

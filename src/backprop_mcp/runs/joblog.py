@@ -8,7 +8,9 @@ submission (so a script cannot forge one: the token is not in its environment) a
   would alter (a carriage return, bytes that are not UTF-8), as a JSON string (`output`);
 - `r`: the run's record, as JSON, each time the supervisor writes it;
 - `v`: an entry of the run's events, as JSON;
-- `l`: a line of the supervisor's own log.
+- `l`: a line of the supervisor's own log;
+- `h`: the attempt's metric history, as JSON, at its end when not all of the script's output
+  travelled (see `runs.supervisor.job.MAX_ECHO_BYTES`).
 
 Lines without the mark (Ray's own notes, an interpreter that fails before the supervisor runs) are
 kept as the supervisor's log. Stdlib only: the supervisor imports it at start-up.
@@ -34,7 +36,7 @@ STORE_KEY_ENV = "BACKPROP_JOB_STORE_KEY"
 STORAGE_ENV = "BACKPROP_JOB_STORAGE"
 STOP_ENV = "BACKPROP_JOB_STOP"
 JOB_ENV = (MARK_ENV, RECORD_ENV, STORE_KEY_ENV, STORAGE_ENV, STOP_ENV)
-KINDS = frozenset("oerlvOE")
+KINDS = frozenset("oerlvhOE")
 _TOKEN = re.compile(r"[0-9a-f]{12,64}")
 
 

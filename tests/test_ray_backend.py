@@ -31,7 +31,7 @@ from backprop_mcp.core.records import ACTIVE_STATES, TERMINAL_STATES
 from backprop_mcp.runs.joblog import job_home, store_key
 from backprop_mcp.runs.requests import RunRequest
 from backprop_mcp.runs.service import Service
-from backprop_mcp.runs.supervisor.job import ECHO_TAIL_LINES, MAX_ECHO_BYTES
+from backprop_mcp.runs.supervisor.job import ECHO_TAIL_LINES
 from tests.helpers import FIXTURES, cli, cli_json, isolated_env, no_survivors, wait_for_end, wait_until
 from tests.ray_head import Head, kill_head, ray_command, start_head, stop_head
 from tests.test_mcp_stdio import server_command
@@ -50,6 +50,9 @@ UPLOAD_LIMIT = 100 * 1024**2
 # How long the cluster may stay silent before a run is ended as lost, in the head-gone test: long
 # enough that a busy reader's own retries do not trip it, short enough to keep the test quick.
 SILENT_SECONDS = "5"
+# The bound on the run's end once its head is gone: the silence above, and the slack of a loaded
+# runner's reads (each refused at once); short, so that a check without the timeout is cheap.
+SILENT_WAIT = 60.0
 
 
 @pytest.fixture
@@ -427,7 +430,8 @@ def test_a_flooding_script_leaves_a_bounded_job_log_and_the_whole_metric_history
     service.start(RunRequest(script="flood.py", run_id="here", args=flood, options={"backend": "local"}))
     on_ray, here = wait_for_end(service, "on-ray", timeout=WAIT), wait_for_end(service, "here", timeout=WAIT)
     assert (on_ray["status"], on_ray["step"]) == (here["status"], here["step"]) == ("completed", 200000)
-    assert job_state(service, "on-ray")["consumed"] < MAX_ECHO_BYTES + 2 * 1024**2
+    # 8 MiB of the output, and the records, the last lines and the history.
+    assert job_state(service, "on-ray")["consumed"] < 10 * 1024**2
     curves = service.metrics(["on-ray", "here"], points=1000)["runs"]
     assert curves[0]["metrics"] == curves[1]["metrics"]
     assert curves[0]["metrics"]["loss"]["best"] == 0.001
@@ -454,7 +458,7 @@ def test_a_head_that_goes_away_mid_run_leaves_a_truthful_record(
             record = service.get("orphaned")
             return dict(record) if record["status"] in TERMINAL_STATES else None
 
-        record = wait_until(ended, timeout=WAIT, what="the run of a gone head to end")
+        record = wait_until(ended, timeout=SILENT_WAIT, what="the run of a gone head to end")
         assert (record["status"], record["termination_reason"]) == ("lost", "supervisor_lost"), record
         assert "does not answer" in (record["status_detail"] or "") or "no longer knows" in (
             record["status_detail"] or ""

@@ -5,12 +5,17 @@ goes away recorded truthfully; the cluster's admission and maxParallel; and the 
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
+import threading
+from collections.abc import Callable, Iterator
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
@@ -20,15 +25,18 @@ import pytest
 from mcp import Client
 from mcp.client.stdio import StdioServerParameters
 
-from backprop_mcp.core.errors import ClusterError, UsageError
+from backprop_mcp.backends.ray_state import ray_queue
+from backprop_mcp.core.errors import ClusterError, RunStateError, UsageError
 from backprop_mcp.core.records import ACTIVE_STATES, TERMINAL_STATES
 from backprop_mcp.runs.joblog import job_home, store_key
 from backprop_mcp.runs.requests import RunRequest
 from backprop_mcp.runs.service import Service
+from backprop_mcp.runs.supervisor.job import ECHO_TAIL_LINES
 from tests.helpers import FIXTURES, cli, cli_json, isolated_env, no_survivors, wait_for_end, wait_until
 from tests.ray_head import Head, kill_head, ray_command, start_head, stop_head
 from tests.test_mcp_stdio import server_command
 from tests.test_mcp_tools import call, wait_end
+from tests.test_sweeps import known, max_overlap
 
 pytestmark = pytest.mark.skipif(
     find_spec("ray") is None, reason="Ray is not installed: pip install 'backprop-mcp[ray]' (ray[default])"
@@ -37,9 +45,14 @@ pytestmark = pytest.mark.skipif(
 # Bounds every wait on a ray run: a job's runtime environment is set up before its entrypoint runs
 # (seconds on an idle machine, far more on a loaded 2-core runner).
 WAIT = 120.0
+# What a Ray dashboard takes in one upload (its client_max_size): a working directory packs to one.
+UPLOAD_LIMIT = 100 * 1024**2
 # How long the cluster may stay silent before a run is ended as lost, in the head-gone test: long
 # enough that a busy reader's own retries do not trip it, short enough to keep the test quick.
 SILENT_SECONDS = "5"
+# The bound on the run's end once its head is gone: the silence above, and the slack of a loaded
+# runner's reads (each refused at once); short, so that a check without the timeout is cheap.
+SILENT_WAIT = 60.0
 
 
 @pytest.fixture
@@ -64,6 +77,43 @@ def project_with(tmp_path: Path, **scripts: str) -> Path:
     for name, fixture in scripts.items():
         shutil.copy(FIXTURES / f"{fixture}.py", folder / f"{name}.py")
     return folder
+
+
+@contextlib.contextmanager
+def http_server() -> Iterator[int]:
+    """A real HTTP server on loopback that is no Ray dashboard (it answers 404 to everything)."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@contextlib.contextmanager
+def silent_server() -> Iterator[tuple[int, Callable[[], int]]]:
+    """A port that accepts connections and never answers (a hung head); and how many it accepted."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.1)
+    accepted: list[socket.socket] = []
+    done = threading.Event()
+
+    def accept() -> None:
+        while not done.is_set():
+            with contextlib.suppress(TimeoutError):
+                accepted.append(listener.accept()[0])
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1], lambda: len(accepted)
+    finally:
+        done.set()
+        thread.join()
+        for conn in [*accepted, listener]:
+            conn.close()
 
 
 def job_state(service: Service, run_id: str) -> dict[str, Any]:
@@ -152,7 +202,7 @@ async def test_mcp_tools_time_box_resume_stop_and_list_a_ray_run(ray_head: Head,
     env["BACKPROP_RAY_STORAGE"] = str(tmp_path / "cluster")
     command, *args = server_command()
     params = StdioServerParameters(
-        command=command, args=[*args, "--root", str(project)], env=env, cwd=project
+        command=command, args=[*args, "--root", str(project), "--backend", "ray"], env=env, cwd=project
     )
     options = {"backend": "ray", "min_free_ram_gb": 0, "use_gpu": False, "grace_seconds": 10}
     service = Service(Path(env["BACKPROP_HOME"]), env=env, cwd=project)
@@ -171,6 +221,11 @@ async def test_mcp_tools_time_box_resume_stop_and_list_a_ray_run(ray_head: Head,
             assert resumed["attempt"] == 2
             await anyio.to_thread.run_sync(running, service, first["run_id"])
             await anyio.to_thread.run_sync(logged, service, first["run_id"], "ready")
+            # The machine view of a ray server is the cluster's, within an answer's budget.
+            machine = await call(client, "get_status")
+            assert machine["cluster"]["cpus_total"] == 2 and machine["cluster"]["nodes"][0]["head"]
+            assert [r["run_id"] for r in machine["live_runs"]] == [first["run_id"]]
+            assert len(json.dumps(machine, separators=(",", ":"))) <= 4096
             await call(client, "stop_run", run_id=first["run_id"])
             stopped = await wait_end(client, first["run_id"])
             assert (stopped["status"], stopped["termination_reason"]) == ("stopped", "stop_requested"), (
@@ -195,21 +250,7 @@ def test_a_job_stopped_or_killed_on_the_cluster_is_recorded_as_such(ray_head: He
     killed = service.start(RunRequest(script="wait.py", run_id="by-kill"))
     running(service, "by-ray")
     logged(service, "by-ray", "ready")
-    done = subprocess.run(
-        [
-            str(ray_command()),
-            "job",
-            "stop",
-            "--address",
-            ray_head.address,
-            job_state(service, "by-ray")["job_id"],
-        ],
-        capture_output=True,
-        text=True,
-        timeout=WAIT,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
+    ray_job_stop(ray_head, job_state(service, "by-ray")["job_id"])
     record = wait_for_end(service, stopped["run_id"], timeout=WAIT)
     assert (record["status"], record["termination_reason"]) == ("stopped", "stop_requested"), record
     assert "stopped by the cluster" in (record["status_detail"] or "") or "ray job stop" in (
@@ -226,13 +267,25 @@ def test_a_job_stopped_or_killed_on_the_cluster_is_recorded_as_such(ray_head: He
     assert no_survivors("by-ray")
 
 
-def test_admission_asks_the_cluster_and_max_parallel_holds_across_the_store(
+def stored(service: Service, run_id: str) -> dict[str, Any]:
+    """The run's record as stored, without reading it through the backend (no fold, no submit)."""
+    return dict(service.store.read(run_id))
+
+
+def ray_job_stop(head: Head, job_id: str) -> None:
+    command = [str(ray_command()), "job", "stop", "--address", head.address, job_id]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=WAIT, check=False)
+    assert done.returncode == 0, done.stderr
+
+
+def test_admission_asks_the_cluster_and_queued_runs_advance_in_order_without_any_read(
     ray_head: Head, tmp_path: Path
 ) -> None:
     project = project_with(tmp_path, wait="waits_forever")
-    env = ray_env(tmp_path, ray_head, BACKPROP_MAX_PARALLEL="1")
+    # The waiters look at the cluster often, so that the test waits little for them.
+    env = ray_env(tmp_path, ray_head, BACKPROP_MAX_PARALLEL="1", BACKPROP_SAMPLE_INTERVAL_SECONDS="0.2")
     service = Service(Path(env["BACKPROP_HOME"]), env=env, cwd=project)
-    huge = {"min_free_ram_gb": 65536}
+    huge = {"min_free_ram_gb": 65536, "queue_timeout_minutes": 0.05}
     record = service.start(RunRequest(script="wait.py", run_id="too-big", options=huge))
     assert record["status"] == "queued" and "no Ray node has 1 CPU and 65536.0 GB memory free" in (
         record["status_detail"] or ""
@@ -240,22 +293,151 @@ def test_admission_asks_the_cluster_and_max_parallel_holds_across_the_store(
     assert "job_id" not in record
     refused = service.start(RunRequest(script="wait.py", run_id="refused", options={**huge, "queue": False}))
     assert refused["status"] == "rejected" and "no Ray node has" in (refused["status_detail"] or "")
-    assert service.stop("too-big")["status"] == "stopped"
+    # Its waiter ends it at its queue timeout, with nobody reading it.
+    wait_until(
+        lambda: stored(service, "too-big")["status"] == "rejected", timeout=WAIT, what="the queue timeout"
+    )
+    assert stored(service, "too-big")["termination_reason"] == "queue_timeout"
 
     service.start(RunRequest(script="wait.py", run_id="first"))
     running(service, "first")
-    # Another process of the same store (the CLI) finds the one place taken.
+    # Another process of the same store (the CLI, which then exits) finds the one place taken.
     second = cli_json(env, "run", "wait.py", "--run-id", "second", "--detach", cwd=project)
     assert second["status"] == "queued", second
-    record = service.get("second")
-    assert record["status"] == "queued" and "1 ray runs of this store live; maxParallel is 1" in (
-        record["status_detail"] or ""
+    third = service.start(RunRequest(script="wait.py", run_id="third"))
+    assert (third["status"], third["queue_position"]) == ("queued", 2), third
+    assert "1 ray runs of this store live; maxParallel is 1" in (
+        stored(service, "second")["status_detail"] or ""
     )
-    service.stop("first")
-    wait_for_end(service, "first", timeout=WAIT)
-    running(service, "second")  # submitted by a read once the place was free
+    machine = cli_json(env, "status")
+    assert (machine["cluster"]["cpus_total"], machine["cluster"]["nodes_left_out"]) == (2, 0)
+    assert [r["run_id"] for r in machine["live_runs"]] == ["first"]
+    assert [r["run_id"] for r in machine["queued_runs"]] == ["second", "third"]
+    assert not machine["verdict"]["allowed"]
+
+    # The first run's job ends on the cluster, and from here on nobody reads any of the runs: the
+    # second's waiter notices the place is free and submits it; the third waits behind it.
+    ray_job_stop(ray_head, job_state(service, "first")["job_id"])
+    wait_until(lambda: stored(service, "second").get("job_id"), timeout=WAIT, what="the second run's job")
+    assert stored(service, "first")["status"] == "stopped"
+    waiting = stored(service, "third")
+    assert (waiting["status"], waiting["queue_position"]) == ("queued", 1), waiting
+    assert "job_id" not in waiting
+
+    # A waiter that dies leaves its run truthfully lost, not queued forever.
+    os.kill(job_state(service, "third")["waiter"][0], 9)
+    wait_until(lambda: service.get("third")["status"] == "lost", timeout=WAIT, what="the waiter's death")
+    assert "queue waiter died" in (service.get("third")["status_detail"] or "")
+    running(service, "second")
     service.stop("second")
     assert wait_for_end(service, "second", timeout=WAIT)["status"] == "stopped"
+
+
+def test_a_stop_while_the_starter_submits_is_refused_not_overwritten(ray_head: Head, tmp_path: Path) -> None:
+    project = project_with(tmp_path, wait="waits_forever")
+    env = ray_env(tmp_path, ray_head)
+    service = Service(Path(env["BACKPROP_HOME"]), env=env, cwd=project)
+    started: list[Any] = []
+    # The ray queue's lock held here: the starter has created the run and waits to submit it.
+    with ray_queue(service.store).exclusive():
+        starter = threading.Thread(
+            target=lambda: started.append(service.start(RunRequest(script="wait.py", run_id="racing")))
+        )
+        starter.start()
+        wait_until(lambda: service.store.exists("racing"), timeout=WAIT, what="the run to be created")
+        with pytest.raises(RunStateError, match="still being submitted"):
+            service.stop("racing")
+    starter.join(timeout=WAIT)
+    assert started and started[0]["job_id"]
+    running(service, "racing")
+    service.stop("racing")
+    assert wait_for_end(service, "racing", timeout=WAIT)["status"] == "stopped"
+
+
+def test_a_grid_sweep_runs_its_trials_as_ray_runs_within_max_parallel(ray_head: Head, tmp_path: Path) -> None:
+    project = project_with(tmp_path, scores="scores_its_params")
+    env = ray_env(
+        tmp_path,
+        ray_head,
+        BACKPROP_MAX_PARALLEL="1",  # the second trial waits in the ray queue for the first
+        BACKPROP_SWEEP_POLL_SECONDS="0.2",
+        BACKPROP_SAMPLE_INTERVAL_SECONDS="0.2",
+    )
+    grid = ["--param", "x=0,0.3", "--metric", "val_loss", "--parallel", "2", "--json"]
+    ran = cli(env, "sweep", "scores.py", *grid, "--", "--steps", "3", cwd=project, timeout=WAIT * 2)
+    assert ran.returncode == 0, ran.stderr
+    done = json.loads(ran.stdout)
+    assert (done["status"], done["counts"]) == ("completed", {"completed": 2}), done["status_detail"]
+    assert done["best"]["params"] == {"x": 0.3}
+    assert done["best"]["objective"] == pytest.approx(known({"x": 0.3, "layers": 1}) + 1 / 3)
+    service = Service(Path(env["BACKPROP_HOME"]), env=env, cwd=project)
+    run_ids = [t["run_id"] for t in done["trials"]]
+    for number, run_id in enumerate(run_ids, 1):
+        record = service.get(run_id)
+        assert record["options"]["backend"] == "ray" and record["job_id"].startswith(f"backprop-{run_id}-1-")
+        assert record["sweep"]["trial"] == number and record["python_source"] == "cluster"
+        given = service.logs(run_id, tail=20)["lines"][0]
+        assert json.loads(given.removeprefix("params: ")) == record["sweep"]["params"]
+        assert service.metrics([run_id])["runs"][0]["metrics"]["val_loss"]["reported"] == 3
+    assert max_overlap(service, run_ids) == 1
+    rows = cli_json(env, "list", "--sweep", done["sweep_id"])["runs"]
+    assert sorted(row["run_id"] for row in rows) == sorted(run_ids)
+
+
+def test_a_ray_runs_log_is_a_local_runs_log_and_what_travels_is_bounded(
+    ray_head: Head, tmp_path: Path
+) -> None:
+    project = project_with(tmp_path, odd="prints_odd_line_breaks")
+    # A repository's history does not travel: this one alone is over what the dashboard takes.
+    (project / ".git").mkdir()
+    (project / ".git" / "pack").write_bytes(os.urandom(UPLOAD_LIMIT + 1024**2))
+    env = ray_env(tmp_path, ray_head)
+    service = Service(Path(env["BACKPROP_HOME"]), env=env, cwd=project)
+    service.start(RunRequest(script="odd.py", run_id="on-ray"))
+    service.start(RunRequest(script="odd.py", run_id="here", options={"backend": "local"}))
+    on_ray, here = wait_for_end(service, "on-ray", timeout=WAIT), wait_for_end(service, "here", timeout=WAIT)
+    assert (
+        (on_ray["status"], on_ray["metrics"])
+        == (here["status"], here["metrics"])
+        == (
+            "completed",
+            {"val_loss": 0.5},
+        )
+    )
+    # Carriage returns, form feeds, line separators, bytes that are not UTF-8 and a forged mark: the
+    # same bytes in the same lines as the local run's log.
+    logged = service.store.log_path("on-ray", 1).read_bytes()
+    assert logged == service.store.log_path("here", 1).read_bytes()
+    assert logged.startswith(b"step 1/3\rstep 2/3\rstep 3/3\n") and b"caf\xe9 au lait\r\n" in logged
+    assert "two" not in (service.store.run_dir("on-ray") / "supervisor.log").read_text("utf-8")
+
+    (project / ".git" / "pack").rename(project / "data.bin")
+    with pytest.raises(ClusterError, match="refused the run's working directory as too large") as refused:
+        service.start(RunRequest(script="odd.py", run_id="too-large"))
+    assert ".rayignore" in (refused.value.hint or "")
+    assert [r["run_id"] for r in service.list_runs()["runs"]] == ["here", "on-ray"]
+
+
+def test_a_flooding_script_leaves_a_bounded_job_log_and_the_whole_metric_history(
+    ray_head: Head, tmp_path: Path
+) -> None:
+    project = project_with(tmp_path, flood="floods_plain_progress_with_a_dip")
+    env = ray_env(tmp_path, ray_head)
+    service = Service(Path(env["BACKPROP_HOME"]), env=env, cwd=project)
+    # 200,000 lines of about 70 bytes: past what a job log carries; the dip and the spike lie past it.
+    flood = ["200000", "150001", "180001"]
+    service.start(RunRequest(script="flood.py", run_id="on-ray", args=flood))
+    service.start(RunRequest(script="flood.py", run_id="here", args=flood, options={"backend": "local"}))
+    on_ray, here = wait_for_end(service, "on-ray", timeout=WAIT), wait_for_end(service, "here", timeout=WAIT)
+    assert (on_ray["status"], on_ray["step"]) == (here["status"], here["step"]) == ("completed", 200000)
+    # 8 MiB of the output, and the records, the last lines and the history.
+    assert job_state(service, "on-ray")["consumed"] < 10 * 1024**2
+    curves = service.metrics(["on-ray", "here"], points=1000)["runs"]
+    assert curves[0]["metrics"] == curves[1]["metrics"]
+    assert curves[0]["metrics"]["loss"]["best"] == 0.001
+    lines = service.logs("on-ray", tail=ECHO_TAIL_LINES + 1)["lines"]
+    assert "past the first 8 MiB did not travel with the job log" in lines[0]
+    assert lines[-1] == service.logs("here", tail=1)["lines"][-1]
 
 
 def test_a_head_that_goes_away_mid_run_leaves_a_truthful_record(
@@ -276,7 +458,7 @@ def test_a_head_that_goes_away_mid_run_leaves_a_truthful_record(
             record = service.get("orphaned")
             return dict(record) if record["status"] in TERMINAL_STATES else None
 
-        record = wait_until(ended, timeout=WAIT, what="the run of a gone head to end")
+        record = wait_until(ended, timeout=SILENT_WAIT, what="the run of a gone head to end")
         assert (record["status"], record["termination_reason"]) == ("lost", "supervisor_lost"), record
         assert "does not answer" in (record["status_detail"] or "") or "no longer knows" in (
             record["status_detail"] or ""
@@ -286,7 +468,7 @@ def test_a_head_that_goes_away_mid_run_leaves_a_truthful_record(
         stop_head(head)
 
 
-def test_bad_ray_inputs_are_clear_errors_and_leave_nothing(tmp_path: Path) -> None:
+def test_bad_ray_inputs_are_clear_errors_and_leave_nothing(ray_head: Head, tmp_path: Path) -> None:
     project = project_with(tmp_path, wait="waits_forever")
     outside = tmp_path / "elsewhere.py"
     shutil.copy(FIXTURES / "waits_forever.py", outside)
@@ -305,9 +487,35 @@ def test_bad_ray_inputs_are_clear_errors_and_leave_nothing(tmp_path: Path) -> No
         service.start(RunRequest(script="wait.py", python=sys.executable, options=ray))
     with pytest.raises(
         ClusterError, match=re.escape("the Ray cluster at http://127.0.0.1:9 does not answer")
-    ):
+    ) as refused:
         service.start(RunRequest(script="wait.py", run_id="unreachable", options=ray))
+    assert "not the GCS port (6379)" in (refused.value.hint or "")
+    # Something answers there, but it is no Ray dashboard (a wrong port): said so, not "Jobs API".
+    with http_server() as port:
+        not_ray = {"backend": "ray", "ray_address": f"http://127.0.0.1:{port}"}
+        with pytest.raises(
+            ClusterError, match="is a Ray dashboard's Jobs API: it answered its version check"
+        ) as refused:
+            service.start(RunRequest(script="wait.py", options=not_ray))
+    assert "dashboard's" in (refused.value.hint or "")
+    # RAY_ADDRESS in the environment (Ray's own client would prefer it) does not redirect a run
+    # whose address was given: the run goes where its settings say, or nowhere.
+    done = cli(
+        {**env, "RAY_ADDRESS": ray_head.address},
+        *("run", "wait.py", "--backend", "ray", "--ray-address", "127.0.0.1:9", "--detach"),
+        cwd=project,
+    )
+    assert done.returncode == 1 and "http://127.0.0.1:9 does not answer" in done.stderr, done.stdout
     assert service.list_runs()["runs"] == []
+
+
+def test_a_cluster_that_does_not_answer_costs_a_status_one_timeout(tmp_path: Path) -> None:
+    env = isolated_env(tmp_path / "home", BACKPROP_RAY_REQUEST_SECONDS="1")
+    with silent_server() as (port, connections):
+        answer = cli_json(env, "status", "--backend", "ray", "--ray-address", f"127.0.0.1:{port}")
+        assert connections() == 1  # every later request of the status failed at once, saying why
+    assert "does not answer" in answer["cluster"]["error"] and answer["cluster"]["nodes"] == []
+    assert not answer["verdict"]["allowed"] and "does not answer" in answer["verdict"]["reasons"][0]
 
 
 def test_local_runs_never_import_ray(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Protocol
 
+from backprop_mcp.core.answers import ClusterView
 from backprop_mcp.core.machine import Decision
 from backprop_mcp.core.records import RunRecord
 from backprop_mcp.core.settings import Settings
@@ -79,4 +80,12 @@ class RemoteBackend(Protocol):
 
     def decide(self, store: Store, settings: Settings) -> Decision:
         """The cluster's verdict for a new run under these settings now (as `dry_run` shows it)."""
+        ...
+
+    def overview(
+        self, store: Store, settings: Settings
+    ) -> tuple[ClusterView, list[str], list[str], Decision]:
+        """The cluster now, for a status: its resources (a cluster that does not answer is said so
+        in them, not raised), this store's live and queued runs on it (in queue order), and the
+        verdict for a new run under these settings."""
         ...

@@ -2,21 +2,19 @@
 run's supervisor (`runs.supervisor.job`), so the time box, the stop sequence, the events and the
 checkpoints behave on the cluster as they do here. No process of this machine follows the job: each
 read of the run (`follow`) asks the Jobs API for the job's state and log, folds what the supervisor
-printed into this store (`ray_fold`), submits a queued run once the cluster can take it, and ends
-the run truthfully when its job is gone.
-
-What this side keeps in the run's folder (`ray-job.json`): the attempt's job id and log token, how
-far the job log was folded, the supervisor's process on its node, a stop that was asked for. What it
-keeps in the governor's folder (`ray-runs/`): the runs of this store that hold a job, counted against
-`maxParallel` under the run queue's lock.
+printed into this store (`ray_fold`), and ends the run truthfully when its job is gone. A run the
+cluster cannot take yet waits in the store's ray queue, held by a small local process
+(`ray_waiter`) that submits it once the cluster can. What this side keeps: `ray_state`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import secrets
+import signal
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,46 +22,45 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from backprop_mcp.backends import ray_cluster
-from backprop_mcp.backends.ray_cluster import TERMINAL_JOB_STATES, NotFound, Unreachable
-from backprop_mcp.backends.ray_fold import fold, merge
+from backprop_mcp.backends.local import abandon, release
+from backprop_mcp.backends.ray_cluster import TERMINAL_JOB_STATES, NotFound
+from backprop_mcp.backends.ray_fold import SUPERVISOR_LOG, fold, merge
+from backprop_mcp.backends.ray_state import (
+    RUNS_FOLDER,
+    end_attempt,
+    live_runs,
+    ray_queue,
+    read_state,
+    settings_of,
+    show_place,
+    silent_seconds,
+    write_state,
+)
+from backprop_mcp.core.answers import ClusterView
 from backprop_mcp.core.clock import age_seconds, now_iso
-from backprop_mcp.core.errors import ClusterError, StoreError, UsageError
+from backprop_mcp.core.errors import BackpropError, ClusterError, RunStateError, StoreError, UsageError
 from backprop_mcp.core.files import replace_json
 from backprop_mcp.core.machine import Decision
 from backprop_mcp.core.records import ACTIVE_STATES, RunRecord
 from backprop_mcp.core.settings import Settings
 from backprop_mcp.core.store import Store
+from backprop_mcp.governor import proctree
 from backprop_mcp.governor.admission import Admission
-from backprop_mcp.runs import joblog
+from backprop_mcp.runs import detached, joblog
+from backprop_mcp.runs.launch import AWAIT_GO_FLAG
 
-STATE_FILE = "ray-job.json"
-RUNS_FOLDER = "ray-runs"
-ENTRYPOINT = "python -m backprop_mcp.runs.supervisor.job"
+WAITER_MODULE = "backprop_mcp.backends.ray_waiter"
+# A waiter told to abandon its start exits as soon as its interpreter is up.
+WAITER_ABANDON_SECONDS = 30.0
 # A run whose submission has not been recorded yet is being submitted (by the starter, which may be
 # uploading its working_dir), not lost, for this long.
 SUBMIT_GRACE_SECONDS = 120.0
-# A cluster that does not answer for this long (BACKPROP_RAY_SILENT_SECONDS overrides it) has lost
-# the run as far as anyone can tell: a head that restarts answers again within a minute, and a head
-# that is gone took its jobs with it (Ray ends every job of a cluster whose head dies).
-SILENT_SECONDS = 120.0
+# Never sent with the working directory, on top of what its .gitignore and .rayignore exclude: a
+# repository's history is often the largest part of a project and no script trains on it.
+WORKING_DIR_EXCLUDES = (".git",)
 # A graceful stop whose job still runs this long after its grace is stopped through Ray at once:
 # the stop job normally reaches the supervisor within seconds.
 STOP_BACKSTOP_SECONDS = 60.0
-# The share of a node's custom `node:IP` resource a stop job asks for, so that it runs on the node
-# of the supervisor it signals.
-NODE_SHARE = 0.001
-
-
-def settings_of(record: RunRecord) -> Settings:
-    return Settings(**{k: v for k, v in record["options"].items() if k in Settings._fields})
-
-
-def silent_seconds() -> float:
-    try:
-        value = float(os.environ.get("BACKPROP_RAY_SILENT_SECONDS", ""))
-    except ValueError:
-        return SILENT_SECONDS
-    return value if 0 < value <= 86400 else SILENT_SECONDS
 
 
 class RayBackend:
@@ -76,11 +73,50 @@ class RayBackend:
 
     # -- admission and submission ----------------------------------------------------------------
 
+    def settle(self, store: Store, settings: Settings) -> None:
+        """Fold the runs of this store whose jobs ended on the cluster since anyone last read them,
+        when they fill maxParallel: nobody may be reading them (a run started detached, an agent
+        that stopped polling), and a queued run must not wait for their records to catch up."""
+        live = live_runs(store)
+        if len(live) < settings.max_parallel:
+            return
+        for run_id in live:
+            with store.run_lock(run_id, blocking=False) as held:
+                if not held:
+                    continue  # it is being read, and so folded, right now
+                with contextlib.suppress(BackpropError):
+                    record = store.read(run_id)
+                    if record["status"] not in ACTIVE_STATES or "job_id" not in record:
+                        continue
+                    backend = RayBackend(record["options"].get("ray_address"))
+                    ask = functools.partial(
+                        ray_cluster.client(backend.address).get_job_info, record["job_id"]
+                    )
+                    info = ray_cluster.call(backend.address, "tell the job's state", ask)
+                    if str(getattr(info.status, "value", info.status)) in TERMINAL_JOB_STATES:
+                        backend.follow(store, record)
+
     def decide(self, store: Store, settings: Settings) -> Decision:
-        return self._decide(store, settings)[0]
+        self.settle(store, settings)
+        decision = self._decide(store, settings)[0]
+        waiting = len(ray_queue(store).queued())
+        if waiting:  # FIFO: a new run would wait behind them, whatever the cluster has free now
+            decision["allowed"] = False
+            decision["reasons"].append(f"{waiting} ray run(s) of this store wait in the ray queue")
+        return decision
+
+    def overview(
+        self, store: Store, settings: Settings
+    ) -> tuple[ClusterView, list[str], list[str], Decision]:
+        cluster = ray_cluster.view(self.address)
+        try:
+            verdict = self.decide(store, settings)
+        except ClusterError as exc:
+            verdict = Decision(allowed=False, reasons=[exc.message], gpu=None, checks=[])
+        return cluster, live_runs(store), ray_queue(store).queued(), verdict
 
     def _decide(self, store: Store, settings: Settings) -> tuple[Decision, ray_cluster.Needs]:
-        live = _live_runs(store, None)
+        live = len(live_runs(store))
         reasons, needs = ray_cluster.fit(self.address, settings)
         if live >= settings.max_parallel:
             reasons.append(f"{live} ray runs of this store live; maxParallel is {settings.max_parallel}")
@@ -108,35 +144,79 @@ class RayBackend:
             "queued_at": time.time(),
             "relative": relative,
         }
-        self._admit(store, record, state, first=True)
+        # The run takes its place in the store's ray queue now (FIFO, as local runs do in theirs):
+        # for this process while it tries, then for the waiter that holds it while it waits.
+        self.settle(store, settings_of(record))
+        queue = ray_queue(store)
+        me = (os.getpid(), proctree.start_time(os.getpid()) or 0.0)
+        queue.join(run_id, *me)
+        try:
+            submitted, reasons, position = self.try_submit(store, record, state, me, queue)
+            if submitted:
+                return
+            if not settings_of(record).queue:
+                end_attempt(store, record, "rejected", "rejected", "; ".join(reasons))
+                return
+            self._spawn_waiter(store, record, state, queue, env)
+            show_place(store, record, position, reasons)
+        finally:
+            with contextlib.suppress(OSError, StoreError):
+                queue.release(run_id, me)  # this process's ticket or slot; the waiter's stays
 
-    def _admit(self, store: Store, record: RunRecord, state: dict[str, Any], *, first: bool) -> RunRecord:
-        """Submit the attempt if the cluster and maxParallel allow it now, else leave it queued
-        (or rejected, when the run may not queue). Under the run queue's lock, so two starters never
-        both take the last place."""
+    def try_submit(
+        self,
+        store: Store,
+        record: RunRecord,
+        state: dict[str, Any],
+        owner: tuple[int, float],
+        queue: Admission,
+    ) -> tuple[bool, list[str], int | None]:
+        """Submit the attempt if it heads the store's ray queue and the cluster and maxParallel
+        allow it now, all under the queue's lock (two processes never both take the last place);
+        else (False, why it waits, its place in the queue). Raises what the submission raised."""
         settings = settings_of(record)
-        with Admission(store.governor_dir).exclusive():
-            current = _read_state(store, record["run_id"])
-            if not first and (current is None or current.get("state") != "queued"):
-                return record  # another reader submitted it meanwhile
-            try:
-                decision, needs = self._decide(store, settings)
-            except Unreachable as exc:
-                if first:
-                    raise
-                decision = Decision(allowed=False, reasons=[exc.message], gpu=None, checks=[])
+        found: list[Decision] = []
+
+        def decide(_active: object) -> Decision:
+            decision, needs = self._decide(store, settings)
+            found.append(decision)
             if decision["allowed"]:
                 self._submit_job(store, record, state, needs)
-                return record
-        if not settings.queue:
-            _end(store, record, "rejected", "rejected", "; ".join(decision["reasons"]))
-            return record
-        _write_state(store, record["run_id"], state)
-        detail = f"in the queue: {'; '.join(decision['reasons'])}"
-        if record["status_detail"] != detail:
-            record["status_detail"] = detail
-            store.write(record, index=False)
-        return record
+            return decision
+
+        admitted, _, position = queue.try_admit(record["run_id"], decide, vram_promise_mb=0.0, owner=owner)
+        if admitted:
+            # The slot only marked the moment of submission: the job itself holds the place now.
+            queue.release(record["run_id"], owner)
+            return True, [], None
+        if found:
+            return False, found[0]["reasons"], position
+        if position is None:
+            return False, ["its place in the ray queue was lost; it joins again"], None
+        return False, [f"{position - 1} earlier ray run(s) of this store wait ahead of it"], position
+
+    def _spawn_waiter(
+        self, store: Store, record: RunRecord, state: dict[str, Any], queue: Admission, env: Mapping[str, str]
+    ) -> None:
+        """Start the run's waiter (`backends.ray_waiter`), a detached process that holds its place in
+        the queue and submits it once the cluster can take it, all or nothing."""
+        run_id = record["run_id"]
+        args = [str(store.home), run_id, str(record["attempt"]), AWAIT_GO_FLAG]
+        try:
+            proc = detached.spawn(WAITER_MODULE, args, store.run_dir(run_id) / SUPERVISOR_LOG, env)
+        except OSError as exc:
+            raise StoreError(f"could not start the queue waiter of run {run_id}: {exc}") from None
+        try:
+            started = proctree.start_time(proc.pid)
+            if started is None:
+                raise StoreError(f"the queue waiter of run {run_id} ended as it started")
+            state["waiter"] = [proc.pid, started]
+            write_state(store, run_id, state)  # what names the waiter, should this process die now
+            queue.join(run_id, proc.pid, started)  # the place this process took becomes the waiter's
+            release(proc)
+        except BaseException:
+            abandon(proc, WAITER_ABANDON_SECONDS)
+            raise
 
     def _submit_job(
         self, store: Store, record: RunRecord, state: dict[str, Any], needs: ray_cluster.Needs
@@ -155,9 +235,14 @@ class RayBackend:
             self.address,
             "take the run's job",
             lambda: conn.submit_job(
-                entrypoint=f"{ENTRYPOINT} run",
+                entrypoint=f"{ray_cluster.ENTRYPOINT} run",
                 submission_id=f"backprop-{run_id}-{attempt}-{token[:8]}",
-                runtime_env={"working_dir": record["cwd"], "py_modules": [_package()], "env_vars": env_vars},
+                runtime_env={
+                    "working_dir": record["cwd"],
+                    "excludes": list(WORKING_DIR_EXCLUDES),
+                    "py_modules": [ray_cluster.package()],
+                    "env_vars": env_vars,
+                },
                 entrypoint_num_cpus=needs.cpus,
                 entrypoint_num_gpus=needs.gpus or None,
                 entrypoint_memory=needs.memory or None,
@@ -165,7 +250,7 @@ class RayBackend:
             ),
         )
         state.update(state="submitted", job_id=job_id, token=token, consumed=0, submitted_at=time.time())
-        _write_state(store, run_id, state)
+        write_state(store, run_id, state)
         (store.governor_dir / RUNS_FOLDER).mkdir(mode=0o700, parents=True, exist_ok=True)
         replace_json(store.governor_dir / RUNS_FOLDER / f"{run_id}.json", {"job_id": job_id})
         record["job_id"] = job_id
@@ -178,24 +263,24 @@ class RayBackend:
         run_id = record["run_id"]
         if record["status"] not in ACTIVE_STATES:
             return record
-        state = _read_state(store, run_id)
+        state = read_state(store, run_id)
         if state is None or state.get("attempt") != record["attempt"]:
             if age_seconds(record["updated_at"]) < SUBMIT_GRACE_SECONDS:
                 return record
-            return _end(
+            return end_attempt(
                 store, record, "lost", "supervisor_lost", "its submission to the Ray cluster never completed"
             )
         if state["state"] == "queued":
-            settings = settings_of(record)
-            if time.time() - float(state["queued_at"]) >= settings.queue_timeout_minutes * 60:
-                waited = f"waited {settings.queue_timeout_minutes:g} min in the queue"
-                return _end(
-                    store, record, "rejected", "queue_timeout", f"{waited}: {record['status_detail']}"
-                )
-            try:
-                return self._admit(store, record, state, first=False)
-            except ClusterError as exc:  # refused for good (a working_dir too large, a bad runtime env)
-                return _end(store, record, "failed", "start_failed", exc.message)
+            waiter = state.get("waiter")
+            if isinstance(waiter, list) and proctree.is_alive(waiter[0], waiter[1]):
+                return record  # its waiter submits it (or ends it) on its own
+            return end_attempt(
+                store,
+                record,
+                "lost",
+                "supervisor_lost",
+                "its queue waiter died while the run waited for the Ray cluster; nothing was submitted",
+            )
         conn_error: ClusterError | None = None
         try:
             conn = ray_cluster.client(self.address)
@@ -210,7 +295,7 @@ class RayBackend:
                 f"the Ray cluster no longer knows its job {state['job_id']} (was its head restarted?): "
                 + exc.message
             )
-            return _end(store, record, "lost", "supervisor_lost", why)
+            return end_attempt(store, record, "lost", "supervisor_lost", why)
         except ClusterError as exc:
             conn_error = exc
         if conn_error is not None:
@@ -238,7 +323,7 @@ class RayBackend:
         return record
 
     def _write(self, store: Store, record: RunRecord, state: dict[str, Any], was: str) -> None:
-        _write_state(store, record["run_id"], state)
+        write_state(store, record["run_id"], state)
         store.write(record, index=record["status"] != was)
         if record["status"] not in ACTIVE_STATES:
             (store.governor_dir / RUNS_FOLDER / f"{record['run_id']}.json").unlink(missing_ok=True)
@@ -253,17 +338,17 @@ class RayBackend:
             reason = "pruned" if stop.get("pruned") else "stop_requested"
             how = "a forced stop" if stop.get("force") else "a stop"
             why = f"its Ray job {job_id} was stopped by {how} before the supervisor recorded the end"
-            return _end(store, record, "stopped", reason, why)
+            return end_attempt(store, record, "stopped", reason, why)
         if status == "STOPPED":
             why = (
                 f"its Ray job {job_id} was stopped on the cluster (`ray job stop`) before the supervisor "
                 "recorded the end"
             )
-            return _end(store, record, "stopped", "stop_requested", why)
+            return end_attempt(store, record, "stopped", "stop_requested", why)
         why = f"its Ray job {job_id} ended {status} before the supervisor recorded the end" + (
             f": {words}" if words else ""
         )
-        return _end(store, record, "lost", "supervisor_lost", why)
+        return end_attempt(store, record, "lost", "supervisor_lost", why)
 
     def _silent(self, store: Store, record: RunRecord, state: dict[str, Any], exc: ClusterError) -> RunRecord:
         """The cluster did not answer: say so, and after `silent_seconds` end the run as lost."""
@@ -274,10 +359,10 @@ class RayBackend:
                 f"the Ray cluster has not answered for {now - since:.0f} s, so its job {state['job_id']} "
                 f"is presumed gone: {exc.message}"
             )
-            return _end(store, record, "lost", "supervisor_lost", why)
+            return end_attempt(store, record, "lost", "supervisor_lost", why)
         if state.get("silent_since") is None:
             state["silent_since"] = since
-            _write_state(store, record["run_id"], state)
+            write_state(store, record["run_id"], state)
             record["status_detail"] = (
                 f"{exc.message} (since {now_iso(since)}); the run is ended as lost after "
                 f"{silent_seconds():g} s of this"
@@ -301,22 +386,27 @@ class RayBackend:
         run_id = record["run_id"]
         with store.run_lock(run_id):
             record = store.read(run_id)
-            state = _read_state(store, run_id)
+            state = read_state(store, run_id)
             if record["status"] not in ACTIVE_STATES:
                 return
-            if (
-                state is None
-                or state.get("state") != "submitted"
-                or state.get("attempt") != record["attempt"]
-            ):
+            if state is None or state.get("attempt") != record["attempt"]:
+                # Its starter is submitting it right now (outside the run's lock): ending it here
+                # would leave the job it is about to submit running for a stopped run.
+                raise RunStateError(f"run {run_id} is still being submitted; try again in a moment")
+            if state.get("state") != "submitted":
                 reason = "pruned" if pruned else "stop_requested"
-                _end(
+                end_attempt(
                     store,
                     record,
                     "stopped",
                     reason,
                     "stopped while queued: it was never sent to the Ray cluster",
                 )
+                waiter = state.get("waiter")
+                if isinstance(waiter, list) and proctree.is_alive(waiter[0], waiter[1]):
+                    # It would see the end at its next look; told now, it gives its place up at once.
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(waiter[0], signal.SIGTERM)
                 return
             conn = ray_cluster.client(self.address)
             info = ray_cluster.call(
@@ -328,103 +418,8 @@ class RayBackend:
             if force or status != "RUNNING" or not supervisor or not node:
                 ray_cluster.call(self.address, "stop the job", lambda: conn.stop_job(state["job_id"]))
             else:
-                self._stop_job(store, record, state, node, force=force, pruned=pruned)
+                ray_cluster.submit_stop_job(
+                    self.address, store.home, record, state, node, force=force, pruned=pruned
+                )
             state["stop"] = {"force": force, "at": time.time(), "pruned": pruned}
-            _write_state(store, run_id, state)
-
-    def _stop_job(
-        self,
-        store: Store,
-        record: RunRecord,
-        state: dict[str, Any],
-        node: str,
-        *,
-        force: bool,
-        pruned: str | None,
-    ) -> None:
-        """A small job on the supervisor's node that leaves the stop request and signals it."""
-        pid, started = state["supervisor"]
-        request = {
-            "run_id": record["run_id"],
-            "attempt": record["attempt"],
-            "pid": pid,
-            "started": started,
-            "force": force,
-            "pruned": pruned,
-            "at": now_iso(),
-        }
-        env_vars = {
-            joblog.STOP_ENV: json.dumps(request),
-            joblog.STORE_KEY_ENV: joblog.store_key(store.home),
-            joblog.STORAGE_ENV: settings_of(record).ray_storage or "",
-        }
-        conn = ray_cluster.client(self.address)
-        ray_cluster.call(
-            self.address,
-            "take the stop job",
-            lambda: conn.submit_job(
-                entrypoint=f"{ENTRYPOINT} stop",
-                submission_id=f"backprop-stop-{record['run_id']}-{record['attempt']}-{secrets.token_hex(4)}",
-                runtime_env={"py_modules": [_package()], "env_vars": env_vars},
-                entrypoint_resources={f"node:{node}": NODE_SHARE},
-                metadata={"backprop_run_id": record["run_id"], "backprop_stop": "1"},
-            ),
-        )
-
-
-def _package() -> str:
-    """backprop_mcp's own folder: it travels with each job, so the cluster runs this very version."""
-    import backprop_mcp
-
-    return str(Path(backprop_mcp.__file__).parent)
-
-
-def _read_state(store: Store, run_id: str) -> dict[str, Any] | None:
-    try:
-        data = json.loads((store.run_dir(run_id) / STATE_FILE).read_text("utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def _write_state(store: Store, run_id: str, state: dict[str, Any]) -> None:
-    replace_json(store.run_dir(run_id) / STATE_FILE, state)
-
-
-def _live_runs(store: Store, other_than: str | None) -> int:
-    """Ray runs of this store that hold a job and are not known to have ended."""
-    folder = store.governor_dir / RUNS_FOLDER
-    live = 0
-    for path in folder.glob("*.json") if folder.is_dir() else ():
-        run_id = path.stem
-        try:
-            status = store.read(run_id)["status"]
-        except Exception:  # a run removed or unreadable holds no place
-            status = None
-        if status in ACTIVE_STATES:
-            live += run_id != other_than
-        else:
-            with contextlib.suppress(OSError):
-                path.unlink()
-    return live
-
-
-def _end(store: Store, record: RunRecord, status: str, reason: str, why: str) -> RunRecord:
-    """End the run's current attempt here, with its reason (the cluster could not say it)."""
-    record["status"], record["termination_reason"], record["status_detail"] = status, reason, why
-    record["ended_at"] = now_iso()
-    record["queue_position"] = None
-    record["attempts"][-1].update(
-        {
-            "status": status,
-            "termination_reason": reason,
-            "ended_at": record["ended_at"],
-            "step": record["step"],
-            "loss": record["loss"],
-        }
-    )
-    store.write(record)
-    with contextlib.suppress(StoreError):
-        store.append_event(record["run_id"], {"type": "state", "status": status, "detail": why})
-    (store.governor_dir / RUNS_FOLDER / f"{record['run_id']}.json").unlink(missing_ok=True)
-    return record
+            write_state(store, run_id, state)

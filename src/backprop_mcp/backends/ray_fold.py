@@ -17,6 +17,7 @@ import os
 from typing import Any, NamedTuple, cast
 
 from backprop_mcp.core.errors import StoreError
+from backprop_mcp.core.files import atomic_write
 from backprop_mcp.core.records import AttemptSummary, RunRecord
 from backprop_mcp.core.store import Store
 from backprop_mcp.runs import joblog
@@ -52,6 +53,8 @@ CLUSTER_FIELDS = (
     "python_source",
 )
 SUPERVISOR_LOG = "supervisor.log"
+SCRIPT_KINDS = frozenset("oeOE")
+STDOUT_KINDS = frozenset("oO")
 
 
 class Folded(NamedTuple):
@@ -74,14 +77,15 @@ def fold(store: Store, record: RunRecord, text: str, consumed: int, token: str, 
     if not chunk:
         return Folded(None, None, consumed)
     newest: dict[str, Any] | None = None
+    history: dict[str, Any] | None = None
     output: list[bytes] = []
     notes: list[bytes] = []
     stdout_seen = False
     for kind, payload in joblog.lines(chunk, token):
-        if kind in ("o", "e"):
-            output.append(payload.encode("utf-8", "replace") + b"\n")
-            stdout_seen = stdout_seen or kind == "o"
-        elif kind in ("r", "v"):
+        if kind in SCRIPT_KINDS:
+            output.append(joblog.output(kind, payload) + b"\n")
+            stdout_seen = stdout_seen or kind in STDOUT_KINDS
+        elif kind in ("r", "v", "h"):
             try:
                 data = json.loads(payload)
             except ValueError:
@@ -91,6 +95,8 @@ def fold(store: Store, record: RunRecord, text: str, consumed: int, token: str, 
                 continue
             if kind == "r":
                 newest = data
+            elif kind == "h":
+                history = data
             else:
                 with contextlib.suppress(StoreError):
                     store.append_event(run_id, data)
@@ -106,7 +112,12 @@ def fold(store: Store, record: RunRecord, text: str, consumed: int, token: str, 
     if notes:
         with contextlib.suppress(StoreError, OSError):
             _append(store.run_dir(run_id) / SUPERVISOR_LOG, b"".join(notes))
-    if stdout_seen:
+    if history is not None:  # the supervisor's own, whole: the output did not all travel
+        path = history_path(store, run_id, attempt)
+        with contextlib.suppress(StoreError, OSError):
+            path.parent.mkdir(mode=0o700, exist_ok=True)
+            atomic_write(path, json.dumps(history, separators=(",", ":")).encode("utf-8"))
+    elif stdout_seen:
         _rebuild_history(store, record, text, token)
     supervisor = None
     if newest is not None and isinstance(newest.get("supervisor_pid"), int):
@@ -134,9 +145,11 @@ def _rebuild_history(store: Store, record: RunRecord, text: str, token: str) -> 
     recorder = Recorder(
         history_path(store, record["run_id"], record["attempt"]), record["run_id"], record["attempt"]
     )
-    stdout = [payload for kind, payload in joblog.lines(text, token) if kind == "o"]
+    stdout = [
+        joblog.output(kind, payload) for kind, payload in joblog.lines(text, token) if kind in STDOUT_KINDS
+    ]
     splitter = LineSplitter()
-    items = splitter.feed("\n".join(stdout).encode("utf-8", "replace") + b"\n")
+    items = splitter.feed(b"\n".join(stdout) + b"\n")
     for item in plain_runs(items):
         if isinstance(item, tuple):
             recorder.observe_plain(*item)

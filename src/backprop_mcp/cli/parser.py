@@ -23,9 +23,12 @@ _RUN_OPTIONS: list[tuple[tuple[str, ...], str, dict[str, Any]]] = [
     (("--no-gpu",), "use_gpu", {"action": "store_const", "const": False}),
     (("--no-queue",), "queue", {"action": "store_const", "const": False}),
     (("--argv-compat",), "argv_compat", {"action": "store_const", "const": True}),
+    (("--ray-storage",), "ray_storage", {"metavar": "DIR"}),
+]
+# Where a new run goes, also taken by `status` so it can show that cluster (docs/cluster.md).
+_BACKEND_OPTIONS: list[tuple[tuple[str, ...], str, dict[str, Any]]] = [
     (("--backend",), "backend", {"metavar": "NAME"}),
     (("--ray-address",), "ray_address", {"metavar": "URL"}),
-    (("--ray-storage",), "ray_storage", {"metavar": "DIR"}),
 ]
 # Governor limits, also taken by `status` so it can show the verdict under them.
 _LIMIT_OPTIONS: list[tuple[tuple[str, ...], str, dict[str, Any]]] = [
@@ -111,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--cwd", help="working directory of the script (default: here)")
     run.add_argument("--detach", action="store_true", help="print the run id and return at once")
     run.add_argument("--dry-run", action="store_true", help="show the decision, command and environment only")
-    _add_options(run, _RUN_OPTIONS + _LIMIT_OPTIONS)
+    _add_options(run, _RUN_OPTIONS + _BACKEND_OPTIONS + _LIMIT_OPTIONS)
 
     resume = add_command(
         "resume", "start the next attempt of a run from its latest checkpoint (new script arguments after --)"
@@ -124,11 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument(
         "--dry-run", action="store_true", help="show what the next attempt would do; change nothing"
     )
-    _add_options(resume, _RUN_OPTIONS + _LIMIT_OPTIONS)
+    _add_options(resume, _RUN_OPTIONS + _BACKEND_OPTIONS + _LIMIT_OPTIONS)
 
     status = add_command("status", "the machine and its runs, or one run")
     status.add_argument("run_id", nargs="?")
-    _add_options(status, _LIMIT_OPTIONS)
+    _add_options(status, _BACKEND_OPTIONS + _LIMIT_OPTIONS)
 
     lst = add_command("list", "past and present runs, newest first or sorted")
     lst.add_argument(
@@ -227,7 +230,7 @@ def _add_sweep_commands(add_command: Any) -> list[argparse.ArgumentParser]:
     sweep.add_argument("--python", help="interpreter for the script")
     sweep.add_argument("--cwd", help="working directory of the script (default: here)")
     sweep.add_argument("--detach", action="store_true", help="print the sweep id and return at once")
-    _add_options(sweep, _RUN_OPTIONS + _LIMIT_OPTIONS)
+    _add_options(sweep, _RUN_OPTIONS + _BACKEND_OPTIONS + _LIMIT_OPTIONS)
 
     status = add_command("sweep-status", "a sweep's trials and best result, or the list of sweeps")
     status.add_argument("sweep_id", nargs="?")
@@ -241,7 +244,7 @@ def _add_sweep_commands(add_command: Any) -> list[argparse.ArgumentParser]:
     resume.add_argument("--trials", type=_int, help="raise the sweep's number of trials to this")
     resume.add_argument("--budget-minutes", type=float, metavar="MIN", help="a new time budget")
     resume.add_argument("--detach", action="store_true", help="print the sweep id and return at once")
-    _add_options(resume, _RUN_OPTIONS + _LIMIT_OPTIONS)
+    _add_options(resume, _RUN_OPTIONS + _BACKEND_OPTIONS + _LIMIT_OPTIONS)
     return [sweep, status, stop, resume]
 
 

@@ -10,7 +10,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # only annotations: `--version` and `--json` output need not load the shapes
-    from backprop_mcp.core.answers import StopReport, SystemStatus
+    from backprop_mcp.core.answers import ClusterResources, ClusterView, StopReport, SystemStatus
     from backprop_mcp.core.machine import Decision
     from backprop_mcp.core.records import RunRecord, RunRow
 
@@ -254,6 +254,8 @@ def status_text(status: SystemStatus) -> str:
             f"{number(gpu['memory_total_mb'], 6)} MB, {number(gpu['temperature_c'], 3)} C, "
             f"{number(gpu['utilization_pct'], 3)}% busy"
         )
+    if "cluster" in status:
+        lines += cluster_lines(status["cluster"])
     lines.append(f"live runs  {len(status['live_runs'])} (max parallel {status['limits']['max_parallel']})")
     lines += [
         f"  - {r['run_id']} {r['status']} step {step_text(r['step'], r['total'])}"
@@ -262,6 +264,25 @@ def status_text(status: SystemStatus) -> str:
     lines.append(f"queued     {len(status['queued_runs'])}")
     lines += [f"  {i}. {r['run_id']}" for i, r in enumerate(status["queued_runs"], 1)]
     return _lines(lines) + "\n" + decision_text(status["verdict"])
+
+
+def cluster_lines(cluster: ClusterView) -> list[str]:
+    """The Ray cluster of a status: its free resources in all, then per node, the freest first."""
+
+    def free(of: ClusterResources) -> str:
+        return (
+            f"{of['cpus_free']:g} of {of['cpus_total']:g} CPU, {of['gpus_free']:g} of {of['gpus_total']:g} "
+            f"GPU, {of['memory_free_gb']:.1f} of {of['memory_total_gb']:.1f} GB memory free"
+        )
+
+    if cluster["error"]:
+        return [f"ray        {cluster['address']}: unknown ({cluster['error']})"]
+    count = len(cluster["nodes"]) + cluster["nodes_left_out"]
+    lines = [f"ray        {cluster['address']}: {free(cluster)} on {count} node(s)"]
+    lines += [f"  - {n['node']}{' (head)' if n['head'] else ''}: {free(n)}" for n in cluster["nodes"]]
+    if cluster["nodes_left_out"]:
+        lines.append(f"  ... and {cluster['nodes_left_out']} more node(s)")
+    return lines
 
 
 def seconds_until(iso: str | None, now: float | None = None) -> float | None:

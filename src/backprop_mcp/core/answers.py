@@ -31,6 +31,37 @@ class RunPage(TypedDict):
     """How many runs match in all, when it was cheap to count."""
 
 
+class ClusterResources(TypedDict):
+    """Free and total resources of a Ray cluster, or of one of its nodes."""
+
+    cpus_free: float
+    cpus_total: float
+    gpus_free: float
+    gpus_total: float
+    memory_free_gb: float
+    memory_total_gb: float
+
+
+class ClusterNode(ClusterResources):
+    """One node of a Ray cluster, as its dashboard last reported it."""
+
+    node: str
+    """Its address (or Ray's node id when it reports none)."""
+    head: bool
+
+
+class ClusterView(ClusterResources):
+    """The Ray cluster a new run would go to (the `ray` backend): its free and total resources,
+    summed over its nodes, and its freest nodes."""
+
+    address: str
+    nodes: list[ClusterNode]
+    """The freest nodes first, at most a few (see nodes_left_out)."""
+    nodes_left_out: int
+    error: str | None
+    """Why the cluster could not be read now (then every figure is 0)."""
+
+
 class SystemStatus(TypedDict):
     """The machine now: resources, live and queued runs, and the verdict for a new run."""
 
@@ -44,6 +75,9 @@ class SystemStatus(TypedDict):
     """Runs waiting in the machine-wide queue, in order."""
     verdict: Decision
     """Whether a new run with these limits could start now, and why not."""
+    cluster: NotRequired[ClusterView]
+    """With the ray backend: the cluster's resources. Its runs are among the live and queued
+    ones, and the verdict is the cluster's."""
 
 
 class LogTail(TypedDict):

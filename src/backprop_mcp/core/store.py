@@ -269,10 +269,11 @@ class Store:
         return events
 
     @contextlib.contextmanager
-    def run_lock(self, run_id: str) -> Iterator[None]:
-        """Serialise read-modify-write of one run's record among non-supervisor processes."""
-        with file_lock(self.run_dir(run_id) / "lock"):
-            yield
+    def run_lock(self, run_id: str, *, blocking: bool = True) -> Iterator[bool]:
+        """Serialise read-modify-write of one run's record among non-supervisor processes. Not
+        `blocking`: yields False at once, holding nothing, when another process holds it."""
+        with file_lock(self.run_dir(run_id) / "lock", blocking=blocking) as held:
+            yield held
 
     def _run_folders(self) -> Iterator[str]:
         """Names of the run folders holding a record (of any kind: the reader judges it).

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal, cast
 
 from backprop_mcp.backends.base import Backend, SupervisorId
-from backprop_mcp.backends.choice import of_record
+from backprop_mcp.backends.choice import of_record, remote_backend
 from backprop_mcp.backends.local import LocalBackend
 from backprop_mcp.core.answers import (
     Comparison,
@@ -38,13 +38,7 @@ from backprop_mcp.core.errors import (
     UsageError,
 )
 from backprop_mcp.core.files import atomic_write, tail_lines
-from backprop_mcp.core.records import (
-    ACTIVE_STATES,
-    ALL_STATES,
-    RunRecord,
-    RunRow,
-    row_of,
-)
+from backprop_mcp.core.records import ACTIVE_STATES, ALL_STATES, RunRecord, RunRow, row_of
 from backprop_mcp.core.settings import Settings
 from backprop_mcp.core.store import STOP_REQUEST_FILE, Store, check_run_id, default_home
 from backprop_mcp.core.stored import UNKNOWN_STATUS
@@ -197,9 +191,15 @@ class RunControl:
         live = self._rows(a["run_id"] for a in active)
         queued = self._rows(admission.queued())
         verdict = decisions.evaluate(snapshot, limits_of(settings), active, now=time.time())
-        return SystemStatus(
+        status = SystemStatus(
             snapshot=snapshot, limits=limits_of(settings), live_runs=live, queued_runs=queued, verdict=verdict
         )
+        remote = remote_backend(settings.backend, settings.ray_address)
+        if remote is not None:  # a new run goes to the cluster: its resources, its runs, its verdict
+            status["cluster"], on, waiting, status["verdict"] = remote.overview(self.store, settings)
+            status["live_runs"] += self._rows(on)
+            status["queued_runs"] += self._rows(waiting)
+        return status
 
     def _rows(self, run_ids: Iterator[str] | list[str]) -> list[RunRow]:
         rows = []

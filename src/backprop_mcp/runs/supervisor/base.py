@@ -63,7 +63,7 @@ class SupervisorBase:
         self.probe = probe or make_probe(
             self.settings.gpu_probe, cpu_cache=store.governor_dir / "cpu_sample.json"
         )
-        self.sample_interval = _sample_interval()
+        self.sample_interval = sample_interval()
         self.admission = Admission(store.governor_dir)
         self.progress = Progress(self.record)
         self.history = Recorder(
@@ -244,7 +244,7 @@ class SupervisorBase:
             )
 
 
-def _sample_interval() -> float:
+def sample_interval() -> float:
     """The sampling interval; BACKPROP_SAMPLE_INTERVAL_SECONDS shrinks it (tests, fast reactions)."""
     raw = os.environ.get("BACKPROP_SAMPLE_INTERVAL_SECONDS", "")
     try:

@@ -16,6 +16,7 @@ The parameters come in the environment (`JOB_ENV`), never on the command line th
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import json
@@ -23,6 +24,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from typing import Any, cast
 
 from backprop_mcp.core.errors import BackpropError
@@ -47,6 +49,18 @@ RECORD_ENV, STORE_KEY_ENV, STORAGE_ENV, STOP_ENV = (
 # A line of the script longer than this without a newline is printed in pieces: the echo's buffer
 # stays bounded (a line this long is no event anyway; events.MAX_LINE_BYTES is far smaller).
 MAX_ECHO_LINE_BYTES = 1024 * 1024
+# The script's output an attempt's job log carries (both streams): every read of a ray run
+# downloads the whole job log (Ray's API has no offset), so past this a chatty or flooding script
+# would make each read slower and fill the node's disk with Ray's copy. The rest stays in the node's
+# own run log (rotated as a local one); the job log then carries only the last lines at the end
+# (ECHO_TAIL_*: usually what says why a run failed) and the attempt's full metric history.
+MAX_ECHO_BYTES = 8 * 1024 * 1024
+ECHO_TAIL_LINES = 200
+ECHO_TAIL_LINE_BYTES = 8 * 1024
+# The record is echoed whenever its state changes, else at most once per this share of the attempt's
+# age (and at least a second apart): fresh while a run is young, and a day-long run's job log holds
+# a few thousand records, not one per second.
+RECORD_ECHO_SHARE = 300.0
 _PR_SET_PDEATHSIG = 1
 
 
@@ -58,6 +72,9 @@ class Echo:
         self.token = token
         self.out = sys.stdout.buffer
         self.partial = {"o": b"", "e": b""}
+        self.carried = 0  # bytes of the job log that carried the script's output so far
+        self.held: collections.deque[tuple[str, bytes]] = collections.deque(maxlen=ECHO_TAIL_LINES)
+        self.held_lines = 0  # lines past MAX_ECHO_BYTES, of which `held` keeps the last
 
     def emit(self, kind: str, payload: bytes) -> None:
         self.out.write(joblog.mark(self.token, kind) + payload.replace(b"\n", b" ") + b"\n")
@@ -73,16 +90,44 @@ class Echo:
             complete.append(rest[:MAX_ECHO_LINE_BYTES])
             rest = rest[MAX_ECHO_LINE_BYTES:]
         self.partial[kind] = rest
-        if complete:
-            head = joblog.mark(self.token, kind)
-            self.out.write(b"".join(head + line.rstrip(b"\r") + b"\n" for line in complete))
+        carried = []
+        for line in complete:
+            if self.carried + len(line) <= MAX_ECHO_BYTES:
+                carried.append(self.output_line(kind, line))
+                self.carried += len(carried[-1])
+            else:
+                self.held.append((kind, line[:ECHO_TAIL_LINE_BYTES]))
+                self.held_lines += 1
+        if carried:
+            self.out.write(b"".join(carried))
             self.out.flush()
 
+    def output_line(self, kind: str, line: bytes) -> bytes:
+        """A line of the script's output as the job log carries it: as it is, or, when Ray would
+        alter it (it turns a carriage return into a line break, and bytes that are not UTF-8
+        into U+FFFD), as a JSON string under the kind in capitals (`joblog.output`)."""
+        if b"\r" not in line:
+            with contextlib.suppress(UnicodeDecodeError):
+                line.decode("utf-8")
+                return joblog.mark(self.token, kind) + line + b"\n"
+        quoted = json.dumps(line.decode("utf-8", "surrogateescape")).encode("ascii")
+        return joblog.mark(self.token, kind.upper()) + quoted + b"\n"
+
     def flush(self) -> None:
+        """At the end of the script: its unfinished lines, and the last of those held back."""
         for kind, rest in self.partial.items():
             if rest:
-                self.emit(kind, rest)
-                self.partial[kind] = b""
+                self.feed(kind, b"\n")
+        if self.held_lines:
+            note = (
+                f"{self.held_lines} lines of the script's output past the first {MAX_ECHO_BYTES // 1024**2} "
+                f"MiB did not travel with the job log; the last {len(self.held)} follow (all of them are "
+                "in the run's log on its Ray node)"
+            )
+            self.out.write(self.output_line("e", note.encode("utf-8")))
+            self.out.write(b"".join(self.output_line(kind, line) for kind, line in self.held))
+            self.out.flush()
+            self.held.clear()
 
 
 class _EchoingLog:
@@ -117,13 +162,21 @@ class JobSupervisor(Supervisor):
     """One attempt of one run, supervised on a cluster node and reported in the job log."""
 
     def __init__(self, store: Store, run_id: str, echo: Echo) -> None:
-        super().__init__(store, run_id, probe=make_probe("none", cpu_cache=None))
+        self.began = time.monotonic()
         self.echo = echo
+        self.echoed_state: tuple[Any, ...] | None = None
+        self.echoed_at = 0.0
+        super().__init__(store, run_id, probe=make_probe("none", cpu_cache=None))
         self.script_preexec = _die_with_parent
 
     def write(self, *, index: bool = False) -> bool:
         written = super().write(index=index)
-        self.echo.emit_json("r", self.record)
+        now = time.monotonic()
+        state = (self.record["status"], self.record["status_detail"], len(self.record["checkpoints"]))
+        every = max(1.0, (now - self.began) / RECORD_ECHO_SHARE)
+        if state != self.echoed_state or now - self.echoed_at >= every:
+            self.echo.emit_json("r", self.record)
+            self.echoed_state, self.echoed_at = state, now
         return written
 
     def event(self, entry: dict[str, Any]) -> None:
@@ -161,6 +214,10 @@ class JobSupervisor(Supervisor):
             # it may be gone before this supervisor's own stop sequence began; that stop is still why.
             self.stop_acted = True
             self.stopped_by_cluster = True
+        if self.echo.held_lines:
+            # Its output did not all travel, so the submitting side cannot rebuild the history from
+            # it: the history itself goes, before the final record that ends the run there.
+            self.echo.emit_json("h", self.history.document())
         super().finish(proc)
 
     def set_state(self, status: str, detail: str | None = None, **extra: Any) -> None:

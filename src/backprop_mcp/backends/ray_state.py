@@ -16,7 +16,7 @@ from typing import Any
 from backprop_mcp.core.clock import now_iso
 from backprop_mcp.core.errors import StoreError
 from backprop_mcp.core.files import replace_json
-from backprop_mcp.core.records import ACTIVE_STATES, RunRecord
+from backprop_mcp.core.records import ACTIVE_STATES, RunRecord, close_attempt
 from backprop_mcp.core.settings import Settings
 from backprop_mcp.core.store import Store
 from backprop_mcp.governor.admission import Admission
@@ -91,18 +91,8 @@ def live_runs(store: Store) -> list[str]:
 
 def end_attempt(store: Store, record: RunRecord, status: str, reason: str, why: str) -> RunRecord:
     """End the run's current attempt here, with its reason (the cluster could not say it)."""
-    record["status"], record["termination_reason"], record["status_detail"] = status, reason, why
-    record["ended_at"] = now_iso()
+    close_attempt(record, status, reason, why, now_iso())
     record["queue_position"] = None
-    record["attempts"][-1].update(
-        {
-            "status": status,
-            "termination_reason": reason,
-            "ended_at": record["ended_at"],
-            "step": record["step"],
-            "loss": record["loss"],
-        }
-    )
     store.write(record)
     with contextlib.suppress(StoreError):
         store.append_event(record["run_id"], {"type": "state", "status": status, "detail": why})

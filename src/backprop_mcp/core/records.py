@@ -316,6 +316,22 @@ def new_attempt(number: int, resume_from: str | None = None) -> AttemptSummary:
     )
 
 
+def close_attempt(record: RunRecord, status: str, reason: str, detail: str, ended_at: str) -> None:
+    """Record the end of the run's current attempt (not written): the run's state and its reason,
+    and the same on the attempt's summary with the step and loss it reached."""
+    record["status"], record["termination_reason"], record["status_detail"] = status, reason, detail
+    record["ended_at"] = ended_at
+    record["attempts"][-1].update(
+        {
+            "status": status,
+            "termination_reason": reason,
+            "ended_at": ended_at,
+            "step": record["step"],
+            "loss": record["loss"],
+        }
+    )
+
+
 def new_record(*, run_id: str, script: str, created_at: str, **fields: Any) -> RunRecord:
     """A run's record with every field at its empty value, then `fields` (names of RunRecord)."""
     unknown = set(fields) - set(RunRecord.__annotations__)

@@ -38,7 +38,7 @@ from backprop_mcp.core.errors import (
     UsageError,
 )
 from backprop_mcp.core.files import atomic_write, tail_lines
-from backprop_mcp.core.records import ACTIVE_STATES, ALL_STATES, RunRecord, RunRow, row_of
+from backprop_mcp.core.records import ACTIVE_STATES, ALL_STATES, RunRecord, RunRow, close_attempt, row_of
 from backprop_mcp.core.settings import Settings
 from backprop_mcp.core.store import STOP_REQUEST_FILE, Store, check_run_id, default_home
 from backprop_mcp.core.stored import UNKNOWN_STATUS
@@ -160,19 +160,9 @@ class RunControl:
         killed, left = proctree.end_run(self._ledger(record), supervisor=supervisor, wedged=wedged)
         if supervisor is not None and not left:
             Admission(self.store.governor_dir).release(record["run_id"], supervisor)
-        record["status"], record["termination_reason"] = status, reason
         detail = why + (f"; {killed} process(es) of the run were killed" if killed else "")
-        record["status_detail"] = detail + (f"; {left} process(es) could not be killed" if left else "")
-        record["ended_at"] = now_iso()
-        record["attempts"][-1].update(
-            {
-                "status": status,
-                "termination_reason": reason,
-                "ended_at": record["ended_at"],
-                "step": record["step"],
-                "loss": record["loss"],
-            }
-        )
+        detail += f"; {left} process(es) could not be killed" if left else ""
+        close_attempt(record, status, reason, detail, now_iso())
         self.store.write(record)
         self.store.append_event(
             record["run_id"], {"type": "state", "status": status, "detail": record["status_detail"]}

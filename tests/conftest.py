@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from importlib.util import find_spec
 from pathlib import Path
@@ -12,16 +15,73 @@ import pytest
 from hypothesis import settings
 
 from backprop_mcp.runs.service import Service
+from tests import helpers
 from tests.helpers import isolated_env
 
 if TYPE_CHECKING:
     from tests.ray_head import Head
 
-# In CI, property tests run the same examples every time, so a build never fails by luck; on a
-# developer's machine they explore new examples on every run.
-settings.register_profile("ci", derandomize=True, database=None)
-if os.environ.get("CI"):
-    settings.load_profile("ci")
+# The repository's `git status` when the session started (None: not guarded).
+_BEFORE = pytest.StashKey[set[str] | None]()
+
+# Property tests check behaviour, not speed: no per-example deadline anywhere, since a loaded 2-core
+# machine (CI, or several suites at once) can take seconds over an example that is not slow. A
+# failure prints its reproduction blob (@reproduce_failure) so it can be replayed exactly.
+# "dev" (the default) explores new examples on every run and keeps failures in .hypothesis/; "ci"
+# runs the same examples every time (derandomize, no database), so a build never fails by luck.
+# .ci/run chooses "ci" explicitly with HYPOTHESIS_PROFILE; no other variable (such as CI) decides.
+settings.register_profile("dev", deadline=None, print_blob=True)
+settings.register_profile("ci", deadline=None, print_blob=True, derandomize=True, database=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _repo_changes() -> set[str] | None:
+    """`git status --porcelain` of the repository (untracked and modified files); None where there
+    is no git or no .git (an sdist, an unpacked archive): then nothing is guarded."""
+    if not (REPO / ".git").exists() or shutil.which("git") is None:
+        return None
+    done = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=all"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        check=False,
+    )
+    return set(done.stdout.splitlines()) if done.returncode == 0 else None
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    session.config.stash[_BEFORE] = _repo_changes()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the session when the tests left files in the repository (a fixture run with the
+    repository as its working folder once wrote its checkpoint there, and it got committed)."""
+    before = session.config.stash.get(_BEFORE, None)
+    after = _repo_changes()
+    if before is None or after is None:
+        return
+    left = sorted(after - before)
+    if left:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        message = "the tests left these files in the repository (run scripts in tmp_path):\n  " + (
+            "\n  ".join(left)
+        )
+        if reporter is not None:
+            reporter.write_line(message, red=True)
+        else:
+            print(message, file=sys.stderr)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_root(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Scope the leftover-process checks of tests.helpers to this session's stores."""
+    helpers.SESSION_ROOT = tmp_path_factory.getbasetemp()
 
 
 @pytest.fixture

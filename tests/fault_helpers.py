@@ -3,12 +3,15 @@ that no process of a run survives, and reading every file of a store strictly.""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import stat
+from functools import partial
 from pathlib import Path
 
 import psutil
 
+from backprop_mcp.governor import proctree
 from backprop_mcp.runs.requests import RunRequest
 from backprop_mcp.runs.service import Service
 from tests.helpers import FIXTURES, processes_with_run_id, wait_until
@@ -111,3 +114,34 @@ def environ_has(proc: psutil.Process, key: str) -> bool:
         return key in proc.environ()
     except (psutil.Error, OSError):
         return False
+
+
+def run_view(home: Path, run_id: str) -> dict[str, object]:
+    """What a reader of the store can see of one run: every file of its folder (hashed), its
+    entries in the machine's queue and slots, its index rows, and any temp file in the store."""
+    folder = home / "runs" / run_id
+    files = {
+        str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
+    queued = sorted(str(path.relative_to(home)) for path in (home / "governor").rglob(f"{run_id}.json"))
+    index = home / "index.jsonl"
+    rows = [
+        line
+        for line in (index.read_text("utf-8").splitlines() if index.exists() else [])
+        if json.loads(line).get("run_id") == run_id
+    ]
+    temps = sorted(str(path.relative_to(home)) for path in home.rglob("*.tmp"))
+    return {"files": files, "queue": queued, "index": rows, "temps": temps}
+
+
+def wait_for_supervisor_exit(service: Service, *run_ids: str) -> None:
+    """Wait until the supervisor of each run (pid and start time from its record) has exited: a
+    walk of the store that needs no process of the run at work waits for this first."""
+    for run_id in run_ids:
+        record = service.store.read(run_id)
+        pid, started = record["supervisor_pid"], record["supervisor_started"]
+        if pid is not None:
+            gone = partial(lambda pid, started: not proctree.is_alive(pid, started), pid, started)
+            wait_until(gone, what=f"the supervisor of {run_id} to exit")

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -21,8 +22,17 @@ FIXTURES = Path(__file__).parent / "fixtures"
 WAIT_SECONDS = 60.0
 # Between two looks at a condition (a wait for an event, not a sleep standing in for one).
 POLL_SECONDS = 0.02
+# This session's temporary folder (set by tests/conftest.py): every store of the session lies in
+# it, so the leftover-process checks can tell this session's runs from a suite running beside it.
+SESSION_ROOT: Path | None = None
 
 T = TypeVar("T")
+
+
+def unique_id(stem: str) -> str:
+    """A run id of this test alone, `stem-<8 hex>`: two suites running at once on one machine never
+    share a run id, so nothing that looks at a run's processes can match another suite's."""
+    return f"{stem}-{uuid.uuid4().hex[:8]}"
 
 
 def isolated_env(home: Path, **extra: str) -> dict[str, str]:
@@ -125,15 +135,31 @@ def start_at_once(env: Mapping[str, str], cwd: Path, script: Path, run_ids: list
 
 
 def processes_with_run_id(run_id: str) -> list[psutil.Process]:
-    """Living processes that carry the run's id in their environment (nothing may survive a run)."""
+    """Living processes that carry the run's id in their environment (nothing may survive a run),
+    leaving out those of another session's store (see `SESSION_ROOT`)."""
     found = []
     for proc in psutil.process_iter():
         try:
-            if proc.status() != psutil.STATUS_ZOMBIE and proc.environ().get("BACKPROP_RUN_ID") == run_id:
+            environ = proc.environ()
+            if (
+                proc.status() != psutil.STATUS_ZOMBIE
+                and environ.get("BACKPROP_RUN_ID") == run_id
+                and _of_this_session(environ)
+            ):
                 found.append(proc)
         except (psutil.Error, OSError):
             continue
     return found
+
+
+def _of_this_session(environ: Mapping[str, str]) -> bool:
+    """False for a process whose store (BACKPROP_HOME, which a run's script inherits from its
+    supervisor) lies outside this session's temporary folder: another suite's, whatever its run
+    id. A process without one (a cluster job's) is kept: run ids are unique per test anyway."""
+    home = environ.get("BACKPROP_HOME")
+    if SESSION_ROOT is None or not home:
+        return True
+    return Path(os.path.realpath(home)).is_relative_to(os.path.realpath(SESSION_ROOT))
 
 
 def no_survivors(run_id: str) -> bool:

@@ -18,8 +18,13 @@ import pytest
 
 from backprop_mcp.core.records import TERMINAL_STATES
 from backprop_mcp.runs.service import Service
-from tests.fault_helpers import assert_nothing_survives, assert_store_files_valid, strict_json
-from tests.helpers import FIXTURES, cli, cli_json, wait_for_end
+from tests.fault_helpers import (
+    assert_nothing_survives,
+    assert_store_files_valid,
+    strict_json,
+    wait_for_supervisor_exit,
+)
+from tests.helpers import FIXTURES, cli, cli_json, unique_id, wait_for_end
 
 MAX_PARALLEL = 2
 # The default run is short so the whole suite stays within a few minutes on 2 cores; the soak
@@ -131,6 +136,7 @@ def _hammer(env: dict[str, str], tmp_path: Path, workers: int, seconds: float, c
     records = {
         run_id: wait_for_end(service, run_id, timeout=60 + 10 * len(traffic.runs)) for run_id in traffic.runs
     }
+    wait_for_supervisor_exit(service, *traffic.runs)  # the store walks below need it at rest
     most, counted = _max_overlap(spans)
     assert most <= MAX_PARALLEL, f"{most} scripts ran at once with maxParallel {MAX_PARALLEL}"
     listed = {row["run_id"]: row for row in cli_json(env, "list", "--limit", "1000")["runs"]}
@@ -172,22 +178,23 @@ with file_lock(store.index_lock), store.run_lock(sys.argv[2]), Admission(store.g
 def test_locks_held_by_a_killed_process_never_block_the_next_command(
     env: dict[str, str], service: Service, tmp_path: Path
 ) -> None:
-    first = cli_json(env, "run", str(FIXTURES / "counts_and_exits.py"), "--run-id", "first", cwd=tmp_path)
+    first_id, second_id = unique_id("first"), unique_id("second")
+    first = cli_json(env, "run", str(FIXTURES / "counts_and_exits.py"), "--run-id", first_id, cwd=tmp_path)
     assert first["status"] == "completed"
     holder = subprocess.Popen(
-        [sys.executable, "-c", _HOLDER, env["BACKPROP_HOME"], "first"], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", _HOLDER, env["BACKPROP_HOME"], first_id], stdout=subprocess.PIPE, text=True
     )
     assert holder.stdout is not None
     assert holder.stdout.readline().strip() == "held"  # every lock of the store is taken
     holder.kill()
     holder.wait()
     holder.stdout.close()
-    resumed = cli(env, "resume", "first", "--detach", "--json", "--", "6")  # it completed its steps
+    resumed = cli(env, "resume", first_id, "--detach", "--json", "--", "6")  # it completed its steps
     assert resumed.returncode == 0, resumed.stderr
     again = json.loads(resumed.stdout)
     assert again["attempt"] == 2
-    second = cli_json(env, "run", str(FIXTURES / "counts_and_exits.py"), "--run-id", "second", cwd=tmp_path)
+    second = cli_json(env, "run", str(FIXTURES / "counts_and_exits.py"), "--run-id", second_id, cwd=tmp_path)
     assert second["status"] == "completed"
-    assert wait_for_end(service, "first")["status"] == "completed"
-    assert {r["run_id"] for r in cli_json(env, "list")["runs"]} == {"first", "second"}
-    assert_nothing_survives("first", "second")
+    assert wait_for_end(service, first_id)["status"] == "completed"
+    assert {r["run_id"] for r in cli_json(env, "list")["runs"]} == {first_id, second_id}
+    assert_nothing_survives(first_id, second_id)

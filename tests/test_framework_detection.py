@@ -163,5 +163,5 @@ def test_a_real_run_records_the_detected_framework_and_limits_jax_before_it_star
     assert dry["environment"]["BACKPROP_FRAMEWORK"] == "jax"
     assert dry["environment"]["XLA_CLIENT_MEM_FRACTION"] == "0.5000"
 
-    record = cli_json(env, "run", str(FIXTURES / "counts_and_exits.py"), "-f", "auto")
+    record = cli_json(env, "run", str(FIXTURES / "counts_and_exits.py"), "-f", "auto", cwd=tmp_path)
     assert record["framework"] == "none"

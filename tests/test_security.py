@@ -21,8 +21,14 @@ from backprop_mcp.core.errors import PathNotAllowed, UsageError
 from backprop_mcp.runs.confine import check_allowed
 from backprop_mcp.runs.requests import RunRequest
 from backprop_mcp.runs.service import Service
-from tests.fault_helpers import assert_nothing_survives, modes, start, supervisor_pid
-from tests.helpers import FIXTURES, cli, cli_json, wait_for_end, wait_for_log
+from tests.fault_helpers import (
+    assert_nothing_survives,
+    modes,
+    start,
+    supervisor_pid,
+    wait_for_supervisor_exit,
+)
+from tests.helpers import FIXTURES, cli, cli_json, unique_id, wait_for_end, wait_for_log
 
 SECRET = "sekrit-123"  # noqa: S105 - a fake secret the store must never hold
 MCP_WAIT = 60
@@ -175,33 +181,37 @@ def test_a_secret_in_the_starters_environment_never_reaches_the_store_or_the_cli
 ) -> None:
     secret_env = {**env, "AWS_SECRET_ACCESS_KEY": SECRET, "HF_TOKEN": SECRET + "-hf"}
     outputs = []
+    s1 = unique_id("s1")
     for args in (
-        ["run", str(FIXTURES / "counts_and_exits.py"), "--run-id", "s1", "--json"],
+        ["run", str(FIXTURES / "counts_and_exits.py"), "--run-id", s1, "--json"],
         ["run", str(FIXTURES / "counts_and_exits.py"), "--dry-run", "--json"],
-        ["resume", "s1", "--json", "--", "6"],  # new arguments: s1 completed its steps
-        ["status", "s1", "--json"],
+        ["resume", s1, "--json", "--", "6"],  # new arguments: s1 completed its steps
+        ["status", s1, "--json"],
         ["status", "--json"],
         ["list", "--json"],
-        ["logs", "s1", "--json"],
-        ["compare", "s1", "--json"],
-        ["status", "s1"],
+        ["logs", s1, "--json"],
+        ["compare", s1, "--json"],
+        ["status", s1],
         ["list"],
-        ["logs", "s1"],
+        ["logs", s1],
     ):
         done = cli(secret_env, *args, cwd=tmp_path)
         assert done.returncode == 0, (args, done.stderr)
         outputs.append(done.stdout + done.stderr)
     assert not [o for o in outputs if SECRET in o]
+    wait_for_supervisor_exit(Service(Path(env["BACKPROP_HOME"]), env=env, cwd=tmp_path), s1)
     assert _grep_store(Path(env["BACKPROP_HOME"]), SECRET) == []
 
 
 def test_store_files_are_0600_and_folders_0700(env: dict[str, str], service: Service, tmp_path: Path) -> None:
-    first = cli_json(env, "run", str(FIXTURES / "counts_and_exits.py"), "--run-id", "private", cwd=tmp_path)
+    private = unique_id("private")
+    first = cli_json(env, "run", str(FIXTURES / "counts_and_exits.py"), "--run-id", private, cwd=tmp_path)
     assert first["status"] == "completed"
-    cli_json(env, "resume", "private", "--from-scratch")
+    cli_json(env, "resume", private, "--from-scratch")
     run_id = start(service, "exits_nonzero.py")
-    wait_for_end(service, "private")
+    wait_for_end(service, private)
     wait_for_end(service, run_id)
+    wait_for_supervisor_exit(service, private, run_id)  # nothing of the runs is at work in the walk
     home = Path(env["BACKPROP_HOME"])
     wrong = {
         path: oct(mode)
@@ -254,6 +264,7 @@ def test_the_mcp_server_refuses_escapes_hides_secrets_and_opens_no_socket_during
         (FIXTURES / "waits_forever.py").read_text(encoding="utf-8"), encoding="utf-8"
     )
     secret_env = {**env, "AWS_SECRET_ACCESS_KEY": SECRET}
+    m1 = unique_id("m1")
 
     async def scenario() -> None:
         with anyio.fail_after(MCP_WAIT * 2):
@@ -269,22 +280,22 @@ def test_the_mcp_server_refuses_escapes_hides_secrets_and_opens_no_socket_during
                 assert "outside the allowed roots" in texts[-1]
             started = await client.call_tool(
                 "run_training",
-                {"script": str(root / "wait.py"), "run_id": "m1", "options": {"use_gpu": False}},
+                {"script": str(root / "wait.py"), "run_id": m1, "options": {"use_gpu": False}},
             )
             assert not started.is_error, started
             service = Service(Path(env["BACKPROP_HOME"]), env=env, cwd=tmp_path)
-            wait_for_log(service, "m1", "ready")
+            wait_for_log(service, m1, "ready")
             server = _server_process()
-            supervisor = psutil.Process(supervisor_pid(service, "m1"))
+            supervisor = psutil.Process(supervisor_pid(service, m1))
             for proc in (server, supervisor, *supervisor.children(recursive=True)):
                 assert proc.net_connections(kind="inet") == [], proc
             for name, arguments in (
-                ("get_status", {"run_id": "m1"}),
+                ("get_status", {"run_id": m1}),
                 ("get_status", {}),
                 ("list_experiments", {}),
-                ("get_logs", {"run_id": "m1"}),
-                ("stop_run", {"run_id": "m1"}),
-                ("wait_for_run", {"run_id": "m1", "until": "end"}),
+                ("get_logs", {"run_id": m1}),
+                ("stop_run", {"run_id": m1}),
+                ("wait_for_run", {"run_id": m1, "until": "end"}),
             ):
                 result = await client.call_tool(name, arguments)
                 assert not result.is_error, (name, result)
@@ -294,7 +305,7 @@ def test_the_mcp_server_refuses_escapes_hides_secrets_and_opens_no_socket_during
                 )
             assert not [t for t in texts if SECRET in t]
         assert _grep_store(Path(env["BACKPROP_HOME"]), SECRET) == []
-        assert_nothing_survives("m1")
+        assert_nothing_survives(m1)
 
     anyio.run(scenario)
 

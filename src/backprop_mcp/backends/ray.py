@@ -155,6 +155,8 @@ class RayBackend:
             if submitted:
                 return
             if not settings_of(record).queue:
+                with contextlib.suppress(OSError, StoreError):
+                    queue.release(run_id, me)  # before the final record (see `end_attempt`)
                 end_attempt(store, record, "rejected", "rejected", "; ".join(reasons))
                 return
             self._spawn_waiter(store, record, state, queue, env)
@@ -324,9 +326,9 @@ class RayBackend:
 
     def _write(self, store: Store, record: RunRecord, state: dict[str, Any], was: str) -> None:
         write_state(store, record["run_id"], state)
-        store.write(record, index=record["status"] != was)
-        if record["status"] not in ACTIVE_STATES:
+        if record["status"] not in ACTIVE_STATES:  # before the final record (see `end_attempt`)
             (store.governor_dir / RUNS_FOLDER / f"{record['run_id']}.json").unlink(missing_ok=True)
+        store.write(record, index=record["status"] != was)
 
     def _job_ended(
         self, store: Store, record: RunRecord, state: dict[str, Any], status: str, message: str
@@ -395,6 +397,11 @@ class RayBackend:
                 raise RunStateError(f"run {run_id} is still being submitted; try again in a moment")
             if state.get("state") != "submitted":
                 reason = "pruned" if pruned else "stop_requested"
+                waiter = state.get("waiter")
+                if isinstance(waiter, list) and len(waiter) == 2:
+                    # Its waiter's place goes before the final record (see `end_attempt`).
+                    with contextlib.suppress(OSError, StoreError, ValueError):
+                        ray_queue(store).release(run_id, (waiter[0], waiter[1]))
                 end_attempt(
                     store,
                     record,
@@ -402,7 +409,6 @@ class RayBackend:
                     reason,
                     "stopped while queued: it was never sent to the Ray cluster",
                 )
-                waiter = state.get("waiter")
                 if isinstance(waiter, list) and proctree.is_alive(waiter[0], waiter[1]):
                     # It would see the end at its next look; told now, it gives its place up at once.
                     with contextlib.suppress(ProcessLookupError):

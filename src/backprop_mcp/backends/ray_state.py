@@ -93,8 +93,10 @@ def end_attempt(store: Store, record: RunRecord, status: str, reason: str, why: 
     """End the run's current attempt here, with its reason (the cluster could not say it)."""
     close_attempt(record, status, reason, why, now_iso())
     record["queue_position"] = None
-    store.write(record)
+    # Everything else before the final record: whoever sees the run ended finds the store
+    # quiescent for it (its place among the live ray runs gone, its history complete).
+    (store.governor_dir / RUNS_FOLDER / f"{record['run_id']}.json").unlink(missing_ok=True)
     with contextlib.suppress(StoreError):
         store.append_event(record["run_id"], {"type": "state", "status": status, "detail": why})
-    (store.governor_dir / RUNS_FOLDER / f"{record['run_id']}.json").unlink(missing_ok=True)
+    store.write(record)
     return record

@@ -59,9 +59,14 @@ class Waiter:
             while not self.stopping.is_set() and self.look():
                 self.stopping.wait(interval)
         finally:
-            with contextlib.suppress(OSError, StoreError):
-                self.queue.release(self.run_id, self.me)
+            self._give_up_place()
         return 0
+
+    def _give_up_place(self) -> None:
+        """Leave the ray queue; before ending the run (the final record is the last change a
+        reader may see), and again on the way out (a no-op by then)."""
+        with contextlib.suppress(OSError, StoreError):
+            self.queue.release(self.run_id, self.me)
 
     def look(self) -> bool:
         """One look at the cluster for the run; False once there is nothing left to wait for."""
@@ -84,6 +89,7 @@ class Waiter:
             waited = time.time() - float(state["queued_at"])
             if waited >= settings.queue_timeout_minutes * 60:
                 why = f"waited {settings.queue_timeout_minutes:g} min in the queue: {record['status_detail']}"
+                self._give_up_place()
                 end_attempt(self.store, record, "rejected", "queue_timeout", why)
                 return False
             backend = RayBackend(settings.ray_address)
@@ -95,6 +101,7 @@ class Waiter:
             except (Unreachable, StoreError) as exc:  # it may answer, or the lock be free, next time
                 reasons = [exc.message]
             except ClusterError as exc:  # refused for good (a working_dir too large, a bad runtime env)
+                self._give_up_place()
                 end_attempt(self.store, record, "failed", "start_failed", exc.message)
                 return False
             else:

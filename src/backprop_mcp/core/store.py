@@ -242,12 +242,15 @@ class Store:
         return aside
 
     def write(self, record: RunRecord, *, index: bool = True) -> None:
-        """Replace the record atomically; append its index row when asked (listing fields changed)."""
+        """Replace the record atomically, after appending its index row when asked (listing fields
+        changed). The record goes last: a reader who sees a state in it (a final one above all)
+        finds the index already saying so. A row whose record then fails to be written is
+        harmless: the writer retries, or the next reader ends the run, each with a newer row."""
         record["updated_at"] = now_iso()
         data = json.dumps(record, indent=1, allow_nan=False).encode("utf-8")
-        atomic_write(self.record_path(record["run_id"]), data)
         if index:
             self.index_append(row_of(record), new=False)
+        atomic_write(self.record_path(record["run_id"]), data)
 
     def append_event(self, run_id: str, event: dict[str, Any]) -> None:
         """Add an entry to the run's history."""

@@ -163,10 +163,12 @@ class RunControl:
         detail = why + (f"; {killed} process(es) of the run were killed" if killed else "")
         detail += f"; {left} process(es) could not be killed" if left else ""
         close_attempt(record, status, reason, detail, now_iso())
-        self.store.write(record)
+        # The slot released and the event written before the final record: whoever sees the run
+        # ended finds the store quiescent for it (see `SupervisorBase.set_state`).
         self.store.append_event(
             record["run_id"], {"type": "state", "status": status, "detail": record["status_detail"]}
         )
+        self.store.write(record)
 
     def system_status(
         self, options: Mapping[str, object] | None = None, source: str = "option"

@@ -24,6 +24,7 @@ from backprop_mcp.core.machine import Decision
 from backprop_mcp.core.records import (
     ACTIVE_STATES,
     RunRecord,
+    close_attempt,
     new_attempt,
     new_record,
     row_of,
@@ -140,13 +141,7 @@ class Service(RunControl):
         if not settings.queue:
             decision = self._decide(settings)
             if not decision["allowed"]:
-                record["status"], record["termination_reason"] = "rejected", "rejected"
-                record["status_detail"] = "; ".join(decision["reasons"])
-                record["ended_at"] = now_iso()
-                record["attempts"][-1].update(
-                    {"status": "rejected", "termination_reason": "rejected", "ended_at": record["ended_at"]}
-                )
-                self._create(record)
+                self._create_rejected(record, "; ".join(decision["reasons"]))
                 return record
         since = self._create(record)
         try:
@@ -171,6 +166,19 @@ class Service(RunControl):
             self.store.remove_run(record["run_id"], since)
             raise
         return since
+
+    def _create_rejected(self, record: RunRecord, why: str) -> None:
+        """Store a run the governor refused at once: created queued like any run, then ended, its
+        history and index row before its final record (a reader who sees it `rejected` sees all
+        of it); all of it or none of it."""
+        since = self._create(record)
+        try:
+            close_attempt(record, "rejected", "rejected", why, now_iso())
+            self.store.append_event(record["run_id"], {"type": "state", "status": "rejected", "detail": why})
+            self.store.write(record)
+        except BaseException:
+            self.store.remove_run(record["run_id"], since)
+            raise
 
     def _absolute(self, path: str) -> Path:
         """A path option as the caller means it: relative to the caller's working directory."""

@@ -209,8 +209,10 @@ class SupervisorBase:
         self.record["status"] = status
         self.record["status_detail"] = detail
         self.record["attempts"][-1]["status"] = status
-        self.write(index=True)
+        # The event before the record (and `Store.write` puts the index row before it too): a
+        # reader who sees the new state, a final one above all, finds its history complete.
         self.event({"type": "state", "status": status, "detail": detail, **extra})
+        self.write(index=True)
 
     def write_final(self) -> None:
         """Record the outcome, retrying for a bounded time while the store cannot be written."""

@@ -378,6 +378,7 @@ class Supervisor(EndingSupervisor):
         self._read_stop_request()
         decision = self.queue()
         if decision is None or not self.start(decision) or self.proc is None or self.output is None:
+            self.write_final()  # ended unstarted: its outcome too is retried on a full disk
             return 0
         try:
             self.supervise(self.proc, self.output)

@@ -84,6 +84,9 @@ class EndingSupervisor(QueuedSupervisor):
         # Released before the final state is written: whoever sees the run ended (and resumes
         # it) finds its slot free, and this release can only ever remove this attempt's slot.
         self._release()
+        # Compacted before too: the final state is the supervisor's last change to the store, so
+        # whoever sees it (a walk of the store, a resume) finds it quiescent.
+        self.store.maybe_compact()
         detail = describe(outcome, why or record["status_detail"])
         if self.leftovers_ended:
             detail += f"; {self.leftovers_ended} process(es) it left behind were killed"
@@ -95,4 +98,3 @@ class EndingSupervisor(QueuedSupervisor):
             signal=outcome.signal,
             leftovers_killed=self.leftovers_ended,
         )
-        self.store.maybe_compact()

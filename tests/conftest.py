@@ -72,6 +72,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             "\n  ".join(left)
         )
         if reporter is not None:
+            reporter.write_sep("=", "files left in the repository", red=True)
             reporter.write_line(message, red=True)
         else:
             print(message, file=sys.stderr)

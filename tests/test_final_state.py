@@ -67,10 +67,12 @@ def _assert_quiescent_after_final_write(service: Service, snapshot: Path, run_id
     return end
 
 
-def _pad_the_index(service: Service, lines: int) -> None:
-    """Rows of another run, enough that the next run's end compacts the index."""
+def _pad_the_index(service: Service) -> None:
+    """Rows of another run, enough that the next run's end compacts the index (it compacts past
+    about COMPACT_RATIO rows per run plus COMPACT_SLACK rows of up to 320 bytes: this is more)."""
     service.store.ensure()
     row = json.dumps(dict(row_of(new_record(run_id="padding", script="x.py", created_at=now_iso()))))
+    lines = (store_module.COMPACT_SLACK + store_module.COMPACT_RATIO * 10) * 400 // len(row)
     with service.store.index_path.open("a", encoding="utf-8") as index:
         index.write((row + "\n") * lines)
 
@@ -86,7 +88,7 @@ def test_a_run_that_completes_changes_nothing_after_its_final_state(service: Ser
 def test_the_index_compaction_at_a_runs_end_comes_before_its_final_state(
     service: Service, watched: Path
 ) -> None:
-    _pad_the_index(service, 1 + store_module.COMPACT_SLACK + store_module.COMPACT_RATIO * 2)
+    _pad_the_index(service)
     padded = service.store.index_size()
     run_id = _start(service, "counts_and_exits.py", unique_id("compacted"))
     assert _assert_quiescent_after_final_write(service, watched, run_id)["status"] == "completed"

@@ -10,10 +10,15 @@ import re
 import shlex
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from backprop_mcp.core import files as files_module
 from backprop_mcp.core.clock import now_iso
 from backprop_mcp.core.records import RunRecord, new_record, row_of
 from backprop_mcp.core.store import Store
@@ -72,6 +77,28 @@ def test_a_log_past_its_size_limit_keeps_one_bounded_rotated_file_and_the_newest
     assert shown.stdout.splitlines() == expected[-asked:]
     answer = cli_json(env, "logs", run_id, "--tail", "3")
     assert answer["lines"] == expected[-3:] and answer["truncated"] is True
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.binary(max_size=120), st.integers(min_value=0, max_value=120), st.integers(min_value=1, max_value=16)
+)
+def test_a_log_and_its_rotated_part_are_read_backwards_as_one_file(data: bytes, cut: int, block: int) -> None:
+    """The rotation cuts anywhere, even inside a line: the two parts read as the whole would."""
+    with tempfile.TemporaryDirectory() as folder:
+        rotated, current = Path(folder) / "log.1", Path(folder) / "log"
+        rotated.write_bytes(data[:cut])
+        current.write_bytes(data[cut:])
+        whole = Path(folder) / "whole"
+        whole.write_bytes(data)
+        original = files_module._REVERSE_BLOCK
+        files_module._REVERSE_BLOCK = block
+        try:
+            got = list(files_module.reverse_lines(current, before=rotated))
+            expected = list(files_module.reverse_lines(whole))
+        finally:
+            files_module._REVERSE_BLOCK = original
+    assert got == expected == [line for line in reversed(data.split(b"\n")) if line.strip()]
 
 
 # -- eta_seconds ------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from backprop_mcp.core.errors import StoreError
 
@@ -105,42 +106,55 @@ def all_lines(path: Path) -> list[bytes]:
         return []
 
 
-def reverse_lines(path: Path) -> Iterator[bytes]:
-    """Lines of a file from the last to the first, reading blocks from the end."""
+def reverse_lines(path: Path, *, before: Path | None = None) -> Iterator[bytes]:
+    """Lines of a file from the last to the first, reading blocks from the end; with `before`, the
+    file that came before it (a log's rotated part) goes on where it ends, as if the two were one."""
     try:
         handle = path.open("rb")
     except FileNotFoundError:
         return
-    with handle:
-        handle.seek(0, os.SEEK_END)
-        position = handle.tell()
+    with contextlib.ExitStack() as stack:
+        handles = [stack.enter_context(handle)]
+        with contextlib.suppress(OSError):
+            # Opened after `path`: if a rotation came between, both name the same file (read once).
+            earlier = stack.enter_context(before.open("rb")) if before is not None else None
+            if earlier is not None and not _same_file(earlier, handle):
+                handles.append(earlier)
         # Pieces of the line being read backwards, last piece first. Kept as a list and joined once
         # the line's start is found: prepending to one bytes object made a 50 MB line cost O(n²).
         pending: list[bytes] = []
-        while position > 0:
-            size = min(_REVERSE_BLOCK, position)
-            position -= size
-            handle.seek(position)
-            lines = handle.read(size).split(b"\n")
-            if len(lines) == 1:
-                pending.append(lines[0])
-                continue
-            pending.append(lines[-1])
-            line = b"".join(reversed(pending))
-            if line.strip():
-                yield line
-            for line in reversed(lines[1:-1]):
+        for current in handles:
+            current.seek(0, os.SEEK_END)
+            position = current.tell()
+            while position > 0:
+                size = min(_REVERSE_BLOCK, position)
+                position -= size
+                current.seek(position)
+                lines = current.read(size).split(b"\n")
+                if len(lines) == 1:
+                    pending.append(lines[0])
+                    continue
+                pending.append(lines[-1])
+                line = b"".join(reversed(pending))
                 if line.strip():
                     yield line
-            pending = [lines[0]]
+                for line in reversed(lines[1:-1]):
+                    if line.strip():
+                        yield line
+                pending = [lines[0]]
         rest = b"".join(reversed(pending))
         if rest.strip():
             yield rest
 
 
-def tail_lines(path: Path, limit: int) -> list[bytes]:
+def _same_file(one: BinaryIO, other: BinaryIO) -> bool:
+    a, b = os.fstat(one.fileno()), os.fstat(other.fileno())
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def tail_lines(path: Path, limit: int, *, before: Path | None = None) -> list[bytes]:
     out: list[bytes] = []
-    for line in reverse_lines(path):
+    for line in reverse_lines(path, before=before):
         out.append(line)
         if len(out) >= limit:
             break

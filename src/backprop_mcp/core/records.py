@@ -166,7 +166,7 @@ class RunRecord(TypedDict):
     metrics: dict[str, float]
     """Latest value of each metric reported."""
     eta_seconds: float | None
-    """Estimated seconds to reach `total` at the recent rate."""
+    """Seconds to reach `total` at the attempt's average rate so far."""
     checkpoints: list[Checkpoint]
     """Reported checkpoints, newest last (at most the last 50 are kept)."""
     latest_checkpoint: str | None

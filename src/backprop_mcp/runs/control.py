@@ -47,7 +47,7 @@ from backprop_mcp.governor.admission import Admission
 from backprop_mcp.governor.probe_choice import make_probe
 from backprop_mcp.runs.launch import limits_of
 from backprop_mcp.runs.listing import Order, complete_row, is_old_row, needs_metrics, ordered, parse_sort
-from backprop_mcp.runs.runlog import empty_note
+from backprop_mcp.runs.runlog import empty_note, rotated_path
 
 # A run whose supervisor has not yet written its pid is "launching", not lost, for this long:
 # the gap between creating the record and the supervisor's first write is normally ~0.1 s.
@@ -413,7 +413,7 @@ class RunControl:
         if not 1 <= which <= record["attempt"]:
             raise UsageError(f"run {run_id} has attempts 1 to {record['attempt']}; got attempt {which}")
         path = self.backend.log_path(self.store, run_id, which)
-        raw = tail_lines(path, tail + 1)
+        raw = tail_lines(path, tail + 1, before=rotated_path(path))  # a rotation cuts no tail short
         lines = [line.decode("utf-8", "replace")[:MAX_LOG_LINE_CHARS] for line in raw]
         truncated = len(lines) > tail
         answer = LogTail(

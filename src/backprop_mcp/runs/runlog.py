@@ -4,7 +4,6 @@ reads it as it grows (`logs -f`, the foreground view), across rotations; and why
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 from collections.abc import Mapping
@@ -152,9 +151,6 @@ class LogFollower:
 
 def empty_note(record: RunRecord, attempt: int, path: Path) -> str:
     """Why an attempt's log has no lines, in words."""
-    with contextlib.suppress(OSError):
-        if rotated_path(path).stat().st_size:
-            return f"nothing printed since the log was rotated; earlier output is in {rotated_path(path)}"
     summary = record["attempts"][attempt - 1] if attempt <= len(record["attempts"]) else None
     current = attempt == record["attempt"]
     started = summary["started_at"] if summary is not None else record["started_at"]

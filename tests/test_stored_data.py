@@ -402,6 +402,20 @@ def test_the_follower_reads_every_line_once_across_rotations(tmp_path: Path) -> 
     assert seen == [*written, b"unended"]
 
 
+def test_a_write_larger_than_the_limit_keeps_each_log_file_within_it(tmp_path: Path) -> None:
+    from backprop_mcp.runs.runlog import RunLog, rotated_path
+
+    path = tmp_path / "attempt-1.log"
+    writer = RunLog(path, max_bytes=1024)
+    data = bytes(range(256)) * 20  # one 5 KiB chunk, as one pipe read can hand over
+    writer.write(b"head\n")
+    writer.write(data)
+    writer.close()
+    current, rotated = path.read_bytes(), rotated_path(path).read_bytes()
+    assert len(current) <= 1024 and len(rotated) == 1024
+    assert rotated + current == (b"head\n" + data)[-(len(rotated) + len(current)) :]
+
+
 def test_the_follower_starts_again_when_the_file_shrinks(tmp_path: Path) -> None:
     from backprop_mcp.runs.runlog import LogFollower
 

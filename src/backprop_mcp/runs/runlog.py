@@ -60,18 +60,29 @@ class RunLog:
         return handle
 
     def write(self, data: bytes) -> None:
+        # A chunk is cut where the file is full, so each file stays within the limit whatever the
+        # size of the chunks the pipe hands over (a read can be larger than a small limit); the
+        # follower and `logs --tail` join a line that a rotation cut in two.
+        rest = memoryview(data)
         try:
-            if self.size + len(data) > self.max_bytes:
-                os.replace(self.path, rotated_path(self.path))
-                # If the new file cannot be opened (full disk), output goes on to the rotated one.
-                reopened = self._open()
-                self.file.close()
-                self.file = reopened
-                self.size = 0
-            self.file.write(data)
-            self.size += len(data)
+            while rest:
+                if self.size >= self.max_bytes:
+                    self._rotate()
+                written = self.file.write(rest[: self.max_bytes - self.size])
+                if not written:
+                    break
+                self.size += written
+                rest = rest[written:]
         except OSError as exc:
             log.warning("cannot write the log %s (%s); output is dropped", self.path, exc)
+
+    def _rotate(self) -> None:
+        os.replace(self.path, rotated_path(self.path))
+        # If the new file cannot be opened (full disk), output goes on to the rotated one.
+        reopened = self._open()
+        self.file.close()
+        self.file = reopened
+        self.size = 0
 
     def close(self) -> None:
         self.file.close()

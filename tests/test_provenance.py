@@ -20,6 +20,7 @@ import psutil
 import pytest
 
 from backprop_mcp import __version__
+from backprop_mcp.runs.gitstate import git_state
 from backprop_mcp.runs.provenance import code_dir
 from backprop_mcp.runs.requests import RunRequest
 from backprop_mcp.runs.service import Service
@@ -202,6 +203,28 @@ def test_a_hanging_git_is_cut_off_killed_with_its_children_and_the_run_starts(
     wait_until(gone, what="the hanging git and its child to be killed")
 
 
+def test_git_state_kills_a_hanging_git_with_its_children_and_says_it_timed_out(tmp_path: Path) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    shutil.copy(FIXTURES / "hangs_as_git.sh", bin_dir / "git")
+    pids = tmp_path / "git-pids"
+
+    path = f"{bin_dir}{os.pathsep}{os.environ['PATH']}"
+    state, diff = git_state(tmp_path, {**os.environ, "PATH": path, "FAKE_GIT_PIDS": str(pids)})
+
+    assert state is not None and diff == b""
+    assert state["error"].startswith("git status timed out after")
+    hung = [int(pid) for pid in pids.read_text("utf-8").split()]
+    assert len(hung) == 2
+
+    def gone() -> bool:
+        return not any(
+            psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in hung
+        )
+
+    wait_until(gone, timeout=10, what="the hanging git's shell and its child to be killed")
+
+
 def test_the_environment_is_recorded_without_any_environment_variable_value(
     env: dict[str, str], tmp_path: Path
 ) -> None:
@@ -238,6 +261,11 @@ def test_editing_the_script_between_two_runs_shows_in_show_and_diff(
     assert "changed: train.py" in differ.stdout
     assert "+--flag" in differ.stdout
     assert "option max_run_minutes: 10.0 -> 5.0" in differ.stdout
+    third = unique("third")
+    assert cli(env, "run", str(script), "--run-id", third, cwd=script.parent).returncode == 0
+    only_code = cli(env, "diff", first, third)
+    assert only_code.returncode == 1 and "changed: train.py" in only_code.stdout
+    assert "option" not in only_code.stdout and "args" not in only_code.stdout
     same = cli(env, "diff", first, f"{first}:1")
     assert same.returncode == 0 and "ran the same code" in same.stdout
     answer = json.loads(cli(env, "diff", first, second, "--json").stdout)

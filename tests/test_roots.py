@@ -58,6 +58,8 @@ NOT_PATHS = {
     "sweep_id": "checked against the sweep-id pattern: letters, digits, '._-'",
     "sweep": "a sweep id: matched against index rows, or read (plot_metrics) after the sweep-id check",
     "params": "values and distribution strings a sweep passes to the script as its arguments",
+    "snapshot": "globs relative to the run's cwd: absolute ones and '..' refused (parsers.parse_globs), "
+    "matches that resolve outside the cwd left out (runs.provenance)",
 }
 # The fields of RunRequest that are not paths.
 NOT_PATH_FIELDS = {"args", "name", "run_id", "options", "source", "file_defaults", "sweep"}

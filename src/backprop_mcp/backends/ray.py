@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
 import os
 import secrets
 import signal
@@ -49,6 +50,7 @@ from backprop_mcp.governor.admission import Admission
 from backprop_mcp.runs import detached, joblog
 from backprop_mcp.runs.launch import AWAIT_GO_FLAG
 
+log = logging.getLogger(__name__)
 WAITER_MODULE = "backprop_mcp.backends.ray_waiter"
 # A waiter told to abandon its start exits as soon as its interpreter is up.
 WAITER_ABANDON_SECONDS = 30.0
@@ -138,6 +140,7 @@ class RayBackend:
                 "--python (python) chooses an interpreter of this machine; a ray run's script runs "
                 "with the python of the Ray cluster that runs its job (docs/cluster.md)"
             )
+        _capture(store, record, env)
         state = {
             "attempt": record["attempt"],
             "state": "queued",
@@ -429,3 +432,15 @@ class RayBackend:
                 )
             state["stop"] = {"force": force, "at": time.time(), "pruned": pruned}
             write_state(store, run_id, state)
+
+
+def _capture(store: Store, record: RunRecord, env: Mapping[str, str]) -> None:
+    """The attempt's code, captured here where the project's .git is (its job does not): a
+    failure is logged, never the submission's end."""
+    from backprop_mcp.runs import provenance
+
+    try:
+        provenance.keep(record, provenance.capture(store, record, env, ask_python=False))
+        store.write(record, index=False)
+    except (OSError, StoreError) as exc:
+        log.warning("run %s: its code snapshot could not be kept: %s", record["run_id"], exc)

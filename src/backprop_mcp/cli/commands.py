@@ -123,6 +123,10 @@ def _dispatch(ns: argparse.Namespace, script_args: list[str] | None) -> int:
         from backprop_mcp.cli.sweep import dispatch_sweep
 
         return dispatch_sweep(service, ns, script_args or [])
+    if ns.command in ("show", "diff", "rerun"):
+        from backprop_mcp.cli.provenance import dispatch
+
+        return dispatch(service, ns, _after_start)
     if ns.command == "run":
         request = RunRequest(
             script=ns.script,
@@ -278,6 +282,11 @@ def _after_start(service: Any, record: Any, *, detach: bool, out: bool) -> int:
         # change the time box); on stderr with --detach, whose stdout is the run id alone.
         stream = sys.stderr if detach else sys.stdout
         stream.write(f"config: {clean(config_files_text(record.get('config_files') or []))}\n")
+        if record["attempts"][-1].get("code_changed"):
+            changed = f"note: {record['script']} changed since attempt {record['attempt'] - 1}"
+            stream.write(
+                clean(f"{changed}; this attempt runs the new code (`backprop diff` shows how)") + "\n"
+            )
     if record["status"] == "rejected":
         if out:
             print_json(record)

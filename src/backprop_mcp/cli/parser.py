@@ -18,6 +18,8 @@ _RUN_OPTIONS: list[tuple[tuple[str, ...], str, dict[str, Any]]] = [
     (("-g", "--gpu-memory-limit"), "gpu_memory_limit", {"metavar": "LIMIT"}),
     (("--grace-seconds",), "grace_seconds", {"metavar": "S"}),
     (("--stop-signal",), "stop_signal", {"metavar": "SIG"}),
+    (("--snapshot",), "snapshot", {"metavar": "GLOB", "action": "append"}),
+    (("--snapshot-max-mb",), "snapshot_max_mb", {"metavar": "MB"}),
     (("--queue-timeout",), "queue_timeout_minutes", {"metavar": "MIN"}),
     (("--gpus",), "gpus", {"metavar": "LIST"}),
     (("--no-gpu",), "use_gpu", {"action": "store_const", "const": False}),
@@ -194,7 +196,23 @@ def build_parser() -> argparse.ArgumentParser:
     lst.add_argument("--sweep", metavar="SWEEP_ID", help="only the trials of this sweep")
 
     sweeps = _add_sweep_commands(add_command)
-    for command in (run, resume, status, lst, logs, stop, compare, metrics, plot, legacy, *sweeps):
+    from backprop_mcp.cli.provenance import add_commands
+
+    provenance = add_commands(add_command)
+    for command in (
+        run,
+        resume,
+        status,
+        lst,
+        logs,
+        stop,
+        compare,
+        metrics,
+        plot,
+        legacy,
+        *sweeps,
+        *provenance,
+    ):
         command.add_argument("--json", action="store_true", help="print JSON (the MCP tools' shapes)")
     return parser
 

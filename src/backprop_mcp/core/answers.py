@@ -13,6 +13,7 @@ from typing import Any, Literal, NotRequired
 from typing_extensions import TypedDict
 
 from backprop_mcp.core.machine import Decision, Limits, SystemSnapshot
+from backprop_mcp.core.provenance import CodeRef, Provenance
 from backprop_mcp.core.records import RunRecord, RunRow
 
 # Pydantic reads attribute docstrings as field descriptions in the MCP schemas; setting the
@@ -261,6 +262,39 @@ class Plot(TypedDict):
     """What was left out and why: runs without a history, metrics a run did not report, a cap."""
 
 
+class RunShow(TypedDict):
+    """Everything about one run (`backprop show`): its record, and what each attempt ran."""
+
+    run: RunRecord
+    """The record, attempts included."""
+    code: list[Provenance]
+    """The provenance of each attempt that kept one, oldest first (see `Provenance.attempt`)."""
+
+
+class RunDiff(TypedDict):
+    """What differs between two attempts of runs (`backprop diff`)."""
+
+    a: str
+    """The first, as RUN:ATTEMPT."""
+    b: str
+    """The second."""
+    same: bool
+    """True when their scripts, snapshot files, arguments and options are all the same."""
+    code_a: CodeRef | None
+    """The first's code in short (None when it kept none)."""
+    code_b: CodeRef | None
+    """The second's."""
+    changed_files: list[str]
+    """The script and snapshot files that differ: "changed PATH", "only in a: PATH", ..."""
+    diff: str
+    """A unified diff of the stored copies of the files that differ (text files both copied), then
+    of the arguments, one per line."""
+    options: dict[str, list[Any]]
+    """Options that differ: name -> [a's value, b's value]."""
+    notes: list[str]
+    """What could not be compared and why (a file hashed but not copied, no snapshot kept)."""
+
+
 # Set after the class bodies, as pydantic's own `with_config` does: written inside a TypedDict
 # body, a type checker takes `__pydantic_config__` for a required key of the shape.
 _DOCUMENTED: tuple[Any, ...] = (
@@ -277,6 +311,8 @@ _DOCUMENTED: tuple[Any, ...] = (
     MetricsAnswer,
     ImportReport,
     Plot,
+    RunShow,
+    RunDiff,
 )
 for _shape in _DOCUMENTED:
     _shape.__pydantic_config__ = _DOC_CONFIG

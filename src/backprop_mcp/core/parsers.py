@@ -236,6 +236,41 @@ def parse_path_list(value: object, where: str) -> list[str] | None:
     return paths
 
 
+# A run's `snapshot` globs: a few patterns, each a short path relative to the working directory.
+MAX_GLOBS = 32
+MAX_GLOB_CHARS = 256
+
+
+def parse_globs(value: object, where: str) -> list[str] | None:
+    """Glob patterns relative to the working directory (`snapshot`), never leaving it: not
+    absolute, no `..`; a string is split at os.pathsep (as in BACKPROP_SNAPSHOT)."""
+    if value is None:
+        return None
+    items: list[object]
+    if isinstance(value, str):
+        items = [part for part in value.split(os.pathsep) if part.strip()]
+    elif isinstance(value, list):
+        items = list(value)
+    else:
+        raise ConfigError(
+            f'{where} must be a list of glob patterns (e.g. ["*.py", "conf/*.yaml"]), got {show(value)}'
+        )
+    if len(items) > MAX_GLOBS:
+        raise ConfigError(f"{where} takes at most {MAX_GLOBS} glob patterns, got {len(items)}")
+    globs = []
+    for item in items:
+        ok = isinstance(item, str) and 0 < len(item.strip()) <= MAX_GLOB_CHARS and "\0" not in item
+        text = item.strip() if isinstance(item, str) else ""
+        parts = text.replace("\\", "/").split("/")
+        if not ok or text.startswith(("/", "~")) or os.path.isabs(text) or ".." in parts:
+            raise ConfigError(
+                f"{where} must be glob patterns relative to the working directory, without '..' "
+                f"(at most {MAX_GLOB_CHARS} characters each), got {show(item)}"
+            )
+        globs.append(text)
+    return globs
+
+
 def parse_python(value: object, where: str) -> str | None:
     if value is None:
         return None

@@ -17,6 +17,7 @@ from typing import Any, Literal, NotRequired, cast
 from typing_extensions import TypedDict
 
 from backprop_mcp.core.machine import GpuInfo
+from backprop_mcp.core.provenance import CodeRef, RerunRef
 
 SCHEMA_VERSION = 1
 
@@ -104,6 +105,10 @@ class AttemptSummary(TypedDict):
     """Last loss reported in this attempt."""
     resume_from: str | None
     """Checkpoint this attempt was started from."""
+    code: NotRequired[CodeRef]
+    """The code it ran, in short, once its script started (see `backprop show`)."""
+    code_changed: NotRequired[bool]
+    """Present on a resumed attempt: whether its script differs from the previous attempt's."""
 
 
 class SweepRef(TypedDict):
@@ -198,6 +203,8 @@ class RunRecord(TypedDict):
     records written before it was kept)."""
     sweep: NotRequired[SweepRef]
     """Present on a trial of a sweep: the sweep, the trial number and its parameters."""
+    rerun_of: NotRequired[RerunRef]
+    """Present on a run started by `backprop rerun`: the attempt whose snapshot it runs."""
     job_id: NotRequired[str]
     """Present on a run of the ray backend once its current attempt was submitted: the Ray job's
     submission id (docs/cluster.md)."""

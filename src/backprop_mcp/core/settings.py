@@ -19,6 +19,7 @@ from backprop_mcp.core.parsers import (
     choice,
     fmt,
     parse_flag,
+    parse_globs,
     parse_gpu_list,
     parse_gpu_memory_limit,
     parse_path_list,
@@ -229,6 +230,22 @@ FIELDS: tuple[Field, ...] = (
         "directories scripts must lie in (MCP server; os.pathsep-separated in the variable)",
     ),
     Field(
+        "snapshot",
+        "snapshot",
+        "BACKPROP_SNAPSHOT",
+        "--snapshot",
+        parse_globs,
+        "files to copy with the script, a glob relative to the working directory (repeatable)",
+    ),
+    Field(
+        "snapshot_max_mb",
+        "snapshotMaxMB",
+        "BACKPROP_SNAPSHOT_MAX_MB",
+        "--snapshot-max-mb",
+        Range(0, 1024, note="1 GB"),
+        "most MB copied per attempt; larger files are hashed, not copied (default 1)",
+    ),
+    Field(
         "backend",
         "backend",
         "BACKPROP_BACKEND",
@@ -315,6 +332,8 @@ class Settings(NamedTuple):
     argv_compat: bool = False
     python: str | None = None
     allowed_roots: list[str] | None = None
+    snapshot: list[str] | None = None
+    snapshot_max_mb: float = 1.0
     backend: str = "local"
     ray_address: str | None = None
     ray_storage: str | None = None

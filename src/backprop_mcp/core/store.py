@@ -7,6 +7,9 @@ Layout under the home folder (0700 folders, 0600 files):
     runs/<run_id>/events.jsonl    the run's history, append only
     runs/<run_id>/logs/attempt-N.log  combined stdout and stderr of each attempt
     runs/<run_id>/history/N.json  the metric history of attempt N (see runs/history.py)
+    runs/<run_id>/code/N/         what attempt N ran: provenance.json, files/ (copies), git.diff
+                                  (see runs/provenance.py)
+    runs/<run_id>/source/         the snapshot a `rerun` of a changed script runs (runs/reproduce.py)
     runs/<run_id>/lock            flock for read-modify-write by processes other than the supervisor
     runs/<run_id>/supervisor.pid  the supervisor's pid and start time, written by its starter
     runs/<run_id>/stop-request.json  a stop asked for the current attempt (read by its supervisor)

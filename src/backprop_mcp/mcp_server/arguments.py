@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field
 from typing_extensions import TypedDict
 
+from backprop_mcp.core.parsers import MAX_GLOB_CHARS, MAX_GLOBS
 from backprop_mcp.core.records import RunState
 from backprop_mcp.core.settings import FIELDS_BY_NAME
 from backprop_mcp.sweeps.shapes import MAX_BUDGET_MINUTES, MAX_PARALLEL, MAX_SEED
@@ -105,6 +106,11 @@ class RunOptions(TypedDict, total=False):
     queue_timeout_minutes: Annotated[float, _option("queue_timeout_minutes")]
     framework: FrameworkName
     argv_compat: Annotated[bool, Field(description="also pass the seed's argv flags")]
+    snapshot_max_mb: Annotated[float, _option("snapshot_max_mb")]
+    snapshot: Annotated[
+        list[Annotated[str, Field(max_length=MAX_GLOB_CHARS)]],
+        Field(description="globs", max_length=MAX_GLOBS),
+    ]
     # Not ray_address: where the project's folder is uploaded is the user's choice (config,
     # RAY_ADDRESS, the server's --ray-address), never an agent's (docs/cluster.md, Security).
     backend: Literal["local", "ray"]
@@ -118,10 +124,10 @@ OPTION_NAMES = frozenset(RunOptions.__annotations__)
 OPTIONS_TEXT = (
     "Rare run options (default: the server's, then config files). Numbers: max_wall_minutes, "
     "checkpoint_every_minutes, max_parallel, min_free_ram_gb, max_cpu_percent, gpu_min_free_vram_mb, "
-    "gpu_max_temp_c, grace_seconds, queue_timeout_minutes. Booleans: use_gpu, queue (false: refuse "
-    'when busy), argv_compat. gpus: ["0"] or UUIDs; gpu_memory_limit: "80%" or GB; stop_signal: '
-    "SIGINT|SIGTERM|SIGHUP|SIGUSR1|SIGUSR2; framework: auto|pytorch|tensorflow|jax|none; "
-    "backend: local|ray (the configured cluster)."
+    "gpu_max_temp_c, grace_seconds, queue_timeout_minutes, snapshot_max_mb. Booleans: use_gpu, "
+    'queue (false: refuse when busy), argv_compat. gpus: ["0"] or UUIDs; gpu_memory_limit: "80%" or GB; '
+    "stop_signal: SIGINT|SIGTERM|SIGHUP|SIGUSR1|SIGUSR2; framework: auto|pytorch|tensorflow|jax|none; "
+    "backend: local|ray (the configured cluster); snapshot: globs of files to keep with the script."
 )
 Options = Annotated[RunOptions | None, Field(description=OPTIONS_TEXT)]
 ResumeOptions = Annotated[

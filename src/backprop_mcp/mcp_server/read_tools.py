@@ -175,12 +175,15 @@ def build(app: App) -> list[Tool]:
                 row["ended_early"] = True
             rows.append(row)
         top = comparison["top_run_id"]
+        shas = {r["attempts"][-1]["code"]["sha"] for r in records.values() if "code" in r["attempts"][-1]}
         return shrink(
             {
                 "metric": metric,
                 "by": by,
                 "lower_is_better": comparison["lower_is_better"],
                 "top_run_id": top,
+                # Whether the runs' current attempts ran different scripts (rows: code.sha).
+                "code_differs": len(shas) > 1 if shas else None,
                 "runs": rows,
                 "next_step": (
                     f'resume_run(run_id="{top}") trains the best longer (new args or max_run_minutes); '
@@ -269,8 +272,8 @@ def build(app: App) -> list[Tool]:
             "early, name the top run.",
             annotations=READ_ONLY,
             returns=output(
-                "metric, by, lower_is_better, top_run_id, runs (best first, with value, best, "
-                "ended_early), next_step."
+                "metric, by, lower_is_better, top_run_id, code_differs, runs (best first, with value, "
+                "best, ended_early, code), next_step."
             ),
         ),
         tool(

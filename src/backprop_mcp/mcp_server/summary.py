@@ -148,11 +148,40 @@ def summary(record: Mapping[str, Any], *, advice: bool = True, keep: str | None 
         "checkpoints": len(checkpoints) if isinstance(checkpoints, list) and checkpoints else None,
         "queue_position": record.get("queue_position") if status == "queued" else None,
         "sweep": sweep_of(record),
+        "code": code_of(record),
     }
     if advice:
         row["next_step"] = next_step(record, row)
+        if (row.get("code") or {}).get("changed"):
+            row["next_step"] = (
+                "Its script changed since the last attempt: it runs the new code. " + row["next_step"]
+            )
     compacted: dict[str, Any] = compact(row, top=False)
     return compacted
+
+
+# The script's hash and the commit in a summary are cut to this many hex digits: enough to tell
+# two versions apart at a glance; `backprop show` (and detail=true) has them whole.
+SHA_CHARS = 8
+COMMIT_CHARS = 7
+
+
+def code_of(record: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The current attempt's code in short: {"sha", "commit", "dirty", "changed"} (an index row has
+    no attempts, so none)."""
+    attempts = record.get("attempts")
+    last = attempts[-1] if isinstance(attempts, list) and attempts else {}
+    code = last.get("code") if isinstance(last, Mapping) else None
+    if not isinstance(code, Mapping) and "code_changed" not in last:
+        return None
+    short: dict[str, Any] = {}
+    if isinstance(code, Mapping):
+        short["sha"] = str(code.get("sha") or "")[:SHA_CHARS]
+        short["commit"] = str(code["commit"])[:COMMIT_CHARS] if code.get("commit") else None
+        short["dirty"] = code.get("dirty")
+    if last.get("code_changed"):
+        short["changed"] = True  # the script differs from the previous attempt's
+    return short
 
 
 def sweep_of(record: Mapping[str, Any]) -> str | None:

@@ -92,6 +92,24 @@ def detect_framework(script: Path, requested: str, env: Mapping[str, str] | None
     return _FRAMEWORK_OF_KERAS_BACKEND.get(backend.strip().lower(), "none")
 
 
+def imported_modules(script: Path) -> set[str]:
+    """The top-level names of every module the script imports, anywhere in it (a backprop callback
+    module counts as its framework); empty when it cannot be read or parsed."""
+    try:
+        with script.open("rb") as handle:
+            source = handle.read(_PARSE_BYTES + 1)
+        tree = ast.parse(source, str(script)) if len(source) <= _PARSE_BYTES else None
+    except (OSError, SyntaxError, ValueError):
+        return set()
+    names: set[str] = set()
+    for node in ast.walk(tree) if tree is not None else ():
+        if isinstance(node, ast.Import):
+            names.update(_package(alias.name).split(".", 1)[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(_package(node.module).split(".", 1)[0])
+    return names
+
+
 class _ImportReader(ast.NodeVisitor):
     """Walks a module in source order to the first framework import, noting the Keras backend
     the script has set by then."""

@@ -93,6 +93,13 @@ def contract_env(record: RunRecord, run_dir: Path, deadline: float | None) -> di
     if "sweep" in record:
         env[contract.ENV_SWEEP_ID] = record["sweep"]["id"]
         env[contract.ENV_PARAMS] = json.dumps(record["sweep"]["params"], separators=(",", ":"))
+    rerun = record.get("rerun_of")
+    if rerun is not None and rerun["script"] != record["script"]:
+        # A rerun of a script that changed since runs its stored copy, from the run's folder: the
+        # original's folder goes on the path so its sibling modules still import (those that were
+        # snapshotted lie beside the copy, first on the path, and win).
+        inherited = os.environ.get("PYTHONPATH", "")
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path(rerun["script"]).parent), inherited) if p)
     gpu = record["gpu"]
     if gpu is not None and options.get("gpu_probe") == "rocm":
         # AMD: ROCr exposes only the chosen GPU (by the UUID rocm-smi gave, else by index); HIP's

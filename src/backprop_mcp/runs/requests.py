@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import NamedTuple
 
 from backprop_mcp.core.errors import (
+    RunStateError,
     UsageError,
 )
-from backprop_mcp.core.records import SweepRef
+from backprop_mcp.core.records import RunRecord, SweepRef
 
 # A missing script's error names at most this many `.py` files of its folder (then "and N more"),
 # read from at most this many entries: the error stays one readable line in any folder.
@@ -131,3 +132,20 @@ def new_run_id(name: str | None) -> str:
     import secrets
 
     return f"{slug}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(2)}"
+
+
+def refuse_a_finished_run(record: RunRecord) -> None:
+    """A run that completed all its steps would resume only to end at once: say so, and how to
+    train on (new arguments) or start again (from scratch)."""
+    step, total = record["step"], record["total"]
+    if record["status"] != "completed" or step is None or total is None or step < total:
+        return
+    run_id = record["run_id"]
+    raise RunStateError(
+        f"run {run_id} already completed its {total} steps (step {step}); resumed as it is, the "
+        "next attempt would end at once",
+        hint="to train longer, resume it with script arguments that ask for more steps; they "
+        f"replace the stored ones ({' '.join(record['args'])[:200] or 'none'}): "
+        f"`backprop resume {run_id} -- ARGS...`, or `args` in the resume_run tool. To start again "
+        "from the beginning: --from-scratch (from_scratch=true)",
+    )

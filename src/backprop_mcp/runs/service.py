@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from backprop_mcp.backends.choice import of_record, remote_backend
-from backprop_mcp.core.answers import DryRun, ImportReport, Plot
+from backprop_mcp.core.answers import DryRun, ImportReport, Plot, RunDiff, RunShow
 from backprop_mcp.core.clock import now_iso
 from backprop_mcp.core.errors import (
     NoCheckpoint,
@@ -44,7 +44,13 @@ from backprop_mcp.runs.launch import (
     contract_env,
     limits_of,
 )
-from backprop_mcp.runs.requests import RunRequest, check_python, new_run_id, resolve_script
+from backprop_mcp.runs.requests import (
+    RunRequest,
+    check_python,
+    new_run_id,
+    refuse_a_finished_run,
+    resolve_script,
+)
 
 
 class Service(RunControl):
@@ -309,7 +315,7 @@ class Service(RunControl):
                 )
             settings = self.settings(options, source, base=record["options"], cwd=new_cwd)
             if args is None and not from_scratch:
-                _refuse_a_finished_run(record)
+                refuse_a_finished_run(record)
             if python:
                 record["python"], record["python_source"] = python, "option"
             if args is not None:
@@ -343,6 +349,9 @@ class Service(RunControl):
                 }
             )
             record["attempts"].append(new_attempt(attempt, checkpoint))
+            from backprop_mcp.runs.provenance import note_code_change
+
+            note_code_change(record)
             record.pop("job_id", None)  # the new attempt's job is not submitted yet
             if preview is not None:
                 preview(self._dry_run_of(record, settings))
@@ -386,6 +395,38 @@ class Service(RunControl):
         )
         return previews[0]
 
+    def rerun(self, ref: str, *, name: str | None = None, run_id: str | None = None) -> RunRecord:
+        """A new run of an attempt's (RUN or RUN:N) script snapshot, arguments and options; from its
+        stored copy when the script changed since (`runs.reproduce`, docs/cli.md#rerun)."""
+        from backprop_mcp.runs import reproduce
+
+        old, attempt, copies = reproduce.snapshot_of(self.get, self.store, ref)
+        options = {k: v for k, v in old["options"].items() if v is not None}
+        python = old["python"] if old["python_source"] == "option" else None
+        request = RunRequest(old["script"], old["args"], name, run_id, old["cwd"], python, options=options)
+        record = self._prepare(request, None)[0]
+        reproduce.adopt(self.store, record, old, attempt, copies)
+        since = self._create(record)
+        try:
+            reproduce.place(self.store, record, copies)
+            self._launch(record["run_id"])
+        except BaseException:
+            self.store.remove_run(record["run_id"], since)
+            raise
+        return self._launched(record["run_id"])
+
+    def show(self, run_id: str) -> RunShow:
+        """A run's record and what each of its attempts ran."""
+        from backprop_mcp.runs import reproduce
+
+        return reproduce.show(self.get, self.store, run_id)
+
+    def diff(self, ref_a: str, ref_b: str) -> RunDiff:
+        """What differs between two attempts (RUN or RUN:N): code, arguments, options."""
+        from backprop_mcp.runs import reproduce
+
+        return reproduce.diff(self.get, self.store, ref_a, ref_b)
+
     def import_legacy(self, path: Path | None = None) -> ImportReport:
         """Import the seed's ~/.backprop/experiments.json."""
         from backprop_mcp.runs.legacy import import_experiments
@@ -408,20 +449,3 @@ class Service(RunControl):
         return plot_runs(
             self.get, self.store, run_ids, metrics=metrics, labels=labels, title=title, lead=lead
         )
-
-
-def _refuse_a_finished_run(record: RunRecord) -> None:
-    """A run that completed all its steps would resume only to end at once: say so, and how to
-    train on (new arguments) or start again (from scratch)."""
-    step, total = record["step"], record["total"]
-    if record["status"] != "completed" or step is None or total is None or step < total:
-        return
-    run_id = record["run_id"]
-    raise RunStateError(
-        f"run {run_id} already completed its {total} steps (step {step}); resumed as it is, the "
-        "next attempt would end at once",
-        hint="to train longer, resume it with script arguments that ask for more steps; they "
-        f"replace the stored ones ({' '.join(record['args'])[:200] or 'none'}): "
-        f"`backprop resume {run_id} -- ARGS...`, or `args` in the resume_run tool. To start again "
-        "from the beginning: --from-scratch (from_scratch=true)",
-    )

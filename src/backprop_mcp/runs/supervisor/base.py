@@ -51,6 +51,10 @@ HISTORY_INTERVAL_SECONDS = 2.0
 class SupervisorBase:
     """One attempt of one run: its state, its record and its signals."""
 
+    # Whether this supervisor captures its attempt's code and environment before the script starts
+    # (a cluster job's does not: the submitting side did, where the project's .git is).
+    capture_code = True
+
     def __init__(self, store: Store, run_id: str, probe: SystemProbe | None = None) -> None:
         self.store = store
         self.run_id = run_id
@@ -220,6 +224,16 @@ class SupervisorBase:
         while self.dirty and time.monotonic() < deadline:
             self._wait(FINAL_WRITE_RETRY_SECONDS)
             self.write(index=True)
+
+    def capture(self) -> None:
+        """Record which code and environment the attempt runs (`runs.provenance`): bounded, and a
+        failure is logged, never the run's end."""
+        from backprop_mcp.runs import provenance
+
+        try:
+            provenance.keep(self.record, provenance.capture(self.store, self.record, os.environ))
+        except (OSError, StoreError, ValueError) as exc:
+            log.warning("run %s: its code snapshot could not be kept: %s", self.run_id, exc)
 
     def _close_attempt(self, status: str) -> None:
         record = self.record

@@ -161,6 +161,8 @@ def _die_with_parent() -> None:
 class JobSupervisor(Supervisor):
     """One attempt of one run, supervised on a cluster node and reported in the job log."""
 
+    capture_code = False  # the submitting side captured it, where the project's .git is
+
     def __init__(self, store: Store, run_id: str, echo: Echo) -> None:
         self.began = time.monotonic()
         self.echo = echo

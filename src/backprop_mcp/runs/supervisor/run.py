@@ -60,11 +60,13 @@ class Supervisor(EndingSupervisor):
 
     def start(self, decision: Decision) -> bool:
         record = self.record
+        record["gpu"] = decision["gpu"] if self.limits["use_gpu"] else None
+        if self.capture_code and not self.stop_reason:
+            self.capture()
         if self.stop_reason:  # a stop between admission and here: the script never starts
             self._release()
             self.finish_without_start("stopped", "stop_requested", "stopped before the script started")
             return False
-        record["gpu"] = decision["gpu"] if self.limits["use_gpu"] else None
         started = time.time()
         deadline = started + record["max_run_minutes"] * 60
         env = dict(os.environ)

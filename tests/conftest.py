@@ -79,6 +79,22 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> object:
+    """Run each test in a folder of its own under the session's temp folder: a process a test
+    starts without naming a working folder (a CLI call, a run whose script writes `ck.json` beside
+    it) then writes there, never into the repository or another test's files. A hook, not an
+    autouse fixture: Hypothesis refuses function-scoped fixtures around its property tests."""
+    factory = item.config._tmp_path_factory  # type: ignore[attr-defined]  # pytest's own tmp_path source
+    folder = factory.mktemp("cwd-" + item.name[:30].translate(str.maketrans("[]/:", "____")))
+    before = os.getcwd()
+    os.chdir(folder)
+    try:
+        return (yield)
+    finally:
+        os.chdir(before)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _session_root(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Scope the leftover-process checks of tests.helpers to this session's stores."""

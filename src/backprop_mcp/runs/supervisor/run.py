@@ -130,6 +130,7 @@ class Supervisor(EndingSupervisor):
         stop_sent: float | None = None
         term_sent: float | None = None
         exited_at: float | None = None
+        kill_sent = False
         limit_mb = gpu_memory_limit_mb(self.options.get("gpu_memory_limit"), self.record["gpu"])
         own = psutil.Process()
         own.cpu_percent(None)
@@ -159,23 +160,21 @@ class Supervisor(EndingSupervisor):
                     self._signal_tree(signal.SIGCONT)  # a stopped process cannot handle SIGINT
                     paused_total += now - paused_at
                     paused_at = None
-                if self.kill_now:
+                # Each step of the stop sequence is an event, once: the history says which signal
+                # ended the script (the stop signal, SIGTERM after the grace, or SIGKILL).
+                if self.kill_now or (term_sent is not None and now - term_sent >= TERM_GRACE_SECONDS):
+                    if not kill_sent:
+                        kill_sent = True
+                        self._stop_event("SIGKILL")
                     self._signal_tree(signal.SIGKILL)
                 elif stop_sent is None:
                     stop_sent = now
                     proctree.signal_group(proc.pid, getattr(signal, self.settings.stop_signal))
-                    self.event(
-                        {
-                            "type": "stop_signal",
-                            "reason": self.stop_reason,
-                            "signal": self.settings.stop_signal,
-                        },
-                    )
+                    self._stop_event(self.settings.stop_signal)
                 elif term_sent is None and now - stop_sent >= self.settings.grace_seconds:
                     term_sent = now
+                    self._stop_event("SIGTERM")
                     self._signal_tree(signal.SIGTERM)
-                elif term_sent is not None and now - term_sent >= TERM_GRACE_SECONDS:
-                    self._signal_tree(signal.SIGKILL)
             if exited_at is None and self.stop_reason is None and now >= next_sample:
                 next_sample = now + self.sample_interval
                 paused_at, paused_total = self._sample(own, paused_at, paused_total, limit_mb, now)
@@ -210,6 +209,9 @@ class Supervisor(EndingSupervisor):
         if self.box_used is None and box > 0:  # its pipes closed before the loop saw it exit
             self.box_used = (time.time() - self.started_epoch) / box
         self._end_leftovers()
+
+    def _stop_event(self, signal_name: str) -> None:
+        self.event({"type": "stop_signal", "reason": self.stop_reason, "signal": signal_name})
 
     def _next_timeout(
         self,

@@ -31,9 +31,17 @@ class EndingSupervisor(QueuedSupervisor):
     def _signal_tree(self, sig: int) -> None:
         # The group by its leader's pid only while the script is unreaped: then that pid is surely
         # still the script's (a reaped leader's number can be reused).
-        if self.proc is not None and self.proc.returncode is None:
-            proctree.signal_group(self.proc.pid, sig)
-        proctree.signal_all(self._tree(), sig)
+        group = None
+        if (
+            self.proc is not None
+            and self.proc.returncode is None
+            and proctree.signal_group(self.proc.pid, sig)
+        ):
+            group = self.proc.pid
+        # Then each descendant that left the group. Not the group's members again: a second
+        # SIGTERM can land after the script's handler ran, while it exits with the default action
+        # back in place (Python restores it at shutdown), and kill a script that ended cleanly.
+        proctree.signal_all([p for p in self._tree() if group is None or _group_of(p.pid) != group], sig)
 
     def _end_leftovers(self) -> None:
         """After the script exits, end what it left behind: SIGTERM, a short grace, then SIGSTOP
@@ -98,3 +106,11 @@ class EndingSupervisor(QueuedSupervisor):
             signal=outcome.signal,
             leftovers_killed=self.leftovers_ended,
         )
+
+
+def _group_of(pid: int) -> int | None:
+    """The process group of `pid`; None when it is gone."""
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None

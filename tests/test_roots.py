@@ -58,9 +58,12 @@ NOT_PATHS = {
     "sweep_id": "checked against the sweep-id pattern: letters, digits, '._-'",
     "sweep": "a sweep id: matched against index rows, or read (plot_metrics) after the sweep-id check",
     "params": "values and distribution strings a sweep passes to the script as its arguments",
+    "note": "text appended to the run's notebook; never opened",
+    "tags": "tags: letters, digits and _ . : = + - (core.notebook.TAG_RE)",
+    "tag": "a tag, as above, matched against the tag index",
 }
 # The fields of RunRequest that are not paths.
-NOT_PATH_FIELDS = {"args", "name", "run_id", "options", "source", "file_defaults", "sweep"}
+NOT_PATH_FIELDS = {"args", "name", "run_id", "options", "source", "file_defaults", "sweep", "tags", "note"}
 
 
 @pytest.fixture

@@ -148,6 +148,7 @@ def summary(record: Mapping[str, Any], *, advice: bool = True, keep: str | None 
         "checkpoints": len(checkpoints) if isinstance(checkpoints, list) and checkpoints else None,
         "queue_position": record.get("queue_position") if status == "queued" else None,
         "sweep": sweep_of(record),
+        "tags": record.get("tags"),
     }
     if advice:
         row["next_step"] = next_step(record, row)

@@ -28,7 +28,7 @@ from backprop_mcp.mcp_server.arguments import (
     setting_field,
 )
 from backprop_mcp.mcp_server.roots import locate_script
-from backprop_mcp.mcp_server.run_tools import STOPS, WRITES, given
+from backprop_mcp.mcp_server.run_tools import STOPS, WRITES, given, noted
 from backprop_mcp.mcp_server.schema import output, tool
 from backprop_mcp.mcp_server.summary import compact, rounded, short_args, size
 from backprop_mcp.sweeps.answers import failed_trial
@@ -134,6 +134,7 @@ def build(app: App) -> list[Tool]:
             options={**app.defaults, **given(run_options, max_run_minutes)},
             source="argument",
             **sweep,
+            **noted(options),
         )
         started = await app.guarded(roots, sweeps().start, request, allowed_roots=roots.paths)
         return await view(app, started)

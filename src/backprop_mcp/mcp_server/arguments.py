@@ -134,7 +134,7 @@ OPTIONS_TEXT = (
     "gpu_max_temp_c, grace_seconds, queue_timeout_minutes. Booleans: use_gpu, queue (false: refuse "
     'when busy), argv_compat. gpus: ["0"] or UUIDs; gpu_memory_limit: "80%" or GB; stop_signal: '
     "SIGINT|SIGTERM|SIGHUP|SIGUSR1|SIGUSR2; framework: auto|pytorch|tensorflow|jax|none; "
-    "backend: local|ray (the configured cluster). tags: 32 at most; note: why you start it."
+    "backend: local|ray (the configured cluster). tags (32 at most), note."
 )
 Options = Annotated[StartOptions | None, Field(description=OPTIONS_TEXT)]
 ResumeOptions = Annotated[

@@ -128,7 +128,7 @@ def build(app: App) -> list[Tool]:
             str | None, Field(description="The previous page's next_cursor.", max_length=32)
         ] = None,
         sweep: Annotated[str | None, Field(description="Only this sweep's trials.", max_length=128)] = None,
-        tag: Annotated[str | None, Field(description="Only runs with this tag.", max_length=64)] = None,
+        tag: Annotated[str | None, Field(max_length=64)] = None,  # (only runs with it: the name says so)
     ) -> dict[str, Any]:
         page = await app.call(
             app.service.list_runs,
@@ -264,8 +264,7 @@ def build(app: App) -> list[Tool]:
         tool(
             list_experiments,
             title="List runs",
-            description="List runs (summaries with args and metrics), newest first or sorted by a metric, "
-            "a page at a time.",
+            description="List runs (summaries), newest first or sorted by a metric, a page at a time.",
             annotations=READ_ONLY,
             returns=output(f"{ROWS}, next_cursor, total, next_step."),
         ),

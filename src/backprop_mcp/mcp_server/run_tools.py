@@ -20,6 +20,7 @@ from backprop_mcp.mcp_server.arguments import (
     Args,
     Minutes,
     OneOrMoreRuns,
+    OneRun,
     Options,
     ResumeOptions,
     RunId,
@@ -167,16 +168,12 @@ def build(app: App) -> list[Tool]:
         }
 
     async def annotate_run(
-        run_id: RunId,
-        note: Annotated[
-            str | None,
-            Field(
-                description="Appended with the time: what you expect, or learned.", max_length=MAX_NOTE_CHARS
-            ),
-        ] = None,
+        run_id: OneRun,
+        # The names say what they take, the tool's description what they are for: bytes are paid.
+        note: Annotated[str | None, Field(max_length=MAX_NOTE_CHARS)] = None,
         tags: Annotated[
             list[Annotated[str, Field(max_length=65)]] | None,
-            Field(description="Tags to add, 32 at most; -tag removes one.", max_length=MAX_TAGS),
+            Field(description="32 at most; -t removes t.", max_length=MAX_TAGS),
         ] = None,
     ) -> dict[str, Any]:
         add, remove = split_tags(tags or [])
@@ -188,7 +185,7 @@ def build(app: App) -> list[Tool]:
             run_training,
             title="Start a run",
             description="Start a time-boxed run of a Python training script, admitted by the resource "
-            "governor; paths must lie in the allowed roots. Returns its summary at once; then wait_for_run.",
+            "governor; paths must lie in the allowed roots. Returns its summary at once.",
             annotations=WRITES,
             returns=output(SUMMARY_TEXT + " With dry_run: command, cwd, environment, decision, options."),
             plain=("options",),
@@ -212,11 +209,10 @@ def build(app: App) -> list[Tool]:
         ),
         tool(
             annotate_run,
-            title="Annotate a run",
-            description="Add a note (kept with the run, shown by get_status detail=true) and tags "
-            "(list_experiments filters by tag) to a live or ended run.",
+            title="Annotate",
+            description="Note a run's hypothesis or result, and tag it.",
             annotations=WRITES,
-            returns=output("run_id, tags (all now), notes (count)."),
+            returns=output("run_id, tags, notes (count)."),
         ),
     ]
 

@@ -198,7 +198,18 @@ def test_the_tag_index_is_rebuilt_from_the_notebooks_and_ignores_an_earlier_run_
     wait_for_end(service, run_id)
     assert listed(env, "--tag", "old") == []
     service.annotate(run_id, tags=["new"])
+    # A stale tag index (a crash between the notebook and the index) is put right with the run
+    # index, when a bad line makes the listing rebuild that.
     tag_index = service.store.home / notebook.TAG_INDEX_FILE
+    with tag_index.open("a", encoding="utf-8") as stale:
+        stale.write(
+            json.dumps({"run_id": run_id, "created_at": service.get(run_id)["created_at"], "tags": []})
+        )
+        stale.write("\n")
+    assert listed(env, "--tag", "new") == []
+    with service.store.index_path.open("a", encoding="utf-8") as index:
+        index.write("not json\n")
+    assert listed(env, "--tag", "new") == [run_id]
     # The tag index lost: the next listing builds it again from the notebooks...
     tag_index.unlink()
     assert listed(env, "--tag", "new") == [run_id]

@@ -289,3 +289,25 @@ async def test_over_mcp_stdio_an_agent_notes_its_hypothesis_tags_runs_and_finds_
             assert "invalid tag 'a b'" in said
             said = await fails(client, "resume_run", run_id=run_id, options={"note": "again"})
             assert "note" in said
+
+
+def test_the_tag_index_is_compacted_to_a_line_per_tagged_run_when_it_grows(
+    service: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(notebook, "TAG_INDEX_SLACK", 0)
+    monkeypatch.setattr(notebook, "TAG_INDEX_RATIO", 2)
+    kept, dropped = unique("kept"), unique("dropped")
+    for run_id in (kept, dropped):
+        service.start(RunRequest(script=QUICK, run_id=run_id))
+    for i in range(5):
+        service.annotate(kept, tags=[f"t{i}"])
+    service.annotate(dropped, tags=["gone"])
+    service.annotate(dropped, untag=["gone"])
+    tag_index = service.store.home / notebook.TAG_INDEX_FILE
+    assert len(tag_index.read_text(encoding="utf-8").splitlines()) == 7
+    before = notebook.tag_map(service.store)  # 7 lines for 2 runs: compacted after this read
+    assert len(tag_index.read_text(encoding="utf-8").splitlines()) == 1
+    assert notebook.tag_map(service.store) == {kept: before[kept]}
+    assert before[kept][1] == ["t0", "t1", "t2", "t3", "t4"] and before[dropped][1] == []
+    for run_id in (kept, dropped):
+        wait_for_end(service, run_id)

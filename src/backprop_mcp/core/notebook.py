@@ -30,7 +30,7 @@ from typing import Any, Protocol
 from typing_extensions import TypedDict
 
 from backprop_mcp.core.clock import now_iso
-from backprop_mcp.core.errors import BackpropError, UsageError
+from backprop_mcp.core.errors import BackpropError, StoreError, UsageError
 from backprop_mcp.core.files import all_lines, append_line, atomic_write, file_lock
 
 NOTES_FILE = "notes.jsonl"
@@ -232,12 +232,15 @@ def tag_map(store: Store) -> dict[str, tuple[str, list[str]]]:
     path = store.home / TAG_INDEX_FILE
     if not path.exists() and store.runs.is_dir():
         # Lost, or a store of a version without it: built once from the runs that have notebooks
-        # (a scandir and a stat per run). A rebuilt index exists even when empty.
-        rebuild_tag_index(store, _noted_runs(store))
+        # (a scandir and a stat per run). A rebuilt index exists even when empty. A store this
+        # process cannot write is listed all the same, without tags.
+        with contextlib.suppress(StoreError):
+            rebuild_tag_index(store, _noted_runs(store))
     lines = all_lines(path)
     latest = tag_map_of(lines)
     if len(lines) > len(latest) * TAG_INDEX_RATIO + TAG_INDEX_SLACK:
-        _compact(store)
+        with contextlib.suppress(StoreError):  # compacted by a later listing
+            _compact(store)
     return latest
 
 

@@ -129,12 +129,12 @@ NOTEBOOK_OPTIONS = frozenset(StartOptions.__annotations__) - OPTION_NAMES
 # the bytes, every conversation pays for them, and the server validates each option all the same,
 # with a one-line error naming the option and what it takes. A test keeps it naming every option.
 OPTIONS_TEXT = (
-    "Rare run options (default: the server's, then config files). Numbers: max_wall_minutes, "
+    "Rare run options (default: server's, then config). Numbers: max_wall_minutes, "
     "checkpoint_every_minutes, max_parallel, min_free_ram_gb, max_cpu_percent, gpu_min_free_vram_mb, "
     "gpu_max_temp_c, grace_seconds, queue_timeout_minutes. Booleans: use_gpu, queue (false: refuse "
     'when busy), argv_compat. gpus: ["0"] or UUIDs; gpu_memory_limit: "80%" or GB; stop_signal: '
     "SIGINT|SIGTERM|SIGHUP|SIGUSR1|SIGUSR2; framework: auto|pytorch|tensorflow|jax|none; "
-    "backend: local|ray (the configured cluster). tags (32 at most), note."
+    "backend: local|ray (the configured cluster). tags, note."
 )
 Options = Annotated[StartOptions | None, Field(description=OPTIONS_TEXT)]
 ResumeOptions = Annotated[

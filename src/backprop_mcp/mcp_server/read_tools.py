@@ -89,7 +89,7 @@ def build(app: App) -> list[Tool]:
         ] = "change",
         since: Annotated[
             RunState | None,
-            Field(description="The state you last saw in its summary (default: the state now)."),
+            Field(description="The state you last saw (default: the state now)."),
         ] = None,
     ) -> dict[str, Any]:
         async def read(one: str) -> RunRecord:
@@ -128,7 +128,7 @@ def build(app: App) -> list[Tool]:
             str | None, Field(description="The previous page's next_cursor.", max_length=32)
         ] = None,
         sweep: Annotated[str | None, Field(description="Only this sweep's trials.", max_length=128)] = None,
-        tag: Annotated[str | None, Field(max_length=64)] = None,  # (only runs with it: the name says so)
+        tag: Annotated[str | None, Field(description="Runs with this tag.", max_length=64)] = None,
     ) -> dict[str, Any]:
         page = await app.call(
             app.service.list_runs,
@@ -245,7 +245,7 @@ def build(app: App) -> list[Tool]:
             get_status,
             title="Status",
             description="With run_id: the run's summary (and a failed run's last log lines). Without: "
-            "the machine (CPU, RAM, GPUs), live and queued runs, and whether a new run would start now.",
+            "the machine, live and queued runs, and whether a new run would start now.",
             annotations=READ_ONLY,
             returns=output(
                 f"{SUMMARY_REF}, log_tail, record, notes. "
@@ -264,7 +264,8 @@ def build(app: App) -> list[Tool]:
         tool(
             list_experiments,
             title="List runs",
-            description="List runs (summaries), newest first or sorted by a metric, a page at a time.",
+            description="List runs (summaries with tags), newest first or sorted by a metric, "
+            "a page at a time.",
             annotations=READ_ONLY,
             returns=output(f"{ROWS}, next_cursor, total, next_step."),
         ),

@@ -20,7 +20,6 @@ from backprop_mcp.mcp_server.arguments import (
     Args,
     Minutes,
     OneOrMoreRuns,
-    OneRun,
     Options,
     ResumeOptions,
     RunId,
@@ -168,9 +167,10 @@ def build(app: App) -> list[Tool]:
         }
 
     async def annotate_run(
-        run_id: OneRun,
-        # The names say what they take, the tool's description what they are for: bytes are paid.
-        note: Annotated[str | None, Field(max_length=MAX_NOTE_CHARS)] = None,
+        run_id: RunId,
+        note: Annotated[
+            str | None, Field(description="Kept with its time.", max_length=MAX_NOTE_CHARS)
+        ] = None,
         tags: Annotated[
             list[Annotated[str, Field(max_length=65)]] | None,
             Field(description="32 at most; -t removes t.", max_length=MAX_TAGS),
@@ -185,7 +185,7 @@ def build(app: App) -> list[Tool]:
             run_training,
             title="Start a run",
             description="Start a time-boxed run of a Python training script, admitted by the resource "
-            "governor; paths must lie in the allowed roots. Returns its summary at once.",
+            "governor; paths must lie in the allowed roots. Returns at once.",
             annotations=WRITES,
             returns=output(SUMMARY_TEXT + " With dry_run: command, cwd, environment, decision, options."),
             plain=("options",),
@@ -194,7 +194,7 @@ def build(app: App) -> list[Tool]:
             resume_run,
             title="Resume a run",
             description="Start the next attempt of an ended run from its latest checkpoint (given to "
-            "the script as BACKPROP_RESUME_FROM). Returns its summary at once; then wait_for_run.",
+            "the script as BACKPROP_RESUME_FROM).",
             annotations=WRITES,
             returns=output(SUMMARY_REF),
             plain=("options",),
@@ -210,7 +210,7 @@ def build(app: App) -> list[Tool]:
         tool(
             annotate_run,
             title="Annotate",
-            description="Note a run's hypothesis or result, and tag it.",
+            description="Note why you started a run or what it showed, and tag it; notes outlive this chat.",
             annotations=WRITES,
             returns=output("run_id, tags, notes (count)."),
         ),

@@ -158,7 +158,7 @@ def build(app: App) -> list[Tool]:
             run_sweep,
             title="Start a sweep",
             description="Start a hyperparameter sweep: governed runs of one script, given each point as "
-            "--name value. Returns at once; then get_sweep.",
+            "--name value. Returns at once.",
             annotations=WRITES,
             returns=output(VIEW),
             plain=("params", "options"),

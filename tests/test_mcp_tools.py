@@ -653,6 +653,7 @@ async def test_every_tool_has_a_title_a_description_annotations_and_portable_sch
         "get_status",
         "list_experiments",
         "stop_run",
+        "annotate_run",
         "get_logs",
         "wait_for_run",
         "compare_runs",

@@ -60,9 +60,12 @@ NOT_PATHS = {
     "params": "values and distribution strings a sweep passes to the script as its arguments",
     "snapshot": "globs relative to the run's cwd: absolute ones and '..' refused (parsers.parse_globs), "
     "matches that resolve outside the cwd left out (runs.provenance)",
+    "note": "text appended to the run's notebook; never opened",
+    "tags": "tags: letters, digits and _ . : = + - (core.notebook.TAG_RE)",
+    "tag": "a tag, as above, matched against the tag index",
 }
 # The fields of RunRequest that are not paths.
-NOT_PATH_FIELDS = {"args", "name", "run_id", "options", "source", "file_defaults", "sweep"}
+NOT_PATH_FIELDS = {"args", "name", "run_id", "options", "source", "file_defaults", "sweep", "tags", "note"}
 
 
 @pytest.fixture

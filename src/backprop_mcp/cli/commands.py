@@ -138,6 +138,8 @@ def _dispatch(ns: argparse.Namespace, script_args: list[str] | None) -> int:
             resume_from=ns.resume_from,
             options=options(ns),
             file_defaults=True,
+            tags=ns.tags,
+            note=ns.note,
         )
         if ns.dry_run:
             report = service.dry_run(request)
@@ -185,9 +187,11 @@ def _dispatch(ns: argparse.Namespace, script_args: list[str] | None) -> int:
                 print_json(record)
             else:
                 from backprop_mcp.cli.curves import STATUS_CURVE_POINTS, curve_line
+                from backprop_mcp.cli.notes import notebook_text
 
                 curve = curve_line(service.metrics([ns.run_id], points=STATUS_CURVE_POINTS))
                 print(render.record_text(record) + (f"\n{curve}" if curve else ""))
+                print(notebook_text(service.notebook(ns.run_id), heading=True), end="")
             return 0
         status = service.system_status(options(ns))
         print_json(status) if out else print(render.status_text(status))
@@ -196,15 +200,21 @@ def _dispatch(ns: argparse.Namespace, script_args: list[str] | None) -> int:
         from backprop_mcp.cli import render
 
         page = service.list_runs(
-            status=ns.status, name=ns.name, limit=ns.limit, cursor=ns.cursor, sort=ns.sort, sweep=ns.sweep
+            status=ns.status,
+            name=ns.name,
+            limit=ns.limit,
+            cursor=ns.cursor,
+            sort=ns.sort,
+            sweep=ns.sweep,
+            tags=ns.tags,
         )
         if out:
             print_json(page)
         else:
             print(render.table(page["runs"], sort=ns.sort))
             if page["next_cursor"]:
-                shown = {"--sort": ns.sort, "--status": ns.status, "--name": ns.name, "--sweep": ns.sweep}
-                shown["--limit"] = ns.limit
+                shown: dict[str, Any] = {"--sort": ns.sort, "--status": ns.status, "--name": ns.name}
+                shown.update({"--sweep": ns.sweep, "--tag": ns.tags, "--limit": ns.limit})
                 print(render.next_page_text(shown, page["next_cursor"]))
         return 0
     if ns.command == "logs":
@@ -256,6 +266,10 @@ def _dispatch(ns: argparse.Namespace, script_args: list[str] | None) -> int:
 
             print(metrics_text(answer))
         return 0
+    if ns.command in ("note", "tag"):
+        from backprop_mcp.cli.notes import dispatch_notes
+
+        return dispatch_notes(service, ns)
     if ns.command == "plot":
         from backprop_mcp.cli.plot import plot_command
 

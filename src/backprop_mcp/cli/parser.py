@@ -76,6 +76,13 @@ def _add_options(
         parser.add_argument(*flags, dest=f"opt_{name}", default=None, help=text, **extra)
 
 
+def _add_notebook_options(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--tag", dest="tags", action="append", default=[], metavar="TAG", help=f"tag {what} (repeat for more)"
+    )
+    parser.add_argument("--note", metavar="TEXT", help=f"a first note on {what}: why it is started")
+
+
 def _add_global_options(parser: argparse.ArgumentParser, *, default: Any) -> None:
     # The same options on the main parser and on every command, so `backprop --config x run` and
     # `backprop run --config x` both work. On the commands their default is SUPPRESS: an option
@@ -116,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--cwd", help="working directory of the script (default: here)")
     run.add_argument("--detach", action="store_true", help="print the run id and return at once")
     run.add_argument("--dry-run", action="store_true", help="show the decision, command and environment only")
+    _add_notebook_options(run, "the run")
     _add_options(run, _RUN_OPTIONS + _BACKEND_OPTIONS + _LIMIT_OPTIONS)
 
     resume = add_command(
@@ -146,6 +154,14 @@ def build_parser() -> argparse.ArgumentParser:
     lst.add_argument("--name", help="only runs whose name matches this glob")
     lst.add_argument("--limit", type=_int, default=20, help="at most this many (default 20)")
     lst.add_argument("--cursor", help="continue after a previous page")
+    lst.add_argument(
+        "--tag",
+        dest="tags",
+        action="append",
+        default=[],
+        metavar="TAG",
+        help="only runs with this tag (repeat: all of them)",
+    )
 
     logs = add_command("logs", "a run's output")
     logs.add_argument("run_id")
@@ -191,6 +207,18 @@ def build_parser() -> argparse.ArgumentParser:
         "-o", "--output", metavar="PATH", default="curves.png", help="the PNG to write (default curves.png)"
     )
 
+    note = add_command("note", "add a note (and tags) to a run's notebook, or show it")
+    note.add_argument("run_id")
+    note.add_argument("text", nargs="?", help="the note (quote it); without it and --tag: show the notebook")
+    note.add_argument(
+        "--tag", dest="tags", action="append", default=[], metavar="TAG", help="add a tag (repeat)"
+    )
+
+    tag = add_command("tag", "add tags to a run, or remove them")
+    tag.add_argument("run_id")
+    tag.add_argument("tags", nargs="+", metavar="tag")
+    tag.add_argument("--remove", action="store_true", help="remove these tags instead")
+
     legacy = add_command("import-legacy", "import the seed's ~/.backprop/experiments.json")
     legacy.add_argument("path", nargs="?")
     lst.add_argument("--sweep", metavar="SWEEP_ID", help="only the trials of this sweep")
@@ -209,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
         compare,
         metrics,
         plot,
+        note,
+        tag,
         legacy,
         *sweeps,
         *provenance,
@@ -248,6 +278,7 @@ def _add_sweep_commands(add_command: Any) -> list[argparse.ArgumentParser]:
     sweep.add_argument("--python", help="interpreter for the script")
     sweep.add_argument("--cwd", help="working directory of the script (default: here)")
     sweep.add_argument("--detach", action="store_true", help="print the sweep id and return at once")
+    _add_notebook_options(sweep, "each trial")
     _add_options(sweep, _RUN_OPTIONS + _BACKEND_OPTIONS + _LIMIT_OPTIONS)
 
     status = add_command("sweep-status", "a sweep's trials and best result, or the list of sweeps")

@@ -157,6 +157,7 @@ def table(rows: list[RunRow], *, sort: str | None = None) -> str:
         return "no runs"
     metric = (sort or "").removeprefix("-")
     shown = metric if metric and metric not in _FIELD_SORTS else None
+    tagged = any(r.get("tags") for r in rows)
     head = (
         "RUN ID",
         "NAME",
@@ -166,6 +167,7 @@ def table(rows: list[RunRow], *, sort: str | None = None) -> str:
         "LOSS",
         *([shown] if shown else []),
         "ARGS",
+        *(["TAGS"] if tagged else []),
         "CREATED",
         "REASON",
     )
@@ -181,6 +183,7 @@ def table(rows: list[RunRow], *, sort: str | None = None) -> str:
                 number(r["loss"]),
                 *([number((r.get("metrics") or {}).get(shown))] if shown else []),
                 shortened(" ".join(r.get("args") or []), MAX_ARGS_CELL),
+                *([shortened(",".join(r.get("tags") or []), MAX_ARGS_CELL)] if tagged else []),
                 r["created_at"][:19].replace("T", " "),
                 r["termination_reason"] or r.get("note") or "",
             )
@@ -194,15 +197,17 @@ def table(rows: list[RunRow], *, sort: str | None = None) -> str:
     )
 
 
-def next_page_text(options: dict[str, str | int | None], cursor: str) -> str:
-    """The `backprop list` line that shows the next page with the same options."""
+def next_page_text(options: dict[str, str | int | list[str] | None], cursor: str) -> str:
+    """The `backprop list` line that shows the next page with the same options (a list: the
+    option repeated)."""
     import shlex
 
     words = ["backprop", "list"]
-    for flag, value in options.items():
-        if value is not None and not (flag == "--limit" and value == 20):
-            # "--sort=-val_acc": argparse would take "-val_acc" after a space for an option.
-            words.append(f"{flag}={value}")
+    for flag, given in options.items():
+        for value in given if isinstance(given, list) else [given]:
+            if value is not None and not (flag == "--limit" and value == 20):
+                # "--sort=-val_acc": argparse would take "-val_acc" after a space for an option.
+                words.append(f"{flag}={value}")
     words += ["--cursor", cursor]
     return clean("more: " + shlex.join(words))
 

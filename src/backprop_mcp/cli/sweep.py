@@ -59,6 +59,8 @@ def dispatch_sweep(service: Any, ns: argparse.Namespace, script_args: list[str])
                 budget_minutes=ns.budget_minutes,
                 objective=ns.objective,
                 prune=not ns.no_prune,
+                tags=ns.tags,
+                note=ns.note,
             )
         )
         return _after_start(sweeps, answer, detach=ns.detach, out=out)

@@ -258,6 +258,9 @@ class RunRow(TypedDict):
     note: NotRequired[str]
     """Present only on a run whose record this backprop cannot read (status "unknown"): why, e.g. a
     record written by a newer backprop."""
+    tags: NotRequired[list[str]]
+    """The run's tags, when it has any: added by a listing from the tag index (`core.notebook`),
+    never stored in the run index, whose rows the run's supervisor writes."""
 
 
 # Set after the class bodies, as pydantic's own `with_config` does: written inside a TypedDict

@@ -13,8 +13,10 @@ Layout under the home folder (0700 folders, 0600 files):
     runs/<run_id>/lock            flock for read-modify-write by processes other than the supervisor
     runs/<run_id>/supervisor.pid  the supervisor's pid and start time, written by its starter
     runs/<run_id>/stop-request.json  a stop asked for the current attempt (read by its supervisor)
+    runs/<run_id>/notes.jsonl     its notes and tag changes, append only (see core/notebook.py)
     index.jsonl                   one row per change of a run's listing fields, newest last
     index.lock                    flock serialising index appends and compaction
+    tags.jsonl, tags.lock         the runs' tags for `list --tag` (see core/notebook.py)
     governor/                     the machine-wide queue and slots (see governor/admission.py)
 
 Stdlib only: the supervisor and the CLI's fast paths import it.
@@ -33,7 +35,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TypeGuard
 
-from backprop_mcp.core import files
+from backprop_mcp.core import files, notebook
 from backprop_mcp.core.clock import now_iso
 from backprop_mcp.core.errors import RunNotFound, StoreCorrupt, StoreError, UsageError
 from backprop_mcp.core.files import all_lines, append_line, atomic_write, file_lock, storage_error, tail_lines
@@ -397,6 +399,7 @@ class Store:
         data = "".join(json.dumps({**r, "new": True}, allow_nan=False) + "\n" for r in rows)
         with file_lock(self.index_lock):
             atomic_write(self.index_path, data.encode("utf-8"))
+        notebook.rebuild_tag_index(self, ((r["run_id"], r["created_at"]) for r in rows))
         return len(rows)
 
     def unreadable_row(self, run_id: str, why: str) -> RunRow:

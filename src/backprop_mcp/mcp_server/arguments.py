@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field
 from typing_extensions import TypedDict
 
+from backprop_mcp.core.notebook import MAX_NOTE_CHARS, MAX_TAGS
 from backprop_mcp.core.parsers import MAX_GLOB_CHARS, MAX_GLOBS
 from backprop_mcp.core.records import RunState
 from backprop_mcp.core.settings import FIELDS_BY_NAME
@@ -118,25 +119,37 @@ class RunOptions(TypedDict, total=False):
 
 RunOptions.__pydantic_config__ = {"extra": "forbid"}  # type: ignore[attr-defined]
 OPTION_NAMES = frozenset(RunOptions.__annotations__)
+
+
+class StartOptions(RunOptions, total=False):
+    """run_training's (and run_sweep's) `options`: the run options, and the notebook's first entry
+    (`core.notebook` checks them: a tag's characters, a note's length)."""
+
+    tags: Annotated[list[Annotated[str, Field(max_length=64)]], Field(max_length=MAX_TAGS)]
+    note: Annotated[str, Field(max_length=MAX_NOTE_CHARS)]
+
+
+StartOptions.__pydantic_config__ = {"extra": "forbid"}  # type: ignore[attr-defined]
+NOTEBOOK_OPTIONS = frozenset(StartOptions.__annotations__) - OPTION_NAMES
 # Published as this text rather than as typed properties (see `schema.lean`'s `plain`): a third of
 # the bytes, every conversation pays for them, and the server validates each option all the same,
 # with a one-line error naming the option and what it takes. A test keeps it naming every option.
 OPTIONS_TEXT = (
-    "Rare run options (default: the server's, then config files). Numbers: max_wall_minutes, "
+    "Rare run options (default: server's, then config). Numbers: max_wall_minutes, "
     "checkpoint_every_minutes, max_parallel, min_free_ram_gb, max_cpu_percent, gpu_min_free_vram_mb, "
     "gpu_max_temp_c, grace_seconds, queue_timeout_minutes, snapshot_max_mb. Booleans: use_gpu, "
     'queue (false: refuse when busy), argv_compat. gpus: ["0"] or UUIDs; gpu_memory_limit: "80%" or GB; '
     "stop_signal: SIGINT|SIGTERM|SIGHUP|SIGUSR1|SIGUSR2; framework: auto|pytorch|tensorflow|jax|none; "
-    "backend: local|ray (the configured cluster); snapshot: globs of files to keep with the script."
+    "backend: local|ray; snapshot: globs of files to keep with the script. tags, note."
 )
-Options = Annotated[RunOptions | None, Field(description=OPTIONS_TEXT)]
+Options = Annotated[StartOptions | None, Field(description=OPTIONS_TEXT)]
 ResumeOptions = Annotated[
     RunOptions | None,
     Field(description="Options as in run_training (not framework; default: the run's)."),
 ]
 
 
-class SweepOptions(RunOptions, total=False):
+class SweepOptions(StartOptions, total=False):
     """run_sweep's `options`: the run options of each trial, and the rarer settings of the sweep,
     bounded as `sweeps.service` bounds them."""
 
@@ -149,10 +162,13 @@ class SweepOptions(RunOptions, total=False):
 
 
 SweepOptions.__pydantic_config__ = {"extra": "forbid"}  # type: ignore[attr-defined]
-SWEEP_ONLY_OPTIONS = frozenset(SweepOptions.__annotations__) - OPTION_NAMES
-# The keys of each tool's `options` (run_training's and resume_run's unless named here): an unknown
-# key is refused with the nearest real one.
-OPTIONS_OF: dict[str, frozenset[str]] = {"run_sweep": OPTION_NAMES | SWEEP_ONLY_OPTIONS}
+SWEEP_ONLY_OPTIONS = frozenset(SweepOptions.__annotations__) - OPTION_NAMES - NOTEBOOK_OPTIONS
+# The keys of each tool's `options` (resume_run's unless named here): an unknown key is refused
+# with the nearest real one.
+OPTIONS_OF: dict[str, frozenset[str]] = {
+    "run_training": OPTION_NAMES | NOTEBOOK_OPTIONS,
+    "run_sweep": OPTION_NAMES | NOTEBOOK_OPTIONS | SWEEP_ONLY_OPTIONS,
+}
 
 # The tools' arguments that name a path, and the field of `service.RunRequest` each one becomes:
 # the service checks those fields against the allowed roots (`confine.REQUEST_PATHS`) before it

@@ -44,6 +44,8 @@ DEFAULT_LOG_TAIL = 50
 # but never below MIN_POINTS (a curve needs a few points to have a shape).
 DEFAULT_POINTS = 50
 MIN_POINTS = 5
+# get_status(detail=true) shows this many of a run's newest notes (`backprop note RUN_ID` all).
+DETAIL_NOTES = 20
 
 
 def build(app: App) -> list[Tool]:
@@ -63,7 +65,8 @@ def build(app: App) -> list[Tool]:
         if run_id is None:
             return await machine(app)
         record = await app.call(app.service.get, run_id)
-        answer = summary(record)
+        notes = await app.call(app.service.notebook, run_id)
+        answer = summary({**record, "tags": notes["tags"]})
         if record["status"] in ("failed", "lost"):
             tail = await app.call(app.service.logs, run_id, tail=STATUS_LOG_LINES)
             if tail.get("note"):
@@ -71,6 +74,7 @@ def build(app: App) -> list[Tool]:
             with_log_tail(answer, tail["lines"])
         if detail:
             answer["record"] = dict(record)
+            answer["notes"] = notes["notes"][-DETAIL_NOTES:]
         return answer
 
     async def wait_for_run(
@@ -85,7 +89,7 @@ def build(app: App) -> list[Tool]:
         ] = "change",
         since: Annotated[
             RunState | None,
-            Field(description="The state you last saw in its summary (default: the state now)."),
+            Field(description="The state you last saw (default: the state now)."),
         ] = None,
     ) -> dict[str, Any]:
         async def read(one: str) -> RunRecord:
@@ -124,6 +128,7 @@ def build(app: App) -> list[Tool]:
             str | None, Field(description="The previous page's next_cursor.", max_length=32)
         ] = None,
         sweep: Annotated[str | None, Field(description="Only this sweep's trials.", max_length=128)] = None,
+        tag: Annotated[str | None, Field(description="Runs with this tag.", max_length=64)] = None,
     ) -> dict[str, Any]:
         page = await app.call(
             app.service.list_runs,
@@ -133,6 +138,7 @@ def build(app: App) -> list[Tool]:
             cursor=cursor,
             sort=sort,
             sweep=sweep,
+            tags=[tag] if tag is not None else [],
         )
         metric = sort.lstrip("-+") if sort else None
         rows = summaries(page["runs"], keep=metric)
@@ -242,10 +248,11 @@ def build(app: App) -> list[Tool]:
             get_status,
             title="Status",
             description="With run_id: the run's summary (and a failed run's last log lines). Without: "
-            "the machine (CPU, RAM, GPUs), live and queued runs, and whether a new run would start now.",
+            "the machine, live and queued runs, and whether a new run would start now.",
             annotations=READ_ONLY,
             returns=output(
-                f"{SUMMARY_REF}, log_tail, record. Or: snapshot, limits, live_runs, queued_runs, verdict."
+                f"{SUMMARY_REF}, log_tail, record, notes. "
+                "Or: snapshot, limits, live_runs, queued_runs, verdict."
             ),
         ),
         tool(
@@ -260,7 +267,7 @@ def build(app: App) -> list[Tool]:
         tool(
             list_experiments,
             title="List runs",
-            description="List runs (summaries with args and metrics), newest first or sorted by a metric, "
+            description="List runs (summaries with tags), newest first or sorted by a metric, "
             "a page at a time.",
             annotations=READ_ONLY,
             returns=output(f"{ROWS}, next_cursor, total, next_step."),

@@ -3,6 +3,7 @@ call (per run) plus its summary; the rare run options come in one `options` obje
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Annotated, Any
 
 from mcp.server.mcpserver.tools import Tool
@@ -10,10 +11,12 @@ from mcp_types import ToolAnnotations
 from pydantic import Field
 
 from backprop_mcp.core.errors import UsageError
+from backprop_mcp.core.notebook import MAX_NOTE_CHARS, MAX_TAGS, split_tags
 from backprop_mcp.core.records import RunRecord
 from backprop_mcp.mcp_server.app import App, ClientRoots
 from backprop_mcp.mcp_server.arguments import (
     MAX_RUN_IDS,
+    NOTEBOOK_OPTIONS,
     Args,
     Minutes,
     OneOrMoreRuns,
@@ -100,6 +103,7 @@ def build(app: App) -> list[Tool]:
             resume_from=resume_from,
             source="argument",
             options={**app.defaults, **given(options, max_run_minutes)},
+            **noted(options),
         )
         if dry_run:
             return dict(await app.guarded(roots, app.service.dry_run, request, allowed_roots=roots.paths))
@@ -162,12 +166,26 @@ def build(app: App) -> list[Tool]:
             "continues one later.",
         }
 
+    async def annotate_run(
+        run_id: RunId,
+        note: Annotated[
+            str | None, Field(description="Kept with its time.", max_length=MAX_NOTE_CHARS)
+        ] = None,
+        tags: Annotated[
+            list[Annotated[str, Field(max_length=65)]] | None,
+            Field(description="32 at most; -t removes t.", max_length=MAX_TAGS),
+        ] = None,
+    ) -> dict[str, Any]:
+        add, remove = split_tags(tags or [])
+        notes = await app.call(app.service.annotate, run_id, note=note, tags=add, untag=remove, source="mcp")
+        return {"run_id": run_id, "tags": notes["tags"], "notes": len(notes["notes"])}
+
     return [
         tool(
             run_training,
             title="Start a run",
             description="Start a time-boxed run of a Python training script, admitted by the resource "
-            "governor; paths must lie in the allowed roots. Returns its summary at once; then wait_for_run.",
+            "governor; paths must lie in the allowed roots. Returns at once.",
             annotations=WRITES,
             returns=output(SUMMARY_TEXT + " With dry_run: command, cwd, environment, decision, options."),
             plain=("options",),
@@ -176,7 +194,7 @@ def build(app: App) -> list[Tool]:
             resume_run,
             title="Resume a run",
             description="Start the next attempt of an ended run from its latest checkpoint (given to "
-            "the script as BACKPROP_RESUME_FROM). Returns its summary at once; then wait_for_run.",
+            "the script as BACKPROP_RESUME_FROM).",
             annotations=WRITES,
             returns=output(SUMMARY_REF),
             plain=("options",),
@@ -188,6 +206,13 @@ def build(app: App) -> list[Tool]:
             "then termination.",
             annotations=STOPS,
             returns=output(f"{ROWS}, errors (why one was not stopped), next_step."),
+        ),
+        tool(
+            annotate_run,
+            title="Annotate",
+            description="Note why you started a run or what it showed, and tag it; notes outlive this chat.",
+            annotations=WRITES,
+            returns=output("run_id, tags, notes (count)."),
         ),
     ]
 
@@ -203,8 +228,16 @@ def started(record: RunRecord) -> dict[str, Any]:
 
 
 def given(options: RunOptions | None, max_run_minutes: float | None) -> dict[str, object]:
-    """A call's run options: the `options` object and the top-level time box."""
-    values: dict[str, object] = {k: v for k, v in (options or {}).items() if v is not None}
+    """A call's run options: the `options` object (less the notebook's entries) and the top-level
+    time box."""
+    values: dict[str, object] = {
+        k: v for k, v in (options or {}).items() if v is not None and k not in NOTEBOOK_OPTIONS
+    }
     if max_run_minutes is not None:
         values["max_run_minutes"] = max_run_minutes
     return values
+
+
+def noted(options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The notebook's first entry among a call's `options` (tags, note), as request fields."""
+    return {k: v for k, v in (options or {}).items() if k in NOTEBOOK_OPTIONS and v is not None}

@@ -16,7 +16,7 @@ from mcp_types import ToolAnnotations
 # The run summary (mcp_server.summary), in every answer about one run.
 SUMMARY_TEXT = (
     "A run summary: run_id, name, status, reason, attempt, step, total, loss, metrics, elapsed_s, "
-    "left_s (of its time box), eta_s, args, checkpoint, checkpoints, queue_position, sweep, next_step; "
+    "left_s (of its time box), eta_s, args, checkpoint, checkpoints, queue_position, sweep, tags, next_step; "
     "also max_run_minutes, config_files."
 )
 SUMMARY_REF = "A run summary (as run_training's)"

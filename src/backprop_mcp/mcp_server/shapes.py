@@ -17,8 +17,9 @@ MAX_LISTED_ERRORS = 10
 INSTRUCTIONS = """\
 backprop runs Python training scripts on this machine: each run is admitted by a resource governor, \
 time-boxed (10 minutes by default), stopped gracefully so it can checkpoint, and resumable.
-1. run_training(script, args=[...hyperparameters]) returns a run summary at once; dry_run=true \
-previews the command and the governor's verdict.
+1. run_training(script, args=[...hyperparameters], options={"note": "<your hypothesis>"}) returns a \
+run summary at once; dry_run=true previews the command and the governor's verdict. annotate_run notes \
+what a run showed: notes outlive this conversation.
 2. wait_for_run(run_id) takes one id or a list (until="end", "any" or "change") and reports \
 progress; get_status(run_id) shows one run (detail=true: its full record).
 3. list_experiments(sort="loss") or compare_runs(run_ids, by="best") ranks runs; get_metrics \

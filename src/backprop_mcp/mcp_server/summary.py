@@ -149,6 +149,7 @@ def summary(record: Mapping[str, Any], *, advice: bool = True, keep: str | None 
         "queue_position": record.get("queue_position") if status == "queued" else None,
         "sweep": sweep_of(record),
         "code": code_of(record),
+        "tags": record.get("tags"),
     }
     if advice:
         row["next_step"] = next_step(record, row)

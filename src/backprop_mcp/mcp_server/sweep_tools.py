@@ -28,7 +28,7 @@ from backprop_mcp.mcp_server.arguments import (
     setting_field,
 )
 from backprop_mcp.mcp_server.roots import locate_script
-from backprop_mcp.mcp_server.run_tools import STOPS, WRITES, given
+from backprop_mcp.mcp_server.run_tools import STOPS, WRITES, given, noted
 from backprop_mcp.mcp_server.schema import output, tool
 from backprop_mcp.mcp_server.summary import compact, rounded, short_args, size
 from backprop_mcp.sweeps.answers import failed_trial
@@ -134,6 +134,7 @@ def build(app: App) -> list[Tool]:
             options={**app.defaults, **given(run_options, max_run_minutes)},
             source="argument",
             **sweep,
+            **noted(options),
         )
         started = await app.guarded(roots, sweeps().start, request, allowed_roots=roots.paths)
         return await view(app, started)
@@ -157,7 +158,7 @@ def build(app: App) -> list[Tool]:
             run_sweep,
             title="Start a sweep",
             description="Start a hyperparameter sweep: governed runs of one script, given each point as "
-            "--name value. Returns at once; then get_sweep.",
+            "--name value. Returns at once.",
             annotations=WRITES,
             returns=output(VIEW),
             plain=("params", "options"),

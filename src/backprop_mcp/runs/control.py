@@ -18,6 +18,7 @@ from typing import Any, Literal, cast
 from backprop_mcp.backends.base import Backend, SupervisorId
 from backprop_mcp.backends.choice import of_record, remote_backend
 from backprop_mcp.backends.local import LocalBackend
+from backprop_mcp.core import notebook
 from backprop_mcp.core.answers import (
     Comparison,
     LogTail,
@@ -47,6 +48,7 @@ from backprop_mcp.governor.admission import Admission
 from backprop_mcp.governor.probe_choice import make_probe
 from backprop_mcp.runs.launch import limits_of
 from backprop_mcp.runs.listing import Order, complete_row, is_old_row, needs_metrics, ordered, parse_sort
+from backprop_mcp.runs.notes import Notebooks
 from backprop_mcp.runs.runlog import empty_note, rotated_path
 
 # A run whose supervisor has not yet written its pid is "launching", not lost, for this long:
@@ -66,7 +68,7 @@ FORCE_STOP_POLL_SECONDS = 0.05
 MAX_STOP_RUNS = 100
 
 
-class RunControl:
+class RunControl(Notebooks):
     """The use-cases over one store's existing runs. Cheap to construct; holds no open resources."""
 
     def __init__(
@@ -213,10 +215,11 @@ class RunControl:
         cursor: str | None = None,
         sort: str | None = None,
         sweep: str | None = None,
+        tags: Sequence[str] = (),
     ) -> RunPage:
-        """Runs filtered by state, name glob and sweep id, paged. Newest first by default; `sort`
-        orders by a metric's last value ("loss" lowest first, "-val_acc" highest first) or by
-        "created", "name" or "step" ("-" for descending). Runs without the metric come last either way; ties
+        """Runs filtered by state, name glob, sweep id and tags (all of them), paged. Newest first by
+        default; `sort` orders by a metric's last value ("loss" lowest first, "-val_acc" highest
+        first) or by "created", "name" or "step" ("-" for descending). Runs without it come last; ties
         stay newest first, so a cursor pages through a sorted list stably. Every row carries the
         run's `args` and `metrics` (filled from the record for rows an older version indexed)."""
         if status is not None and status not in ALL_STATES:
@@ -224,20 +227,21 @@ class RunControl:
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIST_LIMIT:
             raise UsageError(f"limit must be a whole number from 1 to {MAX_LIST_LIMIT}, got {limit!r}")
         order = parse_sort(sort)
+        tags = notebook.check_tags(tags)
         offset = 0
         if cursor is not None:
             # ASCII digits only, and few of them: str.isdigit() also takes "²", which int() refuses.
             if not isinstance(cursor, str) or not _CURSOR_RE.fullmatch(cursor):
                 raise UsageError(f"invalid cursor {cursor!r}; pass the next_cursor of a previous page")
             offset = int(cursor)
-        page, complete = self._page(status, name, limit, offset, order, sweep)
+        page, complete = self._page(status, name, limit, offset, order, sweep, tags)
         if complete is False or self.store.index_damaged:
             # A full scan saw another number of runs than the store holds (a starter died between
             # creating a run and indexing it; a record was moved aside), or the index had a bad
             # line. Rebuild it from the run folders, which gives every run folder a row, and list
             # again trusting that: one rebuild, never one per call, and never "no runs" when there are.
             self.store.rebuild_index()
-            page, _ = self._page(status, name, limit, offset, order, sweep)
+            page, _ = self._page(status, name, limit, offset, order, sweep, tags)
         elif complete is None:
             # A sorted listing filled rows an earlier version indexed from their records: write
             # them whole once, so the next sorted listing reads the index alone (a store that
@@ -254,11 +258,12 @@ class RunControl:
         offset: int,
         order: Order | None,
         sweep: str | None = None,
+        tags: Sequence[str] = (),
     ) -> tuple[RunPage, bool | None]:
         """A page, and False when a full scan saw another number of runs than the store holds
         (None when it was complete but had to fill rows of an earlier version from records)."""
         counts = [0, 0]  # index rows read, rows matching
-        matching = self._matching(status, name, counts, sweep)
+        matching = self._matching(status, name, counts, sweep, tags)
         if order is None:
             # Newest first is the index's own order: read only as far back as the page needs.
             runs = list(itertools.islice(matching, offset, offset + limit + 1))
@@ -278,11 +283,13 @@ class RunControl:
         return RunPage(runs=page, next_cursor=next_cursor, total_matching=total), complete
 
     def _matching(
-        self, status: str | None, name: str | None, counts: list[int], sweep: str | None = None
+        self, status: str | None, name: str | None, counts: list[int], sweep: str | None, tags: Sequence[str]
     ) -> Iterator[dict[str, Any]]:
-        """Index rows newest first (live ones fresh from their record) that pass the filters;
-        counts the rows read in `counts[0]` and those that passed in `counts[1]`."""
-        for indexed in self.store.index_rows():
+        """Index rows newest first (live ones fresh from their record), with their tags, that pass
+        the filters; counts the rows read in `counts[0]` and those that passed in `counts[1]`."""
+        tagged: dict[str, tuple[str, list[str]]] | None = None
+        for indexed in self.store.index_rows():  # (which may rebuild the tag index: read it after)
+            tagged = notebook.tag_map(self.store) if tagged is None else tagged  # once, not per run
             counts[0] += 1
             stale = indexed["status"] in ACTIVE_STATES or indexed["status"] == UNKNOWN_STATUS
             row = self._fresh_row(indexed) if stale else indexed
@@ -291,6 +298,10 @@ class RunControl:
             if name is not None and not fnmatch.fnmatchcase(row.get("name") or "", name):
                 continue
             if sweep is not None and row.get("sweep") != sweep:
+                continue
+            if row_tags := notebook.tags_of(tagged, row["run_id"], row["created_at"]):
+                row["tags"] = row_tags
+            if not set(tags) <= set(row_tags):
                 continue
             row.pop("new", None)  # the index's creation marker; the rest is a RunRow
             counts[1] += 1

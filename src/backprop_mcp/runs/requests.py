@@ -46,6 +46,10 @@ class RunRequest(NamedTuple):
     `runId` and `resumeFrom` (the seed's keys; the CLI's `backprop run`, never MCP arguments)."""
     sweep: SweepRef | None = None
     """Set by a sweep's runner on each trial: the record names its sweep and parameters."""
+    tags: Sequence[str] = ()
+    """Tags for the run's notebook (see `core.notebook`), written with the run."""
+    note: str | None = None
+    """A first note (why the run is started: its hypothesis), written with the run."""
 
 
 def check_python(python: str | None, cwd: Path, env: Mapping[str, str]) -> str | None:

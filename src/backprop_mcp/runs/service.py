@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from backprop_mcp.backends.choice import of_record, remote_backend
+from backprop_mcp.core import notebook
 from backprop_mcp.core.answers import DryRun, ImportReport, Plot, RunDiff, RunShow
 from backprop_mcp.core.clock import now_iso
 from backprop_mcp.core.errors import (
@@ -44,6 +45,7 @@ from backprop_mcp.runs.launch import (
     contract_env,
     limits_of,
 )
+from backprop_mcp.runs.notes import start_entry
 from backprop_mcp.runs.requests import (
     RunRequest,
     check_python,
@@ -105,6 +107,7 @@ class Service(RunControl):
             raise UsageError("a run name must be at most 200 characters, without NUL bytes")
         if any("\0" in a for a in request.args):
             raise UsageError("script arguments cannot contain NUL bytes")
+        start_entry(request)  # bad tags or note: refused before anything is stored
         resume_from = None
         if request.resume_from:
             resume_path = Path(request.resume_from).expanduser()
@@ -144,12 +147,13 @@ class Service(RunControl):
         """Create the run and launch its supervisor; returns the record at once (queued or running,
         or `rejected` when queueing was refused and the governor said no)."""
         record, settings = self._prepare(request, allowed_roots)
+        noted = start_entry(request)
         if not settings.queue:
             decision = self._decide(settings)
             if not decision["allowed"]:
-                self._create_rejected(record, "; ".join(decision["reasons"]))
+                self._create_rejected(record, "; ".join(decision["reasons"]), noted)
                 return record
-        since = self._create(record)
+        since = self._create(record, noted)
         try:
             self._launch(record["run_id"])
         except BaseException:
@@ -157,8 +161,9 @@ class Service(RunControl):
             raise
         return self._launched(record["run_id"])
 
-    def _create(self, record: RunRecord) -> int:
-        """Store a new run, all of it or none of it (record, index row, first event); returns
+    def _create(self, record: RunRecord, noted: Mapping[str, object] | None = None) -> int:
+        """Store a new run, all of it or none of it (record, index row, first event, the notebook's
+        first line when `noted`); returns
         where its index rows start, for `Store.remove_run` if the launch then fails."""
         since = self.store.index_size()
         self.store.create(record)  # an id already taken fails here, before anything is ours to undo
@@ -168,16 +173,20 @@ class Service(RunControl):
                 record["run_id"],
                 {"type": "created", "status": record["status"], "detail": record["status_detail"]},
             )
+            if noted is not None:
+                notebook.write(self.store, record["run_id"], record["created_at"], noted)
         except BaseException:
             self.store.remove_run(record["run_id"], since)
             raise
         return since
 
-    def _create_rejected(self, record: RunRecord, why: str) -> None:
+    def _create_rejected(
+        self, record: RunRecord, why: str, noted: Mapping[str, object] | None = None
+    ) -> None:
         """Store a run the governor refused at once: created queued like any run, then ended, its
         history and index row before its final record (a reader who sees it `rejected` sees all
         of it); all of it or none of it."""
-        since = self._create(record)
+        since = self._create(record, noted)
         try:
             close_attempt(record, "rejected", "rejected", why, now_iso())
             self.store.append_event(record["run_id"], {"type": "state", "status": "rejected", "detail": why})

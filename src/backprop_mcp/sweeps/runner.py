@@ -262,6 +262,8 @@ class Runner:
                 options=record["options"],
                 source=record["source"],
                 sweep=SweepRef(id=self.sweep_id, trial=trial["number"], params=trial["params"]),
+                tags=record.get("tags", []),
+                note=record.get("note"),
             )
             try:
                 run = self.service.start(request, allowed_roots=self.roots)

@@ -81,6 +81,9 @@ class SweepRequest(NamedTuple):
     budget_minutes: float | None = None
     objective: str = "final"
     prune: bool = True
+    tags: Sequence[str] = ()
+    """Tags and a note that every trial's notebook starts with (see `RunRequest`)."""
+    note: str | None = None
 
 
 def _whole(value: object, what: str, low: int, high: int) -> int:
@@ -173,6 +176,8 @@ class Sweeps:
                 options=request.options,
                 source=request.source,
                 sweep=SweepRef(id=sweep_id, trial=1, params=first),
+                tags=request.tags,
+                note=request.note,
             ),
             allowed_roots=allowed_roots,
         )
@@ -215,6 +220,10 @@ class Sweeps:
             trials=[],
             updated_at=now,
         )
+        if request.tags:
+            record["tags"] = list(request.tags)
+        if request.note is not None:
+            record["note"] = request.note
         self.store.make_folder(sweep_id)
         try:
             self._launch(record)

@@ -88,6 +88,10 @@ class SweepRecord(TypedDict):
     runner_started: float | None
     trials: list[Trial]
     updated_at: str
+    tags: NotRequired[list[str]]
+    """Tags every trial's notebook starts with."""
+    note: NotRequired[str]
+    """A note every trial's notebook starts with (the sweep's hypothesis)."""
 
 
 class Best(TypedDict):

@@ -11,9 +11,9 @@ import psutil
 import pytest
 
 from backprop_mcp.core.errors import NoCheckpoint
-from backprop_mcp.runs.control import MAX_LOG_LINE_CHARS
 from backprop_mcp.runs.events import MAX_EVENT_BYTES
 from backprop_mcp.runs.service import Service
+from backprop_mcp.runs.views import MAX_LOG_LINE_CHARS
 from tests.fault_helpers import alive, assert_nothing_survives, start, strict_json, supervisor_pid
 from tests.helpers import wait_for_end, wait_for_log, wait_until
 

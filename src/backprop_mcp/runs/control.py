@@ -13,16 +13,13 @@ import re
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, cast
 
 from backprop_mcp.backends.base import Backend, SupervisorId
 from backprop_mcp.backends.choice import of_record, remote_backend
 from backprop_mcp.backends.local import LocalBackend
 from backprop_mcp.core import notebook
 from backprop_mcp.core.answers import (
-    Comparison,
-    LogTail,
-    MetricsAnswer,
     RunPage,
     StopReport,
     StopResult,
@@ -38,7 +35,7 @@ from backprop_mcp.core.errors import (
     StoreError,
     UsageError,
 )
-from backprop_mcp.core.files import atomic_write, tail_lines
+from backprop_mcp.core.files import atomic_write
 from backprop_mcp.core.records import ACTIVE_STATES, ALL_STATES, RunRecord, RunRow, close_attempt, row_of
 from backprop_mcp.core.settings import Settings
 from backprop_mcp.core.store import STOP_REQUEST_FILE, Store, check_run_id, default_home
@@ -49,7 +46,6 @@ from backprop_mcp.governor.probe_choice import make_probe
 from backprop_mcp.runs.launch import limits_of
 from backprop_mcp.runs.listing import Order, complete_row, is_old_row, needs_metrics, ordered, parse_sort
 from backprop_mcp.runs.notes import Notebooks
-from backprop_mcp.runs.runlog import empty_note, rotated_path
 
 # A run whose supervisor has not yet written its pid is "launching", not lost, for this long:
 # the gap between creating the record and the supervisor's first write is normally ~0.1 s.
@@ -57,9 +53,6 @@ LAUNCH_GRACE_SECONDS = 30.0
 MAX_LIST_LIMIT = 1000
 # A page cursor is an offset: ASCII digits, short enough that int() takes it at once.
 _CURSOR_RE = re.compile(r"[0-9]{1,18}")
-MAX_LOG_TAIL = 10_000
-# Log lines returned are cut to this many characters: a tail must stay bounded in size.
-MAX_LOG_LINE_CHARS = 2000
 # `stop --force` waits this long for a supervisor (continued if it was stopped) to kill its run
 # before killing the run itself: a responsive supervisor does it in well under a second.
 FORCE_STOP_WAIT_SECONDS = 5.0
@@ -414,38 +407,3 @@ class RunControl(Notebooks):
                 return True  # it died: the lost cleanup of the next read ends the run
             time.sleep(FORCE_STOP_POLL_SECONDS)
         return False
-
-    def logs(self, run_id: str, *, tail: int = 100, attempt: int | None = None) -> LogTail:
-        """The last lines of a run's log (bounded)."""
-        record = self.get(run_id)
-        if isinstance(tail, bool) or not isinstance(tail, int) or not 1 <= tail <= MAX_LOG_TAIL:
-            raise UsageError(f"tail must be a whole number from 1 to {MAX_LOG_TAIL}, got {tail!r}")
-        which = record["attempt"] if attempt is None else attempt
-        if not 1 <= which <= record["attempt"]:
-            raise UsageError(f"run {run_id} has attempts 1 to {record['attempt']}; got attempt {which}")
-        path = self.backend.log_path(self.store, run_id, which)
-        raw = tail_lines(path, tail + 1, before=rotated_path(path))  # a rotation cuts no tail short
-        lines = [line.decode("utf-8", "replace")[:MAX_LOG_LINE_CHARS] for line in raw]
-        truncated = len(lines) > tail
-        answer = LogTail(
-            run_id=run_id, attempt=which, lines=lines[-tail:], truncated=truncated, path=str(path)
-        )
-        if not lines:
-            answer["note"] = empty_note(record, which, path)
-        return answer
-
-    def compare(
-        self, run_ids: Sequence[str], *, metric: str = "loss", by: Literal["last", "best"] = "last"
-    ) -> Comparison:
-        """Runs side by side on one metric, ranked by each run's last or best value."""
-        from backprop_mcp.runs.compare import compare_runs
-
-        return compare_runs(self.get, self.store, run_ids, metric, by)
-
-    def metrics(
-        self, run_ids: Sequence[str], *, metrics: Sequence[str] | None = None, points: int = 50
-    ) -> MetricsAnswer:
-        """The runs' metric histories, each curve downsampled to at most `points` points."""
-        from backprop_mcp.runs.metrics import run_metrics
-
-        return run_metrics(self.get, self.store, run_ids, metrics=metrics, points=points)

@@ -1,6 +1,7 @@
 """The use-cases of backprop-mcp (start, resume, status, list, stop, logs, compare, plot, import):
 `Service`, the one API that the CLI and the MCP server both call. Starting and resuming live here;
-reading, listing and stopping are inherited from `control.RunControl`."""
+reading, listing and stopping are inherited from `control.RunControl`, logs, metrics, curves and
+code from `views.RunViews`."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 
 from backprop_mcp.backends.choice import of_record, remote_backend
 from backprop_mcp.core import notebook
-from backprop_mcp.core.answers import DryRun, ImportReport, Plot, RunDiff, RunShow
+from backprop_mcp.core.answers import DryRun
 from backprop_mcp.core.clock import now_iso
 from backprop_mcp.core.errors import (
     NoCheckpoint,
@@ -37,7 +38,6 @@ from backprop_mcp.governor.admission import Admission
 from backprop_mcp.governor.probe_choice import make_probe
 from backprop_mcp.runs import confine
 from backprop_mcp.runs.confine import check_allowed
-from backprop_mcp.runs.control import RunControl
 from backprop_mcp.runs.detect import detect_framework
 from backprop_mcp.runs.launch import (
     choose_python,
@@ -53,9 +53,10 @@ from backprop_mcp.runs.requests import (
     refuse_a_finished_run,
     resolve_script,
 )
+from backprop_mcp.runs.views import RunViews
 
 
-class Service(RunControl):
+class Service(RunViews):
     """The use-cases over one store. Cheap to construct; holds no open resources."""
 
     # -- starting ---------------------------------------------------------------------------------
@@ -423,38 +424,3 @@ class Service(RunControl):
             self.store.remove_run(record["run_id"], since)
             raise
         return self._launched(record["run_id"])
-
-    def show(self, run_id: str) -> RunShow:
-        """A run's record and what each of its attempts ran."""
-        from backprop_mcp.runs import reproduce
-
-        return reproduce.show(self.get, self.store, run_id)
-
-    def diff(self, ref_a: str, ref_b: str) -> RunDiff:
-        """What differs between two attempts (RUN or RUN:N): code, arguments, options."""
-        from backprop_mcp.runs import reproduce
-
-        return reproduce.diff(self.get, self.store, ref_a, ref_b)
-
-    def import_legacy(self, path: Path | None = None) -> ImportReport:
-        """Import the seed's ~/.backprop/experiments.json."""
-        from backprop_mcp.runs.legacy import import_experiments
-
-        source = path or Path(self.env.get("HOME", str(Path.home()))) / ".backprop" / "experiments.json"
-        return import_experiments(self.store, source)
-
-    def plot(
-        self,
-        run_ids: Sequence[str],
-        *,
-        metrics: Sequence[str] | None = None,
-        labels: Mapping[str, str] | None = None,
-        title: str | None = None,
-        lead: str | None = None,
-    ) -> Plot:
-        """The runs' metric curves drawn as one PNG (`runs.plots`; needs the `plot` extra)."""
-        from backprop_mcp.runs.plots import plot_runs
-
-        return plot_runs(
-            self.get, self.store, run_ids, metrics=metrics, labels=labels, title=title, lead=lead
-        )

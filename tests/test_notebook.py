@@ -83,6 +83,10 @@ def test_notes_and_tags_from_the_cli_are_kept_with_time_and_source_and_filter_th
     assert "cli: it did not" in status and "diverge" in status
     text = cli(env, "note", tagged, cwd=tmp_path).stdout
     assert text.startswith("tags: baseline, surprise\n") and "cli: lr 0.1 should diverge" in text
+    # `show`, everything about a run, ends with its whole notebook.
+    shown = cli(env, "show", tagged, cwd=tmp_path).stdout
+    assert shown.rstrip("\n").endswith(text.rstrip("\n"))
+    assert cli_json(env, "show", tagged)["notebook"] == cli_json(env, "note", tagged)
 
 
 def test_bad_notes_and_tags_are_refused_clearly_and_change_nothing(

@@ -71,7 +71,13 @@ def _code_section(shown: RunShow) -> str:
     return "\n".join(lines)
 
 
-SHOW_SECTIONS: list[Callable[[RunShow], str]] = [_run_section, _code_section]
+def _notebook_section(shown: RunShow) -> str:
+    from backprop_mcp.cli.notes import notebook_text
+
+    return notebook_text(shown["notebook"]).rstrip("\n")
+
+
+SHOW_SECTIONS: list[Callable[[RunShow], str]] = [_run_section, _code_section, _notebook_section]
 
 
 def show_text(shown: RunShow) -> str:

@@ -13,6 +13,7 @@ from typing import Any, Literal, NotRequired
 from typing_extensions import TypedDict
 
 from backprop_mcp.core.machine import Decision, Limits, SystemSnapshot
+from backprop_mcp.core.notebook import Notebook
 from backprop_mcp.core.provenance import CodeRef, Provenance
 from backprop_mcp.core.records import RunRecord, RunRow
 
@@ -269,6 +270,8 @@ class RunShow(TypedDict):
     """The record, attempts included."""
     code: list[Provenance]
     """The provenance of each attempt that kept one, oldest first (see `Provenance.attempt`)."""
+    notebook: Notebook
+    """Its tags and every note, oldest first (`backprop note`, MCP `annotate_run`)."""
 
 
 class RunDiff(TypedDict):

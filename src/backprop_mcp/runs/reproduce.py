@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from backprop_mcp.core import notebook
 from backprop_mcp.core.answers import RunDiff, RunShow
 from backprop_mcp.core.errors import UsageError
 from backprop_mcp.core.provenance import CodeFile, Provenance, RerunRef
@@ -48,7 +49,7 @@ def show(get: Reader, store: Store, run_id: str) -> RunShow:
     """A run's record and every attempt's provenance."""
     record = get(run_id)
     kept = (provenance.load(store, run_id, n) for n in range(1, record["attempt"] + 1))
-    return RunShow(run=record, code=[p for p in kept if p is not None])
+    return RunShow(run=record, code=[p for p in kept if p is not None], notebook=notebook.read(store, run_id))
 
 
 def diff(get: Reader, store: Store, ref_a: str, ref_b: str) -> RunDiff:

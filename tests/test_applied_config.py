@@ -17,7 +17,7 @@ from mcp import Client
 from backprop_mcp.mcp_server.roots import Roots
 from backprop_mcp.mcp_server.tools import build_server
 from backprop_mcp.runs.service import Service
-from tests.helpers import FIXTURES, cli, cli_json, isolated_env, wait_for_end
+from tests.helpers import FIXTURES, cli, cli_json, isolated_env, unique_id, wait_for_end
 
 # Bounds the MCP session: runs start slowly on a loaded 2-core machine.
 SESSION_SECONDS = 120
@@ -68,27 +68,31 @@ async def _call(client: Client, tool: str, **arguments: Any) -> Any:
 def test_the_cli_says_which_config_files_applied_to_a_run_it_starts(
     env: dict[str, str], tmp_path: Path
 ) -> None:
+    detached_id = unique_id("d")
+    foreground_id = unique_id("f")
+    json_id = unique_id("j")
     project, config = _project(tmp_path, 4)
-    detached = cli(env, "run", "train.py", "--run-id", "d", "--detach", cwd=project)
+    detached = cli(env, "run", "train.py", "--run-id", detached_id, "--detach", cwd=project)
     assert detached.returncode == 0, detached.stderr
-    assert detached.stdout == "d\n"  # the run id alone: scripts read it
+    assert detached.stdout == f"{detached_id}\n"  # the run id alone: scripts read it
     assert f"config: {config}" in detached.stderr
-    foreground = cli(env, "run", "train.py", "--run-id", "f", cwd=project)
+    foreground = cli(env, "run", "train.py", "--run-id", foreground_id, cwd=project)
     assert foreground.returncode == 0, foreground.stderr
     assert f"config: {config}" in foreground.stdout
-    as_json = cli_json(env, "run", "train.py", "--run-id", "j", cwd=project)
+    as_json = cli_json(env, "run", "train.py", "--run-id", json_id, cwd=project)
     assert (as_json["config_files"], as_json["max_run_minutes"]) == ([str(config)], 4.0)
-    resumed_cli = cli(env, "resume", "j", "--json", "--", "6", cwd=project)  # more steps: see above
+    resumed_cli = cli(env, "resume", json_id, "--json", "--", "6", cwd=project)  # more steps: see above
     assert resumed_cli.returncode == 0, resumed_cli.stderr
     resumed = json.loads(resumed_cli.stdout)
     assert resumed["config_files"] == [str(config)]
-    status = cli(env, "status", "j", cwd=project)
+    status = cli(env, "status", json_id, cwd=project)
     assert f"config     {config}" in status.stdout
 
 
 def test_a_run_with_no_config_file_says_so(env: dict[str, str], tmp_path: Path) -> None:
+    run_id = unique_id("n")
     project, _ = _project(tmp_path, None)
-    done = cli(env, "run", "train.py", "--run-id", "n", cwd=project)
+    done = cli(env, "run", "train.py", "--run-id", run_id, cwd=project)
     assert done.returncode == 0, done.stderr
     assert "config: (defaults, no config file)" in done.stdout
-    assert cli_json(env, "status", "n")["config_files"] == []
+    assert cli_json(env, "status", run_id)["config_files"] == []

@@ -14,7 +14,7 @@ import pytest
 
 from backprop_mcp.runs.requests import RunRequest
 from backprop_mcp.runs.service import Service
-from tests.helpers import FIXTURES, WAIT_SECONDS, cli, cli_json, wait_for_end
+from tests.helpers import FIXTURES, WAIT_SECONDS, cli, cli_json, unique_id, wait_for_end
 
 
 def test_import_legacy_brings_in_the_seeds_experiments(env: dict[str, str], tmp_path: Path) -> None:
@@ -72,13 +72,15 @@ def test_import_legacy_of_a_corrupt_file_is_a_clear_error(env: dict[str, str], t
 
 
 def test_compare_ranks_runs_on_a_metric(service: Service, env: dict[str, str]) -> None:
-    for run_id, steps in (("short", "2"), ("long", "8")):
+    short = unique_id("short")
+    long = unique_id("long")
+    for run_id, steps in ((short, "2"), (long, "8")):
         service.start(RunRequest(script=str(FIXTURES / "counts_and_exits.py"), args=[steps], run_id=run_id))
-    wait_for_end(service, "short")
-    wait_for_end(service, "long")
-    by_loss = cli_json(env, "compare", "short", "long")
-    assert by_loss["top_run_id"] == "long" and by_loss["lower_is_better"] is True
-    by_acc = cli_json(env, "compare", "short", "long", "--metric", "acc")
+    wait_for_end(service, short)
+    wait_for_end(service, long)
+    by_loss = cli_json(env, "compare", short, long)
+    assert by_loss["top_run_id"] == long and by_loss["lower_is_better"] is True
+    by_acc = cli_json(env, "compare", short, long, "--metric", "acc")
     assert by_acc["lower_is_better"] is False
     assert [r["last_value"] for r in by_acc["runs"]] == [1.0, 1.0]
     assert [r["last_value"] for r in by_loss["runs"]] == [1 / 8, 1 / 2]
@@ -87,26 +89,29 @@ def test_compare_ranks_runs_on_a_metric(service: Service, env: dict[str, str]) -
 def test_compare_by_last_ranks_the_last_value_and_says_so(service: Service, env: dict[str, str]) -> None:
     """Issue 9, item 24: a run whose loss dipped to 0.1 and ended at 0.9 ranks at 0.9 when ranked
     by the last value, and the ranking says it is the last value (its best is shown beside it)."""
+    dipped = unique_id("dipped")
+    steady = unique_id("steady")
     script = str(FIXTURES / "loss_dips_then_rises.py")
-    service.start(RunRequest(script=script, args=["0.5", "0.1", "0.9"], run_id="dipped"))
-    service.start(RunRequest(script=script, args=["0.7", "0.5"], run_id="steady"))
-    wait_for_end(service, "dipped")
-    wait_for_end(service, "steady")
-    comparison = cli_json(env, "compare", "dipped", "steady")
-    assert comparison["ranked_by"] == "last" and comparison["top_run_id"] == "steady"
+    service.start(RunRequest(script=script, args=["0.5", "0.1", "0.9"], run_id=dipped))
+    service.start(RunRequest(script=script, args=["0.7", "0.5"], run_id=steady))
+    wait_for_end(service, dipped)
+    wait_for_end(service, steady)
+    comparison = cli_json(env, "compare", dipped, steady)
+    assert comparison["ranked_by"] == "last" and comparison["top_run_id"] == steady
     assert [(r["run_id"], r["value"], r["last_value"], r["best_value"]) for r in comparison["runs"]] == [
-        ("steady", 0.5, 0.5, 0.5),
-        ("dipped", 0.9, 0.9, 0.1),
+        (steady, 0.5, 0.5, 0.5),
+        (dipped, 0.9, 0.9, 0.1),
     ]
-    text = cli(env, "compare", "dipped", "steady")
+    text = cli(env, "compare", dipped, steady)
     assert text.returncode == 0, text.stderr
     assert "best" not in text.stdout and "ranked by the last reported loss" in text.stdout
     assert "last loss 0.9" in text.stdout
 
 
 def test_logs_follow_prints_the_output_until_the_run_ends(service: Service, env: dict[str, str]) -> None:
-    service.start(RunRequest(script=str(FIXTURES / "counts_and_exits.py"), args=["3"], run_id="followed"))
-    result = cli(env, "logs", "followed", "-f")
+    followed = unique_id("followed")
+    service.start(RunRequest(script=str(FIXTURES / "counts_and_exits.py"), args=["3"], run_id=followed))
+    result = cli(env, "logs", followed, "-f")
     assert result.returncode == 0, result.stderr
     assert 'args: ["3"]' in result.stdout
     assert "completed" in result.stdout
@@ -115,12 +120,13 @@ def test_logs_follow_prints_the_output_until_the_run_ends(service: Service, env:
 def test_dry_run_prints_the_decision_command_and_environment_without_starting(
     env: dict[str, str], tmp_path: Path, service: Service
 ) -> None:
+    dry = unique_id("dry")
     result = cli(
         env,
         "run",
         str(FIXTURES / "counts_and_exits.py"),
         "--run-id",
-        "dry",
+        dry,
         "--dry-run",
         "--",
         "--x",
@@ -128,10 +134,10 @@ def test_dry_run_prints_the_decision_command_and_environment_without_starting(
     )
     assert result.returncode == 0, result.stderr
     assert "counts_and_exits.py --x" in result.stdout
-    assert "BACKPROP_RUN_ID=dry" in result.stdout
+    assert f"BACKPROP_RUN_ID={dry}" in result.stdout
     assert "a new run can start now" in result.stdout
     assert "nothing was started" in result.stdout
-    assert not service.store.exists("dry")
+    assert not service.store.exists(dry)
 
 
 def test_the_module_entry_point_and_version_work(env: dict[str, str]) -> None:
@@ -204,18 +210,19 @@ def _foreground(env: dict[str, str], tmp_path: Path, fixture: str, run_id: str) 
 def test_ctrl_c_once_in_the_foreground_stops_gracefully(
     env: dict[str, str], tmp_path: Path, service: Service
 ) -> None:
+    run_id = unique_id("fg-once")
     from tests.helpers import wait_for_log
 
-    proc = _foreground(env, tmp_path, "checkpoints_on_sigint.py", "fg-once")
+    proc = _foreground(env, tmp_path, "checkpoints_on_sigint.py", run_id)
     from tests.helpers import wait_until
 
-    wait_until(lambda: service.store.exists("fg-once"), what="the run")
-    wait_for_log(service, "fg-once", "ready")
+    wait_until(lambda: service.store.exists(run_id), what="the run")
+    wait_for_log(service, run_id, "ready")
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 5
     assert "stopping gracefully" in out
-    record = service.get("fg-once")
+    record = service.get(run_id)
     assert (record["status"], record["exit_code"]) == ("stopped", 130)
     assert record["latest_checkpoint"] is not None
 
@@ -223,21 +230,22 @@ def test_ctrl_c_once_in_the_foreground_stops_gracefully(
 def test_ctrl_c_twice_in_the_foreground_kills_without_the_grace(
     env: dict[str, str], tmp_path: Path, service: Service
 ) -> None:
+    run_id = unique_id("fg-twice")
     from tests.helpers import wait_for_log, wait_until
 
-    proc = _foreground(env, tmp_path, "ignores_sigint_and_sigterm.py", "fg-twice")
-    wait_until(lambda: service.store.exists("fg-twice"), what="the run")
-    wait_for_log(service, "fg-twice", "ready")
+    proc = _foreground(env, tmp_path, "ignores_sigint_and_sigterm.py", run_id)
+    wait_until(lambda: service.store.exists(run_id), what="the run")
+    wait_for_log(service, run_id, "ready")
     proc.send_signal(signal.SIGINT)
     wait_until(
-        lambda: any(e.get("type") == "stop_signal" for e in service.store.read_events("fg-twice")),
+        lambda: any(e.get("type") == "stop_signal" for e in service.store.read_events(run_id)),
         what="the graceful stop signal",
     )
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 5
     assert "killing" in out
-    record = service.get("fg-twice")
+    record = service.get(run_id)
     assert (record["status"], record["signal"]) == ("stopped", "SIGKILL")
 
 
@@ -276,10 +284,10 @@ def test_a_reader_that_stops_reading_ends_the_cli_with_141_and_no_traceback(
     env: dict[str, str], tmp_path: Path, args: tuple[str, ...]
 ) -> None:
     service = Service(Path(env["BACKPROP_HOME"]), env=env, cwd=tmp_path)
-    for number in range(3):
-        service.start(
-            RunRequest(script=str(FIXTURES / "counts_and_exits.py"), args=["1"], run_id=f"r{number}")
-        )
+    run_ids = [unique_id(f"r{number}") for number in range(3)]
+    args = tuple(run_ids[0] if arg == "r0" else arg for arg in args)  # the first run's own id
+    for run_id in run_ids:
+        service.start(RunRequest(script=str(FIXTURES / "counts_and_exits.py"), args=["1"], run_id=run_id))
     read, write = os.pipe()
     os.close(read)  # the reader is gone before the first byte: `backprop list | head -0`
     try:

@@ -15,7 +15,7 @@ from backprop_mcp.core.errors import ConfigError
 from backprop_mcp.core.settings import FIELDS, FIELDS_BY_NAME, Settings
 from backprop_mcp.runs.requests import RunRequest
 from backprop_mcp.runs.service import Service
-from tests.helpers import FIXTURES, cli, wait_for_end
+from tests.helpers import FIXTURES, cli, unique_id, wait_for_end
 
 
 def write(path: Path, data: object) -> Path:
@@ -253,19 +253,20 @@ def test_resuming_a_run_stored_with_a_box_past_the_maximum_is_a_clear_error(
 ) -> None:
     """A record written by a version without bounds (the seed's -m 1e16 crashed the supervisor
     once the script ran): its stored options are checked again, and the record stays as it was."""
+    run_id = unique_id("old")
     service = Service(Path(env["BACKPROP_HOME"]), env=env, cwd=tmp_path)
-    service.start(RunRequest(script=str(FIXTURES / "counts_and_exits.py"), run_id="old"))
-    wait_for_end(service, "old")
-    path = service.store.record_path("old")
+    service.start(RunRequest(script=str(FIXTURES / "counts_and_exits.py"), run_id=run_id))
+    wait_for_end(service, run_id)
+    path = service.store.record_path(run_id)
     record = json.loads(path.read_text(encoding="utf-8"))
     record["options"]["max_run_minutes"] = 1e16
     path.write_text(json.dumps(record), encoding="utf-8")
     before = path.read_bytes()
-    result = cli(env, "resume", "old", cwd=tmp_path)
+    result = cli(env, "resume", run_id, cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "stored max_run_minutes must be > 0 and <= 10080 (7 days), got 1e+16" in result.stderr
     assert path.read_bytes() == before
     # New arguments as well: the run completed its steps, so resuming it as it is would be refused.
-    replaced = cli(env, "resume", "old", "-m", "1", "--json", "--", "6", cwd=tmp_path)
+    replaced = cli(env, "resume", run_id, "-m", "1", "--json", "--", "6", cwd=tmp_path)
     assert replaced.returncode == 0, replaced.stderr
     assert json.loads(replaced.stdout)["status"] == "completed"

@@ -18,7 +18,7 @@ import psutil
 from backprop_mcp.core.records import ACTIVE_STATES, TERMINAL_STATES
 from backprop_mcp.runs.service import Service
 from tests.fault_helpers import alive, assert_nothing_survives, start, supervisor_pid
-from tests.helpers import FIXTURES, cli_json, wait_for_end, wait_for_log, wait_until
+from tests.helpers import FIXTURES, cli_json, unique_id, wait_for_end, wait_for_log, wait_until
 
 
 def _foreground(
@@ -36,40 +36,43 @@ def _foreground(
 def test_runs_started_by_foreground_clis_killed_with_sigkill_finish_and_are_recorded(
     env: dict[str, str], service: Service, tmp_path: Path
 ) -> None:
+    times_out = unique_id("times-out")
+    forced = unique_id("forced")
+    completes = unique_id("completes")
     starters = [
-        _foreground(env, tmp_path, "times-out", "checkpoints_on_sigint.py", "-m", "0.03"),
-        _foreground(env, tmp_path, "forced", "ignores_sigint_and_sigterm.py"),
-        _foreground(env, tmp_path, "completes", "waits_forever.py"),
+        _foreground(env, tmp_path, times_out, "checkpoints_on_sigint.py", "-m", "0.03"),
+        _foreground(env, tmp_path, forced, "ignores_sigint_and_sigterm.py"),
+        _foreground(env, tmp_path, completes, "waits_forever.py"),
     ]
-    for run_id in ("times-out", "forced", "completes"):
+    for run_id in (times_out, forced, completes):
         wait_until(partial(service.store.exists, run_id), what=f"{run_id} to be created")
         wait_for_log(service, run_id, "ready")
     for starter in starters:
         starter.kill()
     for starter in starters:
         starter.wait()
-    service.stop("forced", force=True)
-    service.stop("completes")
-    timed_out = wait_for_end(service, "times-out")
+    service.stop(forced, force=True)
+    service.stop(completes)
+    timed_out = wait_for_end(service, times_out)
     assert (timed_out["status"], timed_out["termination_reason"], timed_out["exit_code"]) == (
         "timed_out",
         "deadline",
         130,
     )
     assert timed_out["latest_checkpoint"] is not None and Path(timed_out["latest_checkpoint"]).exists()
-    killed = wait_for_end(service, "forced")
+    killed = wait_for_end(service, forced)
     assert (killed["status"], killed["termination_reason"], killed["signal"]) == (
         "stopped",
         "stop_requested",
         "SIGKILL",
     )
-    stopped = wait_for_end(service, "completes")
+    stopped = wait_for_end(service, completes)
     assert (stopped["status"], stopped["termination_reason"], stopped["exit_code"]) == (
         "stopped",
         "stop_requested",
         0,
     )
-    assert_nothing_survives("times-out", "forced", "completes")
+    assert_nothing_survives(times_out, forced, completes)
 
 
 def test_a_sigkilled_supervisor_makes_its_run_lost_and_kills_its_daemons_and_grandchildren(
@@ -126,9 +129,10 @@ def _backprop_processes(home: str) -> list[psutil.Process]:
 def test_killing_every_backprop_process_at_once_leaves_truthful_records_and_nothing_running(
     env: dict[str, str], tmp_path: Path
 ) -> None:
+    after = unique_id("after")
     env = {**env, "BACKPROP_MAX_PARALLEL": "2"}
     home = env["BACKPROP_HOME"]
-    run_ids = [f"r{n}" for n in range(5)]
+    run_ids = [unique_id(f"r{n}") for n in range(5)]
     for run_id in run_ids[:4]:
         cli_json(
             env,
@@ -176,7 +180,7 @@ def test_killing_every_backprop_process_at_once_leaves_truthful_records_and_noth
     assert not _backprop_processes(home)
     assert_nothing_survives(*run_ids)
     # Nothing stale: no slot, ticket or lock stops the next run.
-    done = cli_json(env, "run", str(FIXTURES / "counts_and_exits.py"), "--run-id", "after", cwd=tmp_path)
+    done = cli_json(env, "run", str(FIXTURES / "counts_and_exits.py"), "--run-id", after, cwd=tmp_path)
     assert done["status"] == "completed"
     assert not [r for r in cli_json(env, "list")["runs"] if r["status"] in ACTIVE_STATES]
     assert all(r["status"] in TERMINAL_STATES for r in cli_json(env, "list")["runs"])
@@ -204,6 +208,8 @@ def _rpc(
 def test_runs_started_over_mcp_finish_and_are_recorded_after_the_server_is_sigkilled(
     env: dict[str, str], service: Service, tmp_path: Path
 ) -> None:
+    box_id = unique_id("mcp-box")
+    stop_id = unique_id("mcp-stop")
     server = subprocess.Popen(
         [str(Path(sys.executable).parent / "backprop-mcp"), "--root", str(FIXTURES)],
         env=env,
@@ -229,7 +235,7 @@ def test_runs_started_over_mcp_finish_and_are_recorded_after_the_server_is_sigki
         server.stdin.write(json.dumps({"jsonrpc": "2.0", "method": "notifications/initialized"}) + "\n")
         server.stdin.flush()
         for n, (run_id, script, minutes) in enumerate(
-            (("mcp-box", "checkpoints_on_sigint.py", 0.03), ("mcp-stop", "waits_forever.py", 10))
+            ((box_id, "checkpoints_on_sigint.py", 0.03), (stop_id, "waits_forever.py", 10))
         ):
             reply = _rpc(
                 server,
@@ -246,7 +252,7 @@ def test_runs_started_over_mcp_finish_and_are_recorded_after_the_server_is_sigki
                 },
             )
             assert not reply["result"]["isError"], reply  # type: ignore[index]
-        for run_id in ("mcp-box", "mcp-stop"):
+        for run_id in (box_id, stop_id):
             wait_for_log(service, run_id, "ready")
         server.kill()
         server.wait()
@@ -257,11 +263,11 @@ def test_runs_started_over_mcp_finish_and_are_recorded_after_the_server_is_sigki
         for stream in (server.stdin, server.stdout):
             if stream is not None:
                 stream.close()
-    assert service.get("mcp-stop")["status"] == "running"  # the server's death stopped nothing
-    service.stop("mcp-stop")
-    boxed = wait_for_end(service, "mcp-box")
+    assert service.get(stop_id)["status"] == "running"  # the server's death stopped nothing
+    service.stop(stop_id)
+    boxed = wait_for_end(service, box_id)
     assert (boxed["status"], boxed["termination_reason"]) == ("timed_out", "deadline")
     assert boxed["latest_checkpoint"] is not None
-    stopped = wait_for_end(service, "mcp-stop")
+    stopped = wait_for_end(service, stop_id)
     assert (stopped["status"], stopped["termination_reason"]) == ("stopped", "stop_requested")
-    assert_nothing_survives("mcp-box", "mcp-stop")
+    assert_nothing_survives(box_id, stop_id)

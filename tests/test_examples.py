@@ -17,6 +17,7 @@ import pytest
 
 from backprop_mcp.core import contract
 from backprop_mcp.runs.events import CheckpointEvent, DoneEvent, parse_line
+from tests.helpers import unique_id
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "examples" / "train_tiny.py"
@@ -91,7 +92,7 @@ def reap_runs() -> Iterator[None]:
 def contract_env(tmp_path: Path, name: str, **extra: str) -> dict[str, str]:
     run_dir = tmp_path / name
     return {
-        contract.ENV_RUN_ID: name,
+        contract.ENV_RUN_ID: unique_id(name),  # a process of no store: matched by its id alone
         contract.ENV_RUN_DIR: str(run_dir),
         contract.ENV_CHECKPOINT_DIR: str(run_dir / "checkpoints"),
         contract.ENV_ATTEMPT: "1",

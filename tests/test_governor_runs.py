@@ -17,6 +17,7 @@ from tests.helpers import (
     cli_json,
     no_survivors,
     start_at_once,
+    unique_id,
     wait_for_end,
     wait_for_log,
     wait_until,
@@ -213,14 +214,13 @@ def test_sixteen_concurrent_starters_never_exceed_max_parallel(
     marks = tmp_path / "marks"
     marks.mkdir()
     limited = {**env, "BACKPROP_MAX_PARALLEL": "2"}
-    start_at_once(
-        limited, tmp_path, FIXTURES / "records_its_lifetime.py", [f"q{n:02d}" for n in range(16)], str(marks)
-    )
-    records = [wait_for_end(service, f"q{n:02d}", timeout=120) for n in range(16)]
+    run_ids = [unique_id(f"q{n:02d}") for n in range(16)]
+    start_at_once(limited, tmp_path, FIXTURES / "records_its_lifetime.py", run_ids, str(marks))
+    records = [wait_for_end(service, run_id, timeout=120) for run_id in run_ids]
     assert all(r["status"] == "completed" for r in records)
     spans = [
-        (float((marks / f"q{n:02d}.start").read_text()), float((marks / f"q{n:02d}.end").read_text()))
-        for n in range(16)
+        (float((marks / f"{run_id}.start").read_text()), float((marks / f"{run_id}.end").read_text()))
+        for run_id in run_ids
     ]
     for start, _ in spans:
         overlapping = sum(1 for s, e in spans if s <= start < e)

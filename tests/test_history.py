@@ -24,7 +24,7 @@ from backprop_mcp.runs.recorder import Recorder, Series
 from backprop_mcp.runs.requests import RunRequest
 from backprop_mcp.runs.service import Service
 from tests.fault_helpers import start, supervisor_pid
-from tests.helpers import FIXTURES, cli, cli_json, wait_for_end, wait_until
+from tests.helpers import FIXTURES, cli, cli_json, unique_id, wait_for_end, wait_until
 
 # The default answer (3 metrics) of three long runs with six metrics each, compact JSON: about
 # 800 bytes per curve of 50 points (5-digit values, 4-digit steps) and its figures.
@@ -233,71 +233,77 @@ def test_attempts_of_a_script_that_gives_no_steps_follow_one_another(tmp_path: P
 def test_a_loss_that_dips_then_rises_keeps_its_dip_and_compare_ranks_by_best_or_last(
     service: Service, env: dict[str, str]
 ) -> None:
-    _ended(service, "loss_dips_then_rises.py", "dipped", "0.5", "0.1", "0.9")
-    _ended(service, "loss_dips_then_rises.py", "steady", "0.7", "0.5")
-    curve = service.metrics(["dipped"])["runs"][0]["metrics"]["loss"]
+    dipped = unique_id("dipped")
+    steady = unique_id("steady")
+    _ended(service, "loss_dips_then_rises.py", dipped, "0.5", "0.1", "0.9")
+    _ended(service, "loss_dips_then_rises.py", steady, "0.7", "0.5")
+    curve = service.metrics([dipped])["runs"][0]["metrics"]["loss"]
     assert (curve["steps"], curve["values"]) == ([1, 2, 3], [0.5, 0.1, 0.9])
     assert (curve["best"], curve["best_step"], curve["last"], curve["reported"]) == (0.1, 2, 0.9, 3)
-    by_best = service.compare(["dipped", "steady"], by="best")
-    assert by_best["ranked_by"] == "best" and by_best["top_run_id"] == "dipped"
+    by_best = service.compare([dipped, steady], by="best")
+    assert by_best["ranked_by"] == "best" and by_best["top_run_id"] == dipped
     assert [(r["run_id"], r["value"], r["best_value"], r["last_value"]) for r in by_best["runs"]] == [
-        ("dipped", 0.1, 0.1, 0.9),
-        ("steady", 0.5, 0.5, 0.5),
+        (dipped, 0.1, 0.1, 0.9),
+        (steady, 0.5, 0.5, 0.5),
     ]
-    by_last = cli_json(env, "compare", "dipped", "steady", "--by", "last")
-    assert by_last["ranked_by"] == "last" and by_last["top_run_id"] == "steady"
-    assert [(r["run_id"], r["value"]) for r in by_last["runs"]] == [("steady", 0.5), ("dipped", 0.9)]
-    text = cli(env, "compare", "dipped", "steady", "--by", "best")
+    by_last = cli_json(env, "compare", dipped, steady, "--by", "last")
+    assert by_last["ranked_by"] == "last" and by_last["top_run_id"] == steady
+    assert [(r["run_id"], r["value"]) for r in by_last["runs"]] == [(steady, 0.5), (dipped, 0.9)]
+    text = cli(env, "compare", dipped, steady, "--by", "best")
     assert text.returncode == 0, text.stderr
     assert "ranked by the best loss seen" in text.stdout
     assert "best loss 0.1 (last 0.9)" in text.stdout.splitlines()[1]
 
 
 def test_a_flood_of_plain_progress_lines_keeps_the_bound_and_the_true_extremes(service: Service) -> None:
-    _ended(service, "floods_plain_progress_with_a_dip.py", "flood", "50000", "33331", "41117")
-    stored = _stored(service, "flood")["metrics"]["loss"]  # type: ignore[index]
+    flood = unique_id("flood")
+    _ended(service, "floods_plain_progress_with_a_dip.py", flood, "50000", "33331", "41117")
+    stored = _stored(service, flood)["metrics"]["loss"]  # type: ignore[index]
     assert len(stored["steps"]) <= history.MAX_POINTS and stored["reported"] == 50_000
     assert {1, 33_331, 41_117, 50_000} <= set(stored["steps"])
-    curve = service.metrics(["flood"], points=10)["runs"][0]["metrics"]["loss"]
+    curve = service.metrics([flood], points=10)["runs"][0]["metrics"]["loss"]
     assert (curve["best"], curve["best_step"], curve["last_step"]) == (0.001, 33_331, 50_000)
     assert len(curve["steps"]) == 10 and curve["steps"][0] == 1 and 33_331 in curve["steps"]
-    by_best = service.compare(["flood"], by="best")["runs"][0]
+    by_best = service.compare([flood], by="best")["runs"][0]
     assert by_best["best_value"] == 0.001 and not by_best["ended_early"]
 
 
 def test_resumed_attempts_join_on_one_curve_and_a_resume_from_scratch_restarts_it(
     service: Service, env: dict[str, str]
 ) -> None:
-    _ended(service, "trains_from_its_checkpoint.py", "joined", "10", "5")  # steps 1-10, saved at 5
-    service.resume("joined")  # from step 5: steps 6-15, saved at 10
-    assert wait_for_end(service, "joined")["status"] == "completed"
-    answer = service.metrics(["joined"], metrics=["loss", "val_loss"])["runs"][0]
+    joined = unique_id("joined")
+    _ended(service, "trains_from_its_checkpoint.py", joined, "10", "5")  # steps 1-10, saved at 5
+    service.resume(joined)  # from step 5: steps 6-15, saved at 10
+    assert wait_for_end(service, joined)["status"] == "completed"
+    answer = service.metrics([joined], metrics=["loss", "val_loss"])["runs"][0]
     loss, val = answer["metrics"]["loss"], answer["metrics"]["val_loss"]
     assert loss["steps"] == list(range(1, 16)) and answer["joins"] == [6]
     assert loss["values"] == [101, 102, 103, 104, 105, *range(206, 216)]
     assert val["steps"] == [2, 4, 6, 8, 10, 12, 14]
     assert val["values"] == [102.5, 104.5, 206.5, 208.5, 210.5, 212.5, 214.5]
     assert loss["reported"] == 20 and loss["best"] == 101
-    table = cli(env, "metrics", "joined")
+    table = cli(env, "metrics", joined)
     assert table.returncode == 0, table.stderr
     assert "| a resumed attempt joins at step 6" in table.stdout and "|" in table.stdout.splitlines()[2]
-    service.resume("joined", from_scratch=True)  # steps 1-10 again
-    assert wait_for_end(service, "joined")["status"] == "completed"
-    restarted = service.metrics(["joined"])["runs"][0]
+    service.resume(joined, from_scratch=True)  # steps 1-10 again
+    assert wait_for_end(service, joined)["status"] == "completed"
+    restarted = service.metrics([joined])["runs"][0]
     assert restarted["metrics"]["loss"]["values"] == list(range(301, 311)) and restarted["joins"] == []
 
 
 def test_a_metric_without_a_step_takes_the_last_step_seen_and_a_script_without_steps_is_counted(
     service: Service,
 ) -> None:
+    stepped = unique_id("stepped")
+    counted = unique_id("counted")
     lines = [
         {"event": "progress", "step": 10, "loss": 0.5},
         {"event": "metric", "name": "val_loss", "value": 0.7},
         {"event": "metric", "name": "acc", "value": 0.2, "step": 12},
         {"event": "done", "metrics": {"final": 1.0}},
     ]
-    _ended(service, "prints_each_argument_as_a_line.py", "stepped", *map(json.dumps, lines))
-    got = service.metrics(["stepped"], metrics=["loss", "val_loss", "acc", "final"])["runs"][0]["metrics"]
+    _ended(service, "prints_each_argument_as_a_line.py", stepped, *map(json.dumps, lines))
+    got = service.metrics([stepped], metrics=["loss", "val_loss", "acc", "final"])["runs"][0]["metrics"]
     assert {name: (s["steps"], s["values"]) for name, s in got.items()} == {
         "loss": ([10], [0.5]),
         "val_loss": ([10], [0.7]),
@@ -305,8 +311,8 @@ def test_a_metric_without_a_step_takes_the_last_step_seen_and_a_script_without_s
         "final": ([12], [1]),
     }
     stepless = [{"loss": 0.9}, {"loss": 0.8}, {"event": "metric", "name": "val_loss", "value": 0.85}]
-    _ended(service, "prints_each_argument_as_a_line.py", "counted", *map(json.dumps, stepless))
-    got = service.metrics(["counted"], metrics=["loss", "val_loss"])["runs"][0]["metrics"]
+    _ended(service, "prints_each_argument_as_a_line.py", counted, *map(json.dumps, stepless))
+    got = service.metrics([counted], metrics=["loss", "val_loss"])["runs"][0]["metrics"]
     assert (got["loss"]["steps"], got["val_loss"]["steps"]) == ([1, 2], [3])
 
 
@@ -317,11 +323,12 @@ def test_the_history_keeps_as_many_names_as_the_record_and_the_loss() -> None:
 
 
 def test_metric_names_are_bounded_and_the_rest_is_counted(service: Service) -> None:
+    run_id = unique_id("names")
     lines = [json.dumps({"event": "metric", "name": f"m{i:03d}", "value": i, "step": i}) for i in range(100)]
-    _ended(service, "prints_each_argument_as_a_line.py", "names", json.dumps({"step": 0, "loss": 1}), *lines)
-    names = history.names(service.store, service.get("names"))
+    _ended(service, "prints_each_argument_as_a_line.py", run_id, json.dumps({"step": 0, "loss": 1}), *lines)
+    names = history.names(service.store, service.get(run_id))
     assert len(names) == history.MAX_NAMES and names[0] == "loss"
-    answer = service.metrics(["names"], metrics=["m099"])["runs"][0]
+    answer = service.metrics([run_id], metrics=["m099"])["runs"][0]
     assert answer["missing"] == ["m099"] and len(answer["available"]) == history.MAX_NAMES
     assert "36 value(s) of metrics past the first 65 names were not kept" in answer["note"]
 
@@ -329,31 +336,35 @@ def test_metric_names_are_bounded_and_the_rest_is_counted(service: Service) -> N
 def test_a_corrupt_newer_or_missing_history_falls_back_to_the_last_values_and_says_so(
     service: Service, env: dict[str, str]
 ) -> None:
-    _ended(service, "loss_dips_then_rises.py", "damaged", "0.5", "0.1", "0.9")
-    path = service.store.run_dir("damaged") / "history" / "1.json"
+    damaged = unique_id("damaged")
+    _ended(service, "loss_dips_then_rises.py", damaged, "0.5", "0.1", "0.9")
+    path = service.store.run_dir(damaged) / "history" / "1.json"
     path.write_bytes(b'{"schema_version": 1, "metrics": [')
-    answer = service.metrics(["damaged"])["runs"][0]
+    answer = service.metrics([damaged])["runs"][0]
     assert "corrupt" in answer["note"] and "moved to" in answer["note"] and "last values" in answer["note"]
     assert answer["metrics"]["loss"]["values"] == [0.9] and answer["metrics"]["loss"]["best"] == 0.9
     assert not path.exists() and list(path.parent.glob("1.json.corrupt-*"))
-    assert service.compare(["damaged"], by="best")["runs"][0]["best_value"] == 0.9
+    assert service.compare([damaged], by="best")["runs"][0]["best_value"] == 0.9
     path.write_text(json.dumps({"schema_version": 99}), encoding="utf-8")
-    newer = service.metrics(["damaged"])["runs"][0]
+    newer = service.metrics([damaged])["runs"][0]
     assert "newer backprop" in newer["note"] and path.exists()
     path.unlink()
-    text = cli(env, "metrics", "damaged")
+    text = cli(env, "metrics", damaged)
     assert text.returncode == 0 and "Traceback" not in text.stderr
     assert "no metric history was recorded (the run predates it)" in text.stdout
-    status = cli(env, "status", "damaged")
+    status = cli(env, "status", damaged)
     assert status.returncode == 0 and "Traceback" not in status.stderr
 
 
 def test_the_metrics_answer_of_three_long_runs_stays_within_its_budget(service: Service) -> None:
-    for run_id in ("long-1", "long-2", "long-3"):
+    long_1 = unique_id("long-1")
+    long_2 = unique_id("long-2")
+    long_3 = unique_id("long-3")
+    for run_id in (long_1, long_2, long_3):
         _run(service, "reports_six_metrics.py", run_id, "3000")
-    for run_id in ("long-1", "long-2", "long-3"):
+    for run_id in (long_1, long_2, long_3):
         assert wait_for_end(service, run_id)["status"] == "completed"
-    ids = ["long-1", "long-2", "long-3"]
+    ids = [long_1, long_2, long_3]
     answer = service.metrics(ids)
     assert [list(run["metrics"]) for run in answer["runs"]] == [["loss", "acc", "val_loss"]] * 3
     assert all(len(s["steps"]) == 50 for run in answer["runs"] for s in run["metrics"].values())
@@ -386,8 +397,9 @@ def test_the_history_is_written_when_a_run_is_stopped_and_survives_its_superviso
 
 
 def test_the_history_files_are_private(service: Service) -> None:
-    _ended(service, "loss_dips_then_rises.py", "private")
-    folder = service.store.run_dir("private") / "history"
+    private = unique_id("private")
+    _ended(service, "loss_dips_then_rises.py", private)
+    folder = service.store.run_dir(private) / "history"
     assert (folder.stat().st_mode & 0o777, (folder / "1.json").stat().st_mode & 0o777) == (0o700, 0o600)
 
 
@@ -397,10 +409,11 @@ def test_the_history_files_are_private(service: Service) -> None:
 def test_comparing_on_a_metric_no_run_reported_names_the_ones_they_did(
     service: Service, env: dict[str, str]
 ) -> None:
-    _ended(service, "counts_and_exits.py", "counted", "3")
+    counted = unique_id("counted")
+    _ended(service, "counts_and_exits.py", counted, "3")
     with pytest.raises(UsageError, match=r"no run of these reported the metric 'val_acc'.*: loss, acc"):
-        service.compare(["counted"], metric="val_acc")
-    result = cli(env, "compare", "counted", "--metric", "val_acc")
+        service.compare([counted], metric="val_acc")
+    result = cli(env, "compare", counted, "--metric", "val_acc")
     assert result.returncode == 2 and "they reported: loss, acc" in result.stderr
     assert "Traceback" not in result.stderr
 
@@ -426,11 +439,12 @@ def test_bad_arguments_to_metrics_are_clear_errors(
 
 
 def test_the_cli_shows_a_metrics_table_and_a_curve_in_status(service: Service, env: dict[str, str]) -> None:
-    _ended(service, "counts_and_exits.py", "shown", "8")
-    table = cli(env, "metrics", "shown", "--metric", "loss", "--metric", "acc", "--metric", "nope")
+    shown = unique_id("shown")
+    _ended(service, "counts_and_exits.py", shown, "8")
+    table = cli(env, "metrics", shown, "--metric", "loss", "--metric", "acc", "--metric", "nope")
     assert table.returncode == 0, table.stderr
     lines = table.stdout.splitlines()
-    assert lines[0] == "shown" and lines[1].split() == [
+    assert lines[0] == shown and lines[1].split() == [
         "METRIC",
         "LAST",
         "BEST",
@@ -442,10 +456,10 @@ def test_the_cli_shows_a_metrics_table_and_a_curve_in_status(service: Service, e
     assert lines[2].split() == ["loss", "0.125", "0.125", "@", "8", "8", "█▄▃▂▂▁▁▁"]
     assert lines[3].split()[:5] == ["acc", "1", "1", "@", "8"]
     assert "not reported: nope (it reported: loss, acc)" in lines[4]
-    as_json = cli_json(env, "metrics", "shown", "--points", "3")
+    as_json = cli_json(env, "metrics", shown, "--points", "3")
     assert as_json["runs"][0]["metrics"]["loss"]["steps"] == [1, 5, 8]
-    status = cli(env, "status", "shown")
+    status = cli(env, "status", shown)
     assert status.returncode == 0, status.stderr
     assert "curve      loss █▄▃▂▂▁▁▁  best 0.125 @ 8" in status.stdout
-    bad = cli(env, "metrics", "shown", "--points", "0")
+    bad = cli(env, "metrics", shown, "--points", "0")
     assert bad.returncode == 2 and "points must be a whole number from 1 to 1000" in bad.stderr

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import FIXTURES, cli, cli_json
+from tests.helpers import FIXTURES, cli, cli_json, unique_id
 
 SCRIPT = str(FIXTURES / "counts_and_exits.py")
 
@@ -17,9 +17,10 @@ SCRIPT = str(FIXTURES / "counts_and_exits.py")
 @pytest.fixture
 def finished(env: dict[str, str], tmp_path: Path) -> str:
     """A run that completed, with a checkpoint, started from tmp_path."""
-    record = cli_json(env, "run", SCRIPT, "--run-id", "r1", cwd=tmp_path)
+    run_id = unique_id("r1")
+    record = cli_json(env, "run", SCRIPT, "--run-id", run_id, cwd=tmp_path)
     assert record["status"] == "completed"
-    return "r1"
+    return run_id
 
 
 def _events(env: dict[str, str], run_id: str) -> bytes:
@@ -48,6 +49,7 @@ def test_a_path_option_that_names_nothing_usable_is_refused_up_front_and_nothing
     env: dict[str, str], tmp_path: Path, finished: str, argv: list[str], message: str
 ) -> None:
     (tmp_path / "a-file").write_text("not a folder, not a program\n", encoding="utf-8")
+    argv = [finished if arg == "r1" else arg for arg in argv]  # the finished run's own id
     record_before = cli_json(env, "status", finished)
     events_before = _events(env, finished)
     done = cli(env, *argv, cwd=tmp_path)
@@ -81,12 +83,22 @@ def test_resume_cwd_is_taken_relative_to_the_callers_folder(
 def test_a_relative_interpreter_is_taken_from_the_scripts_folder_and_stored_absolute(
     env: dict[str, str], tmp_path: Path
 ) -> None:
+    run_id = unique_id("v")
     import sys
 
     venv = tmp_path / "project" / ".venv" / "bin"
     venv.mkdir(parents=True)
     (venv / "python").symlink_to(sys.executable)
     record = cli_json(
-        env, "run", SCRIPT, "--cwd", "project", "--python", ".venv/bin/python", "--run-id", "v", cwd=tmp_path
+        env,
+        "run",
+        SCRIPT,
+        "--cwd",
+        "project",
+        "--python",
+        ".venv/bin/python",
+        "--run-id",
+        run_id,
+        cwd=tmp_path,
     )
     assert (record["status"], record["python"]) == ("completed", str(venv / "python"))

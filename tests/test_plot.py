@@ -29,7 +29,7 @@ from backprop_mcp.runs.requests import RunRequest
 from backprop_mcp.runs.service import Service
 from backprop_mcp.sweeps.curves import trials_to_plot
 from backprop_mcp.sweeps.shapes import SweepRecord, Trial
-from tests.helpers import FIXTURES, cli, wait_for_end
+from tests.helpers import FIXTURES, cli, unique_id, wait_for_end
 from tests.test_mcp_stdio import server_command
 
 pytestmark = pytest.mark.skipif(
@@ -129,29 +129,31 @@ def _assert_a_plot(image: Any, colours: Sequence[Sequence[int]]) -> None:
 def test_a_resumed_run_is_drawn_with_its_join_and_a_second_run_beside_it(
     service: Service, env: dict[str, str], tmp_path: Path
 ) -> None:
-    _finished(service, "first", TINY, "--lr", "0.01", "--width", "64", "--steps", "20")
-    _resumed(service, "first", "--lr", "0.01", "--width", "64", "--steps", "40")  # from step 20
-    _finished(service, "second", TINY, "--lr", "0.1", "--width", "16", "--steps", "30")
+    first = unique_id("first")
+    second = unique_id("second")
+    _finished(service, first, TINY, "--lr", "0.01", "--width", "64", "--steps", "20")
+    _resumed(service, first, "--lr", "0.01", "--width", "64", "--steps", "40")  # from step 20
+    _finished(service, second, TINY, "--lr", "0.1", "--width", "16", "--steps", "30")
 
     out = tmp_path / "curves.png"
-    done = cli(env, "plot", "first", "second", "-o", str(out), cwd=tmp_path)
+    done = cli(env, "plot", first, second, "-o", str(out), cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == str(out) and done.stderr == ""
     both = _picture(out.read_bytes())
     _assert_a_plot(both, [BLUE, ORANGE])
     # The default panels: the loss and the validation metrics the fixture reports.
-    shown = cli(env, "plot", "first", "second", "-o", str(out), "--json", cwd=tmp_path)
+    shown = cli(env, "plot", first, second, "-o", str(out), "--json", cwd=tmp_path)
     assert shown.returncode == 0, shown.stderr
     answer = json.loads(shown.stdout)
-    assert answer["metrics"] == ["loss", "val_loss", "val_acc"] and answer["runs"] == ["first", "second"]
-    assert answer["joins"] == {"first": [21]} and answer["notes"] == [] and answer["path"] == str(out)
-    assert type(answer["joins"]["first"][0]) is int  # a step, as get_metrics and plot_metrics give it
+    assert answer["metrics"] == ["loss", "val_loss", "val_acc"] and answer["runs"] == [first, second]
+    assert answer["joins"] == {first: [21]} and answer["notes"] == [] and answer["path"] == str(out)
+    assert type(answer["joins"][first][0]) is int  # a step, as get_metrics and plot_metrics give it
     assert answer["bytes"] == out.stat().st_size and (answer["width"], answer["height"]) == both.size
 
     # One panel of the resumed run: its curve spans steps 1 to 40, and the dashed line of its
     # colour stands where step 21 falls.
     alone = tmp_path / "loss.png"
-    assert cli(env, "plot", "first", "--metric", "loss", "-o", str(alone)).returncode == 0
+    assert cli(env, "plot", first, "--metric", "loss", "-o", str(alone)).returncode == 0
     image = _picture(alone.read_bytes())
     columns = _columns(image, BLUE, _panel_rows(image))
     left, right = min(columns), max(columns)
@@ -163,7 +165,7 @@ def test_a_resumed_run_is_drawn_with_its_join_and_a_second_run_beside_it(
     assert len(columns.get(quarter, [])) < MIN_JOIN_PIXELS // 4
 
     # The loss falls and val_acc rises: the metric asked for is the one drawn.
-    assert _rises(cli_picture(env, tmp_path, "first", "--metric", "val_acc"))
+    assert _rises(cli_picture(env, tmp_path, first, "--metric", "val_acc"))
     assert not _rises(image)
 
 
@@ -184,39 +186,41 @@ def _rises(image: Any) -> bool:
 def test_each_run_is_drawn_only_where_it_has_a_curve_and_a_restart_from_scratch_is_said(
     service: Service, env: dict[str, str], tmp_path: Path
 ) -> None:
+    resumed = unique_id("resumed")
+    other = unique_id("other")
     resumable = FIXTURES / "trains_from_its_checkpoint.py"  # loss, and val_loss every second step
-    _finished(service, "resumed", resumable, "10", "5")
-    _resumed(service, "resumed", "10", "5")  # from step 5: steps 6-15
+    _finished(service, resumed, resumable, "10", "5")
+    _resumed(service, resumed, "10", "5")  # from step 5: steps 6-15
     lines = [json.dumps({"step": n, "loss": 1 / n, "metrics": {"val_acc": n / 15}}) for n in range(1, 16)]
-    _finished(service, "other", FIXTURES / "prints_each_argument_as_a_line.py", *lines)
+    _finished(service, other, FIXTURES / "prints_each_argument_as_a_line.py", *lines)
 
     # The resumed run has no val_acc: its join's dashed line (its colour) stays out of that panel.
     out = tmp_path / "acc.png"
-    done = cli(env, "plot", "resumed", "other", "--metric", "val_acc", "-o", str(out))
+    done = cli(env, "plot", resumed, other, "--metric", "val_acc", "-o", str(out))
     assert done.returncode == 0, done.stderr
-    assert done.stderr == "backprop: note: resumed did not report val_acc\n"
+    assert done.stderr == f"backprop: note: {resumed} did not report val_acc\n"
     image = _picture(out.read_bytes())
     assert _pixels(image, ORANGE) >= MIN_LINE_PIXELS
     assert not _columns(image, BLUE, _panel_rows(image)), "a line of a run the panel has no curve of"
 
     # Restarted from scratch for one step: only the loss is on its curve now (val_loss came every
     # second step of the attempts before), and the plot says why the rest is gone.
-    service.resume("resumed", args=["1", "1"], from_scratch=True)
-    assert wait_for_end(service, "resumed", timeout=SESSION_SECONDS)["status"] == "completed"
-    shown = cli(env, "plot", "resumed", "-o", str(out), "--json")
+    service.resume(resumed, args=["1", "1"], from_scratch=True)
+    assert wait_for_end(service, resumed, timeout=SESSION_SECONDS)["status"] == "completed"
+    shown = cli(env, "plot", resumed, "-o", str(out), "--json")
     assert shown.returncode == 0, shown.stderr
     answer = json.loads(shown.stdout)
     assert answer["metrics"] == ["loss"] and answer["joins"] == {}, answer
     assert answer["notes"] == [
-        "resumed: attempt 3 started from scratch; the attempts before it are not drawn"
+        f"{resumed}: attempt 3 started from scratch; the attempts before it are not drawn"
     ]
-    metrics = service.metrics(["resumed"])["runs"][0]
+    metrics = service.metrics([resumed])["runs"][0]
     assert list(metrics["metrics"]) == ["loss"] and not metrics["missing"], metrics
     assert metrics["note"] == "attempt 3 started from scratch; the attempts before it are not on the curve"
 
 
 def test_curves_of_noise_stay_a_few_tens_of_kb(service: Service, env: dict[str, str], tmp_path: Path) -> None:
-    ids = [f"noisy-{seed}" for seed in range(1, 4)]
+    ids = [unique_id(f"noisy-{seed}") for seed in range(1, 4)]
     for seed, run_id in enumerate(ids, start=1):
         _start(service, run_id, FIXTURES / "reports_six_noisy_metrics.py", str(seed))
     for run_id in ids:
@@ -234,6 +238,8 @@ def test_curves_of_noise_stay_a_few_tens_of_kb(service: Service, env: dict[str, 
 def test_a_sweeps_trials_are_drawn_named_by_their_params(
     service: Service, env: dict[str, str], tmp_path: Path
 ) -> None:
+    sw = unique_id("sw")
+    baseline = unique_id("baseline")
     script = tmp_path / "sweep.py"
     shutil.copy(TINY, script)
     swept = cli(
@@ -245,7 +251,7 @@ def test_a_sweeps_trials_are_drawn_named_by_their_params(
         "--metric",
         "val_loss",
         "--sweep-id",
-        "sw",
+        sw,
         "--",
         "--steps",
         "10",
@@ -254,15 +260,15 @@ def test_a_sweeps_trials_are_drawn_named_by_their_params(
     )
     assert swept.returncode == 0, swept.stdout + swept.stderr
     out = tmp_path / "sweep.png"
-    done = cli(env, "plot", "--sweep", "sw", "-o", str(out), "--json")
+    done = cli(env, "plot", "--sweep", sw, "-o", str(out), "--json")
     assert done.returncode == 0, done.stderr
     answer = json.loads(done.stdout)
-    assert answer["runs"] == ["sw-t1", "sw-t2"] and answer["metrics"][0] == "val_loss", answer
+    assert answer["runs"] == [f"{sw}-t1", f"{sw}-t2"] and answer["metrics"][0] == "val_loss", answer
     _assert_a_plot(_picture(out.read_bytes()), [BLUE, ORANGE])
     # A run beside the sweep's trials, in one picture.
-    _finished(service, "baseline", TINY, "--steps", "10")
-    both = cli(env, "plot", "baseline", "--sweep", "sw", "-o", str(out), "--json")
-    assert json.loads(both.stdout)["runs"] == ["baseline", "sw-t1", "sw-t2"], both.stderr
+    _finished(service, baseline, TINY, "--steps", "10")
+    both = cli(env, "plot", baseline, "--sweep", sw, "-o", str(out), "--json")
+    assert json.loads(both.stdout)["runs"] == [baseline, f"{sw}-t1", f"{sw}-t2"], both.stderr
 
 
 def _trial(number: int, objective: float | None, status: str = "completed") -> Trial:
@@ -292,8 +298,10 @@ def test_a_sweep_of_more_trials_than_a_plot_holds_draws_its_best_and_says_so() -
 def test_bad_inputs_are_clear_errors_that_name_what_exists(
     service: Service, env: dict[str, str], tmp_path: Path
 ) -> None:
-    _finished(service, "good", TINY, "--steps", "5")
-    _finished(service, "silent", FIXTURES / "prints_each_argument_as_a_line.py", "not", "events")
+    good = unique_id("good")
+    silent = unique_id("silent")
+    _finished(service, good, TINY, "--steps", "5")
+    _finished(service, silent, FIXTURES / "prints_each_argument_as_a_line.py", "not", "events")
     out = tmp_path / "x.png"
 
     def refused(*args: str) -> str:
@@ -303,36 +311,37 @@ def test_bad_inputs_are_clear_errors_that_name_what_exists(
         assert not out.exists()
         return done.stderr
 
-    assert "no run with these 2 ids: 'nope', 'gone'" in refused("good", "nope", "gone", "-o", str(out))
+    assert "no run with these 2 ids: 'nope', 'gone'" in refused(good, "nope", "gone", "-o", str(out))
     assert "no run reported 'val_f1'; they reported: loss, val_loss, val_acc" in refused(
-        "good", "--metric", "val_f1", "-o", str(out)
+        good, "--metric", "val_f1", "-o", str(out)
     )
-    assert "nothing to draw: silent: the script reported no metrics" in refused("silent", "-o", str(out))
+    assert f"nothing to draw: {silent}: the script reported no metrics" in refused(silent, "-o", str(out))
     assert "give the run ids to plot, or --sweep SWEEP_ID" in refused("-o", str(out))
     assert "no sweep with id 'nosuch'" in refused("--sweep", "nosuch", "-o", str(out))
-    assert "give a name ending in .png, got 'x.jpg'" in refused("good", "-o", "x.jpg")
+    assert "give a name ending in .png, got 'x.jpg'" in refused(good, "-o", "x.jpg")
     (tmp_path / "folder.png").mkdir()
-    assert "is a folder" in refused("good", "-o", str(tmp_path / "folder.png"))
-    assert "cannot write the plot to" in refused("good", "-o", str(tmp_path / "missing" / "x.png"))
+    assert "is a folder" in refused(good, "-o", str(tmp_path / "folder.png"))
+    assert "cannot write the plot to" in refused(good, "-o", str(tmp_path / "missing" / "x.png"))
     (tmp_path / "file").write_text("", encoding="utf-8")
-    assert "Not a directory" in refused("good", "-o", str(tmp_path / "file" / "x.png"))
+    assert "Not a directory" in refused(good, "-o", str(tmp_path / "file" / "x.png"))
     # A name as long as a file's name may be is written (no longer name is made of it on the way).
     longest = tmp_path / ("n" * (NAME_MAX - len(".png")) + ".png")
-    assert cli(env, "plot", "good", "-o", str(longest)).returncode == 0 and longest.exists()
+    assert cli(env, "plot", good, "-o", str(longest)).returncode == 0 and longest.exists()
     assert f"plot at most {MAX_PLOT_RUNS} runs at once, got 21" in refused(
         *[f"r{n}" for n in range(21)], "-o", str(out)
     )
     seven = [arg for n in range(7) for arg in ("--metric", f"m{n}")]
-    assert "plot at most 6 metrics at once" in refused("good", *seven, "-o", str(out))
+    assert "plot at most 6 metrics at once" in refused(good, *seven, "-o", str(out))
     # A run without metrics beside one with them: the one is drawn, the other named.
-    done = cli(env, "plot", "good", "silent", "-o", str(out))
-    assert done.returncode == 0 and "silent: the script reported no metrics; not drawn" in done.stderr
-    assert service.get("good")["status"] == "completed"  # nothing stored was touched
+    done = cli(env, "plot", good, silent, "-o", str(out))
+    assert done.returncode == 0 and f"{silent}: the script reported no metrics; not drawn" in done.stderr
+    assert service.get(good)["status"] == "completed"  # nothing stored was touched
 
 
 def test_names_matplotlib_would_read_as_math_or_controls_are_drawn_as_text(
     service: Service, env: dict[str, str], tmp_path: Path
 ) -> None:
+    odd = unique_id("odd")
     script = tmp_path / "odd_names.py"
     script.write_text(
         "import json\n"
@@ -341,14 +350,14 @@ def test_names_matplotlib_would_read_as_math_or_controls_are_drawn_as_text(
         '    print(json.dumps({"step": step, "loss": 1 / step, "metrics": metrics}))\n',
         encoding="utf-8",
     )
-    service.start(RunRequest(script=str(script), run_id="odd", name="$\\frac{$ \x1b[31mred"))
-    assert wait_for_end(service, "odd", timeout=SESSION_SECONDS)["status"] == "completed"
+    service.start(RunRequest(script=str(script), run_id=odd, name="$\\frac{$ \x1b[31mred"))
+    assert wait_for_end(service, odd, timeout=SESSION_SECONDS)["status"] == "completed"
     out = tmp_path / "odd.png"
-    done = cli(env, "plot", "odd", "--metric", "lr$\\bad$", "--metric", "a\u202eb", "-o", str(out))
+    done = cli(env, "plot", odd, "--metric", "lr$\\bad$", "--metric", "a\u202eb", "-o", str(out))
     assert done.returncode == 0, done.stderr
     _assert_a_plot(_picture(out.read_bytes()), [BLUE])
     # A character matplotlib's fonts lack is drawn as a box and said as a note, not a Python warning.
-    done = cli(env, "plot", "odd", "--metric", "\U0001f525 f1", "-o", str(out))
+    done = cli(env, "plot", odd, "--metric", "\U0001f525 f1", "-o", str(out))
     assert done.returncode == 0, done.stderr
     assert done.stderr.startswith("backprop: note: matplotlib: Glyph 128293") and "Warning" not in done.stderr
 
@@ -356,6 +365,7 @@ def test_names_matplotlib_would_read_as_math_or_controls_are_drawn_as_text(
 def test_values_beyond_what_matplotlib_can_lay_out_are_drawn_at_a_limit_and_said(
     service: Service, env: dict[str, str], tmp_path: Path
 ) -> None:
+    diverged = unique_id("diverged")
     script = tmp_path / "diverges.py"
     script.write_text(
         "import json\n"
@@ -363,12 +373,14 @@ def test_values_beyond_what_matplotlib_can_lay_out_are_drawn_at_a_limit_and_said
         '    print(json.dumps({"step": step * 10**15, "loss": loss, "metrics": {"tiny": 5e-324 * step}}))\n',
         encoding="utf-8",
     )
-    _start(service, "diverged", script)
-    assert wait_for_end(service, "diverged", timeout=SESSION_SECONDS)["status"] == "completed"
+    _start(service, diverged, script)
+    assert wait_for_end(service, diverged, timeout=SESSION_SECONDS)["status"] == "completed"
     out = tmp_path / "diverged.png"
-    done = cli(env, "plot", "diverged", "--metric", "loss", "--metric", "tiny", "-o", str(out))
+    done = cli(env, "plot", diverged, "--metric", "loss", "--metric", "tiny", "-o", str(out))
     assert done.returncode == 0, done.stderr
-    assert done.stderr == "backprop: note: diverged: values of loss beyond ±1e+100 are drawn at the limit\n"
+    assert (
+        done.stderr == f"backprop: note: {diverged}: values of loss beyond ±1e+100 are drawn at the limit\n"
+    )
     _assert_a_plot(_picture(out.read_bytes()), [BLUE])
 
 
@@ -388,13 +400,14 @@ def _without_matplotlib(env: dict[str, str], tmp_path: Path) -> dict[str, str]:
 def test_without_matplotlib_the_command_names_the_extra_and_exits_2(
     service: Service, env: dict[str, str], tmp_path: Path
 ) -> None:
-    _finished(service, "good", TINY, "--steps", "5")
-    done = cli(_without_matplotlib(env, tmp_path), "plot", "good", "-o", str(tmp_path / "x.png"))
+    good = unique_id("good")
+    _finished(service, good, TINY, "--steps", "5")
+    done = cli(_without_matplotlib(env, tmp_path), "plot", good, "-o", str(tmp_path / "x.png"))
     assert done.returncode == 2, done.stderr
     assert f"drawing curves needs matplotlib, which is not installed: {PLOT_EXTRA}" in done.stderr
     assert "Traceback" not in done.stderr and not (tmp_path / "x.png").exists()
     # The shim does hide it: the same child without the shim draws.
-    assert cli(env, "plot", "good", "-o", str(tmp_path / "x.png")).returncode == 0
+    assert cli(env, "plot", good, "-o", str(tmp_path / "x.png")).returncode == 0
 
 
 # -- the MCP tool over stdio --------------------------------------------------------------------------
@@ -411,21 +424,20 @@ def _server(env: dict[str, str], tmp_path: Path) -> StdioServerParameters:
 async def test_plot_metrics_answers_a_real_client_with_a_small_png_and_names_the_extra_without_it(
     service: Service, env: dict[str, str], tmp_path: Path
 ) -> None:
-    ids = [f"rate-{n}" for n in range(5)]
+    sw = unique_id("sw")
+    ids = [unique_id(f"rate-{n}") for n in range(5)]
     for n, run_id in enumerate(ids):
         _start(service, run_id, FIXTURES / "reports_four_metrics_by_rate.py", "--rate", str(0.01 * 3**n))
     for run_id in ids:
         assert wait_for_end(service, run_id, timeout=SESSION_SECONDS)["status"] == "completed"
     script = tmp_path / "sweep.py"
     shutil.copy(TINY, script)
-    swept = cli(
-        env, "sweep", str(script), "--param", "lr=0.1,0.01", "--metric", "val_loss", "--sweep-id", "sw"
-    )
+    swept = cli(env, "sweep", str(script), "--param", "lr=0.1,0.01", "--metric", "val_loss", "--sweep-id", sw)
     assert swept.returncode == 0, swept.stdout + swept.stderr
     with anyio.fail_after(SESSION_SECONDS):
         async with Client(_server(env, tmp_path), mode="legacy") as client:
             result = await client.call_tool("plot_metrics", {"run_ids": ids})
-            trials = await client.call_tool("plot_metrics", {"sweep": "sw", "run_ids": ids[0]})
+            trials = await client.call_tool("plot_metrics", {"sweep": sw, "run_ids": ids[0]})
             no_sweep = await client.call_tool("plot_metrics", {"sweep": "nosuch"})
             one = await client.call_tool("plot_metrics", {"run_ids": ids[0], "metrics": ["acc"]})
             unknown = await client.call_tool("plot_metrics", {"run_ids": [ids[0], "nope"]})
@@ -451,7 +463,7 @@ async def test_plot_metrics_answers_a_real_client_with_a_small_png_and_names_the
     assert not one.is_error and isinstance(one.content[0], ImageContent)
     assert json.loads(one.content[1].text)["metrics"] == ["acc"]  # type: ignore[union-attr]
     assert not trials.is_error and isinstance(trials.content[0], ImageContent)
-    assert json.loads(trials.content[1].text)["runs"] == [ids[0], "sw-t1", "sw-t2"]  # type: ignore[union-attr]
+    assert json.loads(trials.content[1].text)["runs"] == [ids[0], f"{sw}-t1", f"{sw}-t2"]  # type: ignore[union-attr]
     errors = {
         "unknown": (unknown, "no run with id 'nope'"),
         "no_metric": (no_metric, "no run reported 'f1'; they reported: loss, val_loss, val_acc, acc"),

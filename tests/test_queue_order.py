@@ -18,7 +18,7 @@ from backprop_mcp.governor.admission import Admission
 from backprop_mcp.runs.requests import RunRequest
 from backprop_mcp.runs.service import Service
 from tests.fault_helpers import start
-from tests.helpers import FIXTURES, cli, isolated_env, wait_for_end, wait_for_log
+from tests.helpers import FIXTURES, cli, isolated_env, unique_id, wait_for_end, wait_for_log
 
 # Enough runs that supervisors starting in parallel would overtake each other now and then.
 QUEUED_RUNS = 5
@@ -100,6 +100,7 @@ def test_a_resumed_run_is_queued_behind_those_submitted_before_it(
 def test_a_launch_that_fails_after_taking_its_place_leaves_no_ticket(
     one_slot: tuple[Service, dict[str, str], str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    never = unique_id("never")
     service, _, _ = one_slot
     spawned: list[subprocess.Popen[bytes]] = []
     real_spawn = local.spawn_supervisor
@@ -114,11 +115,11 @@ def test_a_launch_that_fails_after_taking_its_place_leaves_no_ticket(
     monkeypatch.setattr(local, "spawn_supervisor", spawn)
     monkeypatch.setattr(local, "release", broken_pipe)
     with pytest.raises(StoreError):
-        service.start(RunRequest(script=str(FIXTURES / "counts_and_exits.py"), run_id="never"))
+        service.start(RunRequest(script=str(FIXTURES / "counts_and_exits.py"), run_id=never))
     # Gone at once, not only once a later look at the queue finds its process dead.
-    assert not (service.store.governor_dir / "queue" / "never.json").exists()
+    assert not (service.store.governor_dir / "queue" / f"{never}.json").exists()
     assert spawned[0].returncode == 0
-    assert not service.store.exists("never")
+    assert not service.store.exists(never)
 
 
 def test_a_queue_the_starter_cannot_join_does_not_fail_the_start(
@@ -126,17 +127,16 @@ def test_a_queue_the_starter_cannot_join_does_not_fail_the_start(
 ) -> None:
     """A full disk or a broken lock at launch: the supervisor joins by itself (and, while the queue
     stays unusable, retries and says so; see test_states), as before tickets were taken at launch."""
+    late = unique_id("late")
 
     def no_room(self: Admission, run_id: str, pid: int, started: float) -> None:
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(Admission, "join", no_room)  # in this process only: not the supervisor's
-    record = service.start(
-        RunRequest(script=str(FIXTURES / "counts_and_exits.py"), run_id="late", args=["1"])
-    )
-    assert record["run_id"] == "late"
+    record = service.start(RunRequest(script=str(FIXTURES / "counts_and_exits.py"), run_id=late, args=["1"]))
+    assert record["run_id"] == late
     assert "could not take its place in the run queue now (No space left on device)" in caplog.text
-    assert wait_for_end(service, "late")["status"] == "completed"
+    assert wait_for_end(service, late)["status"] == "completed"
 
 
 def test_the_supervisors_own_join_keeps_the_place_its_starter_took(tmp_path: Path) -> None:

@@ -32,7 +32,16 @@ from backprop_mcp.runs.joblog import job_home, store_key
 from backprop_mcp.runs.requests import RunRequest
 from backprop_mcp.runs.service import Service
 from backprop_mcp.runs.supervisor.job import ECHO_TAIL_LINES
-from tests.helpers import FIXTURES, cli, cli_json, isolated_env, no_survivors, wait_for_end, wait_until
+from tests.helpers import (
+    FIXTURES,
+    cli,
+    cli_json,
+    isolated_env,
+    no_survivors,
+    unique_id,
+    wait_for_end,
+    wait_until,
+)
 from tests.ray_head import Head, kill_head, ray_command, start_head, stop_head
 from tests.test_mcp_stdio import server_command
 from tests.test_mcp_tools import call, wait_end
@@ -144,52 +153,52 @@ def logged(service: Service, run_id: str, text: str) -> None:
 def test_the_cli_follows_a_ray_run_to_its_end_lists_it_and_resumes_it_from_its_checkpoint(
     ray_head: Head, tmp_path: Path
 ) -> None:
+    r1 = unique_id("r1")
+    l1 = unique_id("l1")
     project = project_with(tmp_path, train="trains_from_its_checkpoint")
     env = isolated_env(tmp_path / "home")  # the backend chosen on the command line alone
     ray = ("--backend", "ray", "--ray-address", ray_head.address.removeprefix("http://"))
     try:
-        done = cli(
-            env, "run", "train.py", *ray, "--run-id", "r1", "--", "20", "10", cwd=project, timeout=WAIT
-        )
+        done = cli(env, "run", "train.py", *ray, "--run-id", r1, "--", "20", "10", cwd=project, timeout=WAIT)
         assert done.returncode == 0, done.stdout + done.stderr
-        record = cli_json(env, "status", "r1")
+        record = cli_json(env, "status", r1)
         assert (record["status"], record["termination_reason"], record["exit_code"]) == (
             "completed",
             "exit_zero",
             0,
         )
         assert (record["step"], record["loss"], record["metrics"]) == (20, 120.0, {"val_loss": 120.5})
-        assert record["job_id"].startswith("backprop-r1-1-")
+        assert record["job_id"].startswith(f"backprop-{r1}-1-")
         assert (record["options"]["backend"], record["options"]["ray_address"]) == ("ray", ray_head.address)
         assert record["python_source"] == "cluster"
         assert record["cwd"] == str(project) and record["script"] == str(project / "train.py")
-        lines = cli_json(env, "logs", "r1", "--tail", "3")["lines"]
+        lines = cli_json(env, "logs", r1, "--tail", "3")["lines"]
         assert lines[-1] == '{"event": "metric", "name": "val_loss", "value": 120.5, "step": 20}'
 
         # The same script run locally: the same record fields and the same metric history.
-        done = cli(env, "run", "train.py", "--run-id", "l1", "--", "20", "10", cwd=project, timeout=WAIT)
+        done = cli(env, "run", "train.py", "--run-id", l1, "--", "20", "10", cwd=project, timeout=WAIT)
         assert done.returncode == 0, done.stderr
-        local = cli_json(env, "status", "l1")
+        local = cli_json(env, "status", l1)
         for field in ("status", "step", "loss", "metrics", "termination_reason", "exit_code", "total"):
             assert record[field] == local[field], field
         assert set(record) - {"job_id"} == set(local)
-        curves = cli_json(env, "metrics", "r1", "l1")["runs"]
+        curves = cli_json(env, "metrics", r1, l1)["runs"]
         assert curves[0]["metrics"] == curves[1]["metrics"]
         assert curves[0]["metrics"]["loss"]["reported"] == 20
 
-        done = cli(env, "resume", "r1", "--", "6", "3", cwd=project, timeout=WAIT)
+        done = cli(env, "resume", r1, "--", "6", "3", cwd=project, timeout=WAIT)
         assert done.returncode == 0, done.stdout + done.stderr
-        record = cli_json(env, "status", "r1")
+        record = cli_json(env, "status", r1)
         assert (record["status"], record["attempt"], record["step"]) == ("completed", 2, 16)
         assert record["resume_from"] == record["attempts"][0]["resume_from"] or record[
             "resume_from"
         ].endswith("step10.json")
         assert record["attempts"][0]["status"] == "completed" and record["job_id"].startswith(
-            "backprop-r1-2-"
+            f"backprop-{r1}-2-"
         )
         rows = {row["run_id"]: row for row in cli_json(env, "list")["runs"]}
-        assert (rows["r1"]["status"], rows["r1"]["attempt"], rows["r1"]["step"]) == ("completed", 2, 16)
-        loss = cli_json(env, "metrics", "r1")["runs"][0]["metrics"]["loss"]
+        assert (rows[r1]["status"], rows[r1]["attempt"], rows[r1]["step"]) == ("completed", 2, 16)
+        loss = cli_json(env, "metrics", r1)["runs"][0]["metrics"]["loss"]
         assert loss["reported"] == 26 and loss["last"] == 216.0  # both attempts, joined
     finally:
         shutil.rmtree(job_home(None, store_key(tmp_path / "home")), ignore_errors=True)
@@ -243,28 +252,30 @@ async def test_mcp_tools_time_box_resume_stop_and_list_a_ray_run(ray_head: Head,
 
 
 def test_a_job_stopped_or_killed_on_the_cluster_is_recorded_as_such(ray_head: Head, tmp_path: Path) -> None:
+    by_ray = unique_id("by-ray")
+    by_kill = unique_id("by-kill")
     project = project_with(tmp_path, wait="waits_forever")
     env = ray_env(tmp_path, ray_head)
     service = Service(Path(env["BACKPROP_HOME"]), env=env, cwd=project)
-    stopped = service.start(RunRequest(script="wait.py", run_id="by-ray"))
-    killed = service.start(RunRequest(script="wait.py", run_id="by-kill"))
-    running(service, "by-ray")
-    logged(service, "by-ray", "ready")
-    ray_job_stop(ray_head, job_state(service, "by-ray")["job_id"])
+    stopped = service.start(RunRequest(script="wait.py", run_id=by_ray))
+    killed = service.start(RunRequest(script="wait.py", run_id=by_kill))
+    running(service, by_ray)
+    logged(service, by_ray, "ready")
+    ray_job_stop(ray_head, job_state(service, by_ray)["job_id"])
     record = wait_for_end(service, stopped["run_id"], timeout=WAIT)
     assert (record["status"], record["termination_reason"]) == ("stopped", "stop_requested"), record
     assert "stopped by the cluster" in (record["status_detail"] or "") or "ray job stop" in (
         record["status_detail"] or ""
     )
 
-    running(service, "by-kill")
-    pid, _ = job_state(service, "by-kill")["supervisor"]
+    running(service, by_kill)
+    pid, _ = job_state(service, by_kill)["supervisor"]
     os.kill(pid, 9)  # the job's entrypoint, as an out-of-memory kill on the node would
     record = wait_for_end(service, killed["run_id"], timeout=WAIT)
     assert (record["status"], record["termination_reason"]) == ("lost", "supervisor_lost"), record
     assert "ended FAILED" in (record["status_detail"] or "")
-    wait_until(lambda: no_survivors("by-kill"), timeout=WAIT, what="the killed run's script to die with it")
-    assert no_survivors("by-ray")
+    wait_until(lambda: no_survivors(by_kill), timeout=WAIT, what="the killed run's script to die with it")
+    assert no_survivors(by_ray)
 
 
 def stored(service: Service, run_id: str) -> dict[str, Any]:
@@ -281,59 +292,65 @@ def ray_job_stop(head: Head, job_id: str) -> None:
 def test_admission_asks_the_cluster_and_queued_runs_advance_in_order_without_any_read(
     ray_head: Head, tmp_path: Path
 ) -> None:
+    too_big = unique_id("too-big")
+    refused_id = unique_id("refused")
+    first_id = unique_id("first")
+    second_id = unique_id("second")
+    third_id = unique_id("third")
     project = project_with(tmp_path, wait="waits_forever")
     # The waiters look at the cluster often, so that the test waits little for them.
     env = ray_env(tmp_path, ray_head, BACKPROP_MAX_PARALLEL="1", BACKPROP_SAMPLE_INTERVAL_SECONDS="0.2")
     service = Service(Path(env["BACKPROP_HOME"]), env=env, cwd=project)
     huge = {"min_free_ram_gb": 65536, "queue_timeout_minutes": 0.05}
-    record = service.start(RunRequest(script="wait.py", run_id="too-big", options=huge))
+    record = service.start(RunRequest(script="wait.py", run_id=too_big, options=huge))
     assert record["status"] == "queued" and "no Ray node has 1 CPU and 65536.0 GB memory free" in (
         record["status_detail"] or ""
     )
     assert "job_id" not in record
-    refused = service.start(RunRequest(script="wait.py", run_id="refused", options={**huge, "queue": False}))
+    refused = service.start(RunRequest(script="wait.py", run_id=refused_id, options={**huge, "queue": False}))
     assert refused["status"] == "rejected" and "no Ray node has" in (refused["status_detail"] or "")
     # Its waiter ends it at its queue timeout, with nobody reading it.
     wait_until(
-        lambda: stored(service, "too-big")["status"] == "rejected", timeout=WAIT, what="the queue timeout"
+        lambda: stored(service, too_big)["status"] == "rejected", timeout=WAIT, what="the queue timeout"
     )
-    assert stored(service, "too-big")["termination_reason"] == "queue_timeout"
+    assert stored(service, too_big)["termination_reason"] == "queue_timeout"
 
-    service.start(RunRequest(script="wait.py", run_id="first"))
-    running(service, "first")
+    service.start(RunRequest(script="wait.py", run_id=first_id))
+    running(service, first_id)
     # Another process of the same store (the CLI, which then exits) finds the one place taken.
-    second = cli_json(env, "run", "wait.py", "--run-id", "second", "--detach", cwd=project)
+    second = cli_json(env, "run", "wait.py", "--run-id", second_id, "--detach", cwd=project)
     assert second["status"] == "queued", second
-    third = service.start(RunRequest(script="wait.py", run_id="third"))
+    third = service.start(RunRequest(script="wait.py", run_id=third_id))
     assert (third["status"], third["queue_position"]) == ("queued", 2), third
     assert "1 ray runs of this store live; maxParallel is 1" in (
-        stored(service, "second")["status_detail"] or ""
+        stored(service, second_id)["status_detail"] or ""
     )
     machine = cli_json(env, "status")
     assert (machine["cluster"]["cpus_total"], machine["cluster"]["nodes_left_out"]) == (2, 0)
-    assert [r["run_id"] for r in machine["live_runs"]] == ["first"]
-    assert [r["run_id"] for r in machine["queued_runs"]] == ["second", "third"]
+    assert [r["run_id"] for r in machine["live_runs"]] == [first_id]
+    assert [r["run_id"] for r in machine["queued_runs"]] == [second_id, third_id]
     assert not machine["verdict"]["allowed"]
 
     # The first run's job ends on the cluster, and from here on nobody reads any of the runs: the
     # second's waiter notices the place is free and submits it; the third waits behind it.
-    ray_job_stop(ray_head, job_state(service, "first")["job_id"])
-    wait_until(lambda: stored(service, "second").get("job_id"), timeout=WAIT, what="the second run's job")
-    assert stored(service, "first")["status"] == "stopped"
-    waiting = stored(service, "third")
+    ray_job_stop(ray_head, job_state(service, first_id)["job_id"])
+    wait_until(lambda: stored(service, second_id).get("job_id"), timeout=WAIT, what="the second run's job")
+    assert stored(service, first_id)["status"] == "stopped"
+    waiting = stored(service, third_id)
     assert (waiting["status"], waiting["queue_position"]) == ("queued", 1), waiting
     assert "job_id" not in waiting
 
     # A waiter that dies leaves its run truthfully lost, not queued forever.
-    os.kill(job_state(service, "third")["waiter"][0], 9)
-    wait_until(lambda: service.get("third")["status"] == "lost", timeout=WAIT, what="the waiter's death")
-    assert "queue waiter died" in (service.get("third")["status_detail"] or "")
-    running(service, "second")
-    service.stop("second")
-    assert wait_for_end(service, "second", timeout=WAIT)["status"] == "stopped"
+    os.kill(job_state(service, third_id)["waiter"][0], 9)
+    wait_until(lambda: service.get(third_id)["status"] == "lost", timeout=WAIT, what="the waiter's death")
+    assert "queue waiter died" in (service.get(third_id)["status_detail"] or "")
+    running(service, second_id)
+    service.stop(second_id)
+    assert wait_for_end(service, second_id, timeout=WAIT)["status"] == "stopped"
 
 
 def test_a_stop_while_the_starter_submits_is_refused_not_overwritten(ray_head: Head, tmp_path: Path) -> None:
+    racing = unique_id("racing")
     project = project_with(tmp_path, wait="waits_forever")
     env = ray_env(tmp_path, ray_head)
     service = Service(Path(env["BACKPROP_HOME"]), env=env, cwd=project)
@@ -341,17 +358,17 @@ def test_a_stop_while_the_starter_submits_is_refused_not_overwritten(ray_head: H
     # The ray queue's lock held here: the starter has created the run and waits to submit it.
     with ray_queue(service.store).exclusive():
         starter = threading.Thread(
-            target=lambda: started.append(service.start(RunRequest(script="wait.py", run_id="racing")))
+            target=lambda: started.append(service.start(RunRequest(script="wait.py", run_id=racing)))
         )
         starter.start()
-        wait_until(lambda: service.store.exists("racing"), timeout=WAIT, what="the run to be created")
+        wait_until(lambda: service.store.exists(racing), timeout=WAIT, what="the run to be created")
         with pytest.raises(RunStateError, match="still being submitted"):
-            service.stop("racing")
+            service.stop(racing)
     starter.join(timeout=WAIT)
     assert started and started[0]["job_id"]
-    running(service, "racing")
-    service.stop("racing")
-    assert wait_for_end(service, "racing", timeout=WAIT)["status"] == "stopped"
+    running(service, racing)
+    service.stop(racing)
+    assert wait_for_end(service, racing, timeout=WAIT)["status"] == "stopped"
 
 
 def test_a_grid_sweep_runs_its_trials_as_ray_runs_within_max_parallel(ray_head: Head, tmp_path: Path) -> None:
@@ -387,15 +404,21 @@ def test_a_grid_sweep_runs_its_trials_as_ray_runs_within_max_parallel(ray_head: 
 def test_a_ray_runs_log_is_a_local_runs_log_and_what_travels_is_bounded(
     ray_head: Head, tmp_path: Path
 ) -> None:
+    on_ray_id = unique_id("on-ray")
+    here_id = unique_id("here")
+    too_large = unique_id("too-large")
     project = project_with(tmp_path, odd="prints_odd_line_breaks")
     # A repository's history does not travel: this one alone is over what the dashboard takes.
     (project / ".git").mkdir()
     (project / ".git" / "pack").write_bytes(os.urandom(UPLOAD_LIMIT + 1024**2))
     env = ray_env(tmp_path, ray_head)
     service = Service(Path(env["BACKPROP_HOME"]), env=env, cwd=project)
-    service.start(RunRequest(script="odd.py", run_id="on-ray"))
-    service.start(RunRequest(script="odd.py", run_id="here", options={"backend": "local"}))
-    on_ray, here = wait_for_end(service, "on-ray", timeout=WAIT), wait_for_end(service, "here", timeout=WAIT)
+    service.start(RunRequest(script="odd.py", run_id=on_ray_id))
+    service.start(RunRequest(script="odd.py", run_id=here_id, options={"backend": "local"}))
+    on_ray, here = (
+        wait_for_end(service, on_ray_id, timeout=WAIT),
+        wait_for_end(service, here_id, timeout=WAIT),
+    )
     assert (
         (on_ray["status"], on_ray["metrics"])
         == (here["status"], here["metrics"])
@@ -406,43 +429,49 @@ def test_a_ray_runs_log_is_a_local_runs_log_and_what_travels_is_bounded(
     )
     # Carriage returns, form feeds, line separators, bytes that are not UTF-8 and a forged mark: the
     # same bytes in the same lines as the local run's log.
-    logged = service.store.log_path("on-ray", 1).read_bytes()
-    assert logged == service.store.log_path("here", 1).read_bytes()
+    logged = service.store.log_path(on_ray_id, 1).read_bytes()
+    assert logged == service.store.log_path(here_id, 1).read_bytes()
     assert logged.startswith(b"step 1/3\rstep 2/3\rstep 3/3\n") and b"caf\xe9 au lait\r\n" in logged
-    assert "two" not in (service.store.run_dir("on-ray") / "supervisor.log").read_text("utf-8")
+    assert "two" not in (service.store.run_dir(on_ray_id) / "supervisor.log").read_text("utf-8")
 
     (project / ".git" / "pack").rename(project / "data.bin")
     with pytest.raises(ClusterError, match="refused the run's working directory as too large") as refused:
-        service.start(RunRequest(script="odd.py", run_id="too-large"))
+        service.start(RunRequest(script="odd.py", run_id=too_large))
     assert ".rayignore" in (refused.value.hint or "")
-    assert [r["run_id"] for r in service.list_runs()["runs"]] == ["here", "on-ray"]
+    assert [r["run_id"] for r in service.list_runs()["runs"]] == [here_id, on_ray_id]
 
 
 def test_a_flooding_script_leaves_a_bounded_job_log_and_the_whole_metric_history(
     ray_head: Head, tmp_path: Path
 ) -> None:
+    on_ray_id = unique_id("on-ray")
+    here_id = unique_id("here")
     project = project_with(tmp_path, flood="floods_plain_progress_with_a_dip")
     env = ray_env(tmp_path, ray_head)
     service = Service(Path(env["BACKPROP_HOME"]), env=env, cwd=project)
     # 200,000 lines of about 70 bytes: past what a job log carries; the dip and the spike lie past it.
     flood = ["200000", "150001", "180001"]
-    service.start(RunRequest(script="flood.py", run_id="on-ray", args=flood))
-    service.start(RunRequest(script="flood.py", run_id="here", args=flood, options={"backend": "local"}))
-    on_ray, here = wait_for_end(service, "on-ray", timeout=WAIT), wait_for_end(service, "here", timeout=WAIT)
+    service.start(RunRequest(script="flood.py", run_id=on_ray_id, args=flood))
+    service.start(RunRequest(script="flood.py", run_id=here_id, args=flood, options={"backend": "local"}))
+    on_ray, here = (
+        wait_for_end(service, on_ray_id, timeout=WAIT),
+        wait_for_end(service, here_id, timeout=WAIT),
+    )
     assert (on_ray["status"], on_ray["step"]) == (here["status"], here["step"]) == ("completed", 200000)
     # 8 MiB of the output, and the records, the last lines and the history.
-    assert job_state(service, "on-ray")["consumed"] < 10 * 1024**2
-    curves = service.metrics(["on-ray", "here"], points=1000)["runs"]
+    assert job_state(service, on_ray_id)["consumed"] < 10 * 1024**2
+    curves = service.metrics([on_ray_id, here_id], points=1000)["runs"]
     assert curves[0]["metrics"] == curves[1]["metrics"]
     assert curves[0]["metrics"]["loss"]["best"] == 0.001
-    lines = service.logs("on-ray", tail=ECHO_TAIL_LINES + 1)["lines"]
+    lines = service.logs(on_ray_id, tail=ECHO_TAIL_LINES + 1)["lines"]
     assert "past the first 8 MiB did not travel with the job log" in lines[0]
-    assert lines[-1] == service.logs("here", tail=1)["lines"][-1]
+    assert lines[-1] == service.logs(here_id, tail=1)["lines"][-1]
 
 
 def test_a_head_that_goes_away_mid_run_leaves_a_truthful_record(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    orphaned = unique_id("orphaned")
     head = start_head(cpus=1)
     try:
         project = project_with(tmp_path, wait="waits_forever")
@@ -450,12 +479,12 @@ def test_a_head_that_goes_away_mid_run_leaves_a_truthful_record(
         # Read by whoever follows the run: here, this process.
         monkeypatch.setenv("BACKPROP_RAY_SILENT_SECONDS", SILENT_SECONDS)
         service = Service(Path(env["BACKPROP_HOME"]), env=env, cwd=project)
-        service.start(RunRequest(script="wait.py", run_id="orphaned"))
-        running(service, "orphaned")
+        service.start(RunRequest(script="wait.py", run_id=orphaned))
+        running(service, orphaned)
         kill_head(head)
 
         def ended() -> dict[str, Any] | None:
-            record = service.get("orphaned")
+            record = service.get(orphaned)
             return dict(record) if record["status"] in TERMINAL_STATES else None
 
         record = wait_until(ended, timeout=SILENT_WAIT, what="the run of a gone head to end")
@@ -463,12 +492,13 @@ def test_a_head_that_goes_away_mid_run_leaves_a_truthful_record(
         assert "does not answer" in (record["status_detail"] or "") or "no longer knows" in (
             record["status_detail"] or ""
         )
-        wait_until(lambda: no_survivors("orphaned"), timeout=WAIT, what="the script to die with its head")
+        wait_until(lambda: no_survivors(orphaned), timeout=WAIT, what="the script to die with its head")
     finally:
         stop_head(head)
 
 
 def test_bad_ray_inputs_are_clear_errors_and_leave_nothing(ray_head: Head, tmp_path: Path) -> None:
+    unreachable = unique_id("unreachable")
     project = project_with(tmp_path, wait="waits_forever")
     outside = tmp_path / "elsewhere.py"
     shutil.copy(FIXTURES / "waits_forever.py", outside)
@@ -488,7 +518,7 @@ def test_bad_ray_inputs_are_clear_errors_and_leave_nothing(ray_head: Head, tmp_p
     with pytest.raises(
         ClusterError, match=re.escape("the Ray cluster at http://127.0.0.1:9 does not answer")
     ) as refused:
-        service.start(RunRequest(script="wait.py", run_id="unreachable", options=ray))
+        service.start(RunRequest(script="wait.py", run_id=unreachable, options=ray))
     assert "not the GCS port (6379)" in (refused.value.hint or "")
     # Something answers there, but it is no Ray dashboard (a wrong port): said so, not "Jobs API".
     with http_server() as port:

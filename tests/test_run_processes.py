@@ -22,7 +22,7 @@ from backprop_mcp.governor.admission import Admission
 from backprop_mcp.runs.requests import RunRequest
 from backprop_mcp.runs.service import Service
 from tests.fault_helpers import alive, assert_nothing_survives, start, supervisor_pid
-from tests.helpers import FIXTURES, processes_with_run_id, wait_for_end, wait_for_log, wait_until
+from tests.helpers import FIXTURES, processes_with_run_id, unique_id, wait_for_end, wait_for_log, wait_until
 
 # Short boxes and graces keep these tests fast; the scripts never checkpoint.
 SHORT_GRACE = 0.5  # seconds
@@ -95,9 +95,10 @@ def _ledger_pids(service: Service, run_id: str) -> set[int]:
 def test_a_lost_cleanup_spares_a_process_of_another_store_with_the_same_run_id(
     env: dict[str, str], service: Service, tmp_path: Path
 ) -> None:
-    other_store = {**env, "BACKPROP_HOME": str(tmp_path / "other"), "BACKPROP_RUN_ID": "same"}
+    same = unique_id("same")
+    other_store = {**env, "BACKPROP_HOME": str(tmp_path / "other"), "BACKPROP_RUN_ID": same}
     with _bystander(other_store) as bystander:
-        run_id = _start_with_id(service, "same")
+        run_id = _start_with_id(service, same)
         wait_for_log(service, run_id, "ready")
         script = _script_pid(service, run_id)
         os.kill(supervisor_pid(service, run_id), signal.SIGKILL)

@@ -21,6 +21,7 @@ from tests.helpers import (
     cli_json,
     no_survivors,
     start_at_once,
+    unique_id,
     wait_for_end,
     wait_for_log,
     wait_until,
@@ -134,6 +135,7 @@ def test_killing_the_supervisor_makes_the_run_lost_and_leaves_nothing_alive(serv
 def test_killing_the_starting_cli_does_not_end_the_run(
     env: dict[str, str], tmp_path: Path, service: Service
 ) -> None:
+    survivor = unique_id("survivor")
     starter = subprocess.Popen(
         [
             sys.executable,
@@ -142,7 +144,7 @@ def test_killing_the_starting_cli_does_not_end_the_run(
             "run",
             str(FIXTURES / "checkpoints_on_sigint.py"),
             "--run-id",
-            "survivor",
+            survivor,
             "-m",
             "0.03",
         ],
@@ -151,13 +153,13 @@ def test_killing_the_starting_cli_does_not_end_the_run(
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
     )
-    wait_until(lambda: service.store.exists("survivor"), what="the run to be created")
-    wait_for_log(service, "survivor", "ready")
+    wait_until(lambda: service.store.exists(survivor), what="the run to be created")
+    wait_for_log(service, survivor, "ready")
     starter.kill()
     starter.wait()
     assert starter.stdout is not None
     starter.stdout.close()
-    record = wait_for_end(service, "survivor")
+    record = wait_for_end(service, survivor)
     assert (record["status"], record["termination_reason"]) == ("timed_out", "deadline")
 
 
@@ -220,20 +222,21 @@ def test_the_seeds_event_format_is_understood(service: Service) -> None:
 def test_extra_arguments_after_double_dash_pass_through_unchanged(
     env: dict[str, str], tmp_path: Path, service: Service
 ) -> None:
+    run_id = unique_id("args")
     tricky = ["--lr", "0.1", "$(touch pwned)", "a b", ";rm -rf /", "-n", "x"]
     result = cli(
         env,
         "run",
         str(FIXTURES / "counts_and_exits.py"),
         "--run-id",
-        "args",
+        run_id,
         "--",
         "2",
         *tricky,
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
-    assert f"args: {json.dumps(['2', *tricky])}" in service.logs("args")["lines"]
+    assert f"args: {json.dumps(['2', *tricky])}" in service.logs(run_id)["lines"]
     assert not (tmp_path / "pwned").exists()
 
 
@@ -249,23 +252,23 @@ def test_argv_compat_passes_the_seeds_flags(service: Service) -> None:
 def test_eight_runs_started_at_once_by_separate_processes_all_end_with_complete_records(
     env: dict[str, str], tmp_path: Path, service: Service
 ) -> None:
-    start_at_once(env, tmp_path, FIXTURES / "counts_and_exits.py", [f"many-{n}" for n in range(8)], "20")
-    for n in range(8):
-        record = wait_for_end(service, f"many-{n}")
+    run_ids = [unique_id(f"many-{n}") for n in range(8)]
+    start_at_once(env, tmp_path, FIXTURES / "counts_and_exits.py", run_ids, "20")
+    for run_id in run_ids:
+        record = wait_for_end(service, run_id)
         assert record["status"] == "completed"
         assert record["step"] == 20
     listed = {row["run_id"] for row in service.list_runs(limit=100)["runs"]}
-    assert listed == {f"many-{n}" for n in range(8)}
-    for n in range(8):
-        json.loads(service.store.record_path(f"many-{n}").read_text(encoding="utf-8"))
+    assert listed == set(run_ids)
+    for run_id in run_ids:
+        json.loads(service.store.record_path(run_id).read_text(encoding="utf-8"))
 
 
 def test_a_taken_run_id_and_a_bad_run_id_are_refused(service: Service) -> None:
-    start_id = service.start(RunRequest(script=str(FIXTURES / "counts_and_exits.py"), run_id="same"))[
-        "run_id"
-    ]
+    same = unique_id("same")
+    start_id = service.start(RunRequest(script=str(FIXTURES / "counts_and_exits.py"), run_id=same))["run_id"]
     with pytest.raises(UsageError, match="already taken"):
-        service.start(RunRequest(script=str(FIXTURES / "counts_and_exits.py"), run_id="same"))
+        service.start(RunRequest(script=str(FIXTURES / "counts_and_exits.py"), run_id=same))
     for bad in ("../x", "a/b", "", ".hidden", "x" * 200, "a b"):
         with pytest.raises(UsageError, match="invalid run id"):
             service.start(RunRequest(script=str(FIXTURES / "counts_and_exits.py"), run_id=bad))
@@ -324,29 +327,30 @@ def test_the_cli_runs_in_the_foreground_and_exits_with_the_documented_codes(
 
 
 def test_status_list_logs_and_json_agree(env: dict[str, str], tmp_path: Path) -> None:
+    j1 = unique_id("j1")
     started = cli_json(
         env,
         "run",
         str(FIXTURES / "counts_and_exits.py"),
         "--run-id",
-        "j1",
+        j1,
         "-n",
         "alpha",
         "--detach",
         cwd=tmp_path,
     )
-    assert started["run_id"] == "j1"
+    assert started["run_id"] == j1
     service = Service(Path(env["BACKPROP_HOME"]), env=env, cwd=tmp_path)
-    wait_for_end(service, "j1")
-    record = cli_json(env, "status", "j1")
+    wait_for_end(service, j1)
+    record = cli_json(env, "status", j1)
     assert record["status"] == "completed" and record["name"] == "alpha"
     page = cli_json(env, "list", "--name", "al*")
-    assert [r["run_id"] for r in page["runs"]] == ["j1"]
+    assert [r["run_id"] for r in page["runs"]] == [j1]
     assert cli_json(env, "list", "--status", "failed")["runs"] == []
-    tail = cli_json(env, "logs", "j1", "--tail", "2")
+    tail = cli_json(env, "logs", j1, "--tail", "2")
     assert len(tail["lines"]) == 2
     table = cli(env, "list")
-    assert "j1" in table.stdout and "completed" in table.stdout
+    assert j1 in table.stdout and "completed" in table.stdout
 
 
 def test_resume_from_an_explicit_checkpoint_starts_a_new_run_with_it(

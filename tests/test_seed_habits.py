@@ -20,7 +20,7 @@ from backprop_mcp.governor.rocm import ROCM_SMI_QUERY, parse_rocm_smi_json
 from backprop_mcp.runs.requests import RunRequest
 from backprop_mcp.runs.service import Service
 from tests.fake_rocm import FakeRocmSmi
-from tests.helpers import FIXTURES, WAIT_SECONDS, cli, cli_json, wait_for_end, wait_for_log
+from tests.helpers import FIXTURES, WAIT_SECONDS, cli, cli_json, unique_id, wait_for_end, wait_for_log
 
 SCRIPT = str(FIXTURES / "counts_and_exits.py")
 ROCM_DATA = Path(__file__).parent / "data" / "rocm_smi"
@@ -133,7 +133,7 @@ def test_dash_capital_v_prints_the_version(env: dict[str, str], args: list[str])
 
 
 def _finished_run(service: Service, tmp_path: Path) -> str:
-    run_id = service.start(RunRequest(script=SCRIPT, args=["2"], run_id="to-resume"))["run_id"]
+    run_id = service.start(RunRequest(script=SCRIPT, args=["2"], run_id=unique_id("to-resume")))["run_id"]
     record = wait_for_end(service, run_id)
     assert record["status"] == "completed" and record["latest_checkpoint"] == str(tmp_path / "ck.json")
     return run_id
@@ -169,7 +169,8 @@ def test_resume_dry_run_shows_the_next_attempt_and_changes_nothing(
 def test_resume_dry_run_gives_the_same_errors_as_resume(
     service: Service, env: dict[str, str], tmp_path: Path
 ) -> None:
-    run_id = service.start(RunRequest(script=str(FIXTURES / "exits_nonzero.py"), run_id="no-ckpt"))["run_id"]
+    no_ckpt = unique_id("no-ckpt")
+    run_id = service.start(RunRequest(script=str(FIXTURES / "exits_nonzero.py"), run_id=no_ckpt))["run_id"]
     wait_for_end(service, run_id)
     result = cli(env, "resume", run_id, "--dry-run", cwd=tmp_path)
     assert result.returncode == 2 and "has no checkpoint to resume from" in result.stderr
@@ -184,32 +185,35 @@ def test_resume_dry_run_gives_the_same_errors_as_resume(
 
 
 def test_the_seeds_keys_are_defaults_for_backprop_run(env: dict[str, str], tmp_path: Path) -> None:
+    seed_run = unique_id("seed-run")
+    mine = unique_id("mine")
     project = tmp_path / "proj"
     (project / "src").mkdir(parents=True)
     (project / "src" / "train.py").write_text("print('hi')\n", encoding="utf-8")
     (project / "ckpt.pt").write_bytes(b"x")
     write(
         project / "backprop.config.json",
-        {"trainingScriptPath": "src/train.py", "runId": "seed-run", "resumeFrom": "ckpt.pt"},
+        {"trainingScriptPath": "src/train.py", "runId": seed_run, "resumeFrom": "ckpt.pt"},
     )
     sub = project / "src"  # relative paths are the file's folder's, wherever the command is typed
     report = cli_json(env, "run", "--dry-run", cwd=sub)
     assert report["command"][1] == str(project / "src" / "train.py")
-    assert report["environment"]["BACKPROP_RUN_ID"] == "seed-run"
+    assert report["environment"]["BACKPROP_RUN_ID"] == seed_run
     assert report["environment"]["BACKPROP_RESUME_FROM"] == str(project / "ckpt.pt")
     # What is given on the command line wins.
-    given = cli_json(env, "run", SCRIPT, "--run-id", "mine", "--dry-run", cwd=sub)
-    assert given["command"][1] == SCRIPT and given["environment"]["BACKPROP_RUN_ID"] == "mine"
+    given = cli_json(env, "run", SCRIPT, "--run-id", mine, "--dry-run", cwd=sub)
+    assert given["command"][1] == SCRIPT and given["environment"]["BACKPROP_RUN_ID"] == mine
     # And a real run uses them.
     started = cli(env, "run", "--detach", cwd=sub)
-    assert started.returncode == 0 and started.stdout.strip() == "seed-run", started.stderr
+    assert started.returncode == 0 and started.stdout.strip() == seed_run, started.stderr
 
 
 def test_the_seeds_keys_do_not_apply_to_mcp_style_requests(env: dict[str, str], tmp_path: Path) -> None:
-    write(tmp_path / "backprop.config.json", {"runId": "fixed", "resumeFrom": "/etc/hostname"})
+    fixed = unique_id("fixed")
+    write(tmp_path / "backprop.config.json", {"runId": fixed, "resumeFrom": "/etc/hostname"})
     service = Service(Path(env["BACKPROP_HOME"]), env=env, cwd=tmp_path)
     report = service.dry_run(RunRequest(script=SCRIPT, source="argument"))
-    assert report["environment"]["BACKPROP_RUN_ID"] != "fixed"
+    assert report["environment"]["BACKPROP_RUN_ID"] != fixed
     assert "BACKPROP_RESUME_FROM" not in report["environment"]
     assert "default_run_id" not in report["options"]  # never stored with a run
 

@@ -27,7 +27,7 @@ from backprop_mcp.mcp_server.roots import Roots
 from backprop_mcp.runs.requests import RunRequest
 from backprop_mcp.runs.service import Service
 from tests.fault_helpers import alive, assert_nothing_survives, start, supervisor_pid
-from tests.helpers import FIXTURES, cli, cli_json, wait_for_end, wait_for_log, wait_until
+from tests.helpers import FIXTURES, cli, cli_json, unique_id, wait_for_end, wait_for_log, wait_until
 from tests.test_mcp_tools import GENEROUS, call, connect, make_server, wait_end, write_script
 
 # Start-then-stop rounds per surface. The issue saw 5 of 5 lost through the service, 3 of 3 over
@@ -256,34 +256,39 @@ def _request(run_id: str) -> RunRequest:
 def test_a_start_that_cannot_be_stored_whole_leaves_nothing_and_the_id_free(
     service: Service, monkeypatch: pytest.MonkeyPatch, where: str
 ) -> None:
+    run_id = unique_id("whole-or-none")
+
     def disk_full(*args: object, **kwargs: object) -> None:
         raise _full("append to", service.store.home)
 
     monkeypatch.setattr(service.store, where, disk_full)
     with pytest.raises(StoreError, match="the disk is full"):
-        service.start(_request("whole-or-none"))
+        service.start(_request(run_id))
     monkeypatch.undo()
-    _assert_nothing_half_made(service, "whole-or-none")
-    again = service.start(_request("whole-or-none"))
+    _assert_nothing_half_made(service, run_id)
+    again = service.start(_request(run_id))
     assert wait_for_end(service, again["run_id"])["status"] == "completed"
 
 
 def test_a_start_whose_supervisor_cannot_be_spawned_leaves_nothing(
     service: Service, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    run_id = unique_id("no-supervisor")
+
     def cannot_spawn(*args: object, **kwargs: object) -> subprocess.Popen[bytes]:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(local, "spawn_supervisor", cannot_spawn)
     with pytest.raises(StoreError, match="could not start the supervisor"):
-        service.start(_request("no-supervisor"))
-    _assert_nothing_half_made(service, "no-supervisor")
+        service.start(_request(run_id))
+    _assert_nothing_half_made(service, run_id)
 
 
 @pytest.mark.parametrize("where", ["pid file", "go"])
 def test_a_supervisor_launched_for_a_start_that_then_fails_exits_untouched(
     service: Service, monkeypatch: pytest.MonkeyPatch, where: str
 ) -> None:
+    run_id = unique_id("held-back")
     spawned: list[subprocess.Popen[bytes]] = []
     real_spawn = local.spawn_supervisor
 
@@ -303,10 +308,10 @@ def test_a_supervisor_launched_for_a_start_that_then_fails_exits_untouched(
     else:
         monkeypatch.setattr(local, "release", broken_pipe)
     with pytest.raises(StoreError):
-        service.start(_request("held-back"))
+        service.start(_request(run_id))
     assert len(spawned) == 1
     assert spawned[0].returncode == 0  # waited for: it exited by itself, having done nothing
-    _assert_nothing_half_made(service, "held-back")
+    _assert_nothing_half_made(service, run_id)
 
 
 @pytest.mark.parametrize("where", ["write", "append_event", "spawn"])

@@ -22,7 +22,7 @@ from backprop_mcp.core import files as files_module
 from backprop_mcp.core.errors import RunNotFound
 from backprop_mcp.runs.service import Service
 from tests.fault_helpers import alive, assert_nothing_survives, start, strict_json, supervisor_pid
-from tests.helpers import FIXTURES, cli, cli_json, isolated_env, wait_for_end, wait_until
+from tests.helpers import FIXTURES, cli, cli_json, isolated_env, unique_id, wait_for_end, wait_until
 
 
 @contextlib.contextmanager
@@ -83,31 +83,31 @@ def test_a_full_disk_during_a_run_keeps_its_supervisor_and_its_last_good_record(
 
 
 def test_starting_a_run_on_a_full_disk_fails_clearly_and_stores_nothing_half_made(tmp_path: Path) -> None:
+    before = unique_id("before")
+    during = unique_id("during")
     home = tmp_path / "small"
     with mounted(home, "-t", "tmpfs", "-o", "size=1m", "tmpfs"):
         env = isolated_env(home / "store")
-        first = cli_json(
-            env, "run", str(FIXTURES / "counts_and_exits.py"), "--run-id", "before", cwd=tmp_path
-        )
+        first = cli_json(env, "run", str(FIXTURES / "counts_and_exits.py"), "--run-id", before, cwd=tmp_path)
         assert first["status"] == "completed"
         filler = fill(home)
-        done = cli(env, "run", str(FIXTURES / "counts_and_exits.py"), "--run-id", "during", cwd=tmp_path)
+        done = cli(env, "run", str(FIXTURES / "counts_and_exits.py"), "--run-id", during, cwd=tmp_path)
         assert done.returncode == 1 and "Traceback" not in done.stderr
         assert "the disk is full" in done.stderr
         listed = cli_json(env, "list")["runs"]
-        assert [r["run_id"] for r in listed] == ["before"]  # the old run is still readable
+        assert [r["run_id"] for r in listed] == [before]  # the old run is still readable
         filler.unlink()
-        after = cli_json(
-            env, "run", str(FIXTURES / "counts_and_exits.py"), "--run-id", "during", cwd=tmp_path
-        )
+        after = cli_json(env, "run", str(FIXTURES / "counts_and_exits.py"), "--run-id", during, cwd=tmp_path)
         assert after["status"] == "completed"  # the id was not left half-taken
 
 
-def _two_runs(tmp_path: Path) -> tuple[dict[str, str], Service]:
+def _two_runs(tmp_path: Path) -> tuple[dict[str, str], Service, str, str]:
+    """A store with two completed runs: its environment, a service on it, and the runs' ids."""
     env = isolated_env(tmp_path / "home")
-    for run_id in ("good", "bad"):
+    good, bad = unique_id("good"), unique_id("bad")
+    for run_id in (good, bad):
         cli_json(env, "run", str(FIXTURES / "counts_and_exits.py"), "--run-id", run_id, cwd=tmp_path)
-    return env, Service(tmp_path / "home", env=env, cwd=tmp_path)
+    return env, Service(tmp_path / "home", env=env, cwd=tmp_path), good, bad
 
 
 @pytest.mark.parametrize(
@@ -117,7 +117,7 @@ def _two_runs(tmp_path: Path) -> tuple[dict[str, str], Service]:
         pytest.param(lambda raw: b"", id="empty"),
         pytest.param(lambda raw: b"\0" * len(raw), id="zeroed-by-a-crash"),
         pytest.param(lambda raw: b"[1, 2, 3]", id="not-an-object"),
-        pytest.param(lambda raw: raw.replace(b'"bad"', b'"other"'), id="another-runs-id"),
+        pytest.param(lambda raw: raw.replace(b'"bad-', b'"other-'), id="another-runs-id"),
         pytest.param(lambda raw: b"\xff\xfe" + raw, id="binary-garbage"),
         pytest.param(lambda raw: b"[" * 100000, id="deeply-nested"),
     ],
@@ -125,19 +125,19 @@ def _two_runs(tmp_path: Path) -> tuple[dict[str, str], Service]:
 def test_a_damaged_record_is_moved_aside_with_a_clear_error_and_other_runs_stay_readable(
     tmp_path: Path, damage: object
 ) -> None:
-    env, service = _two_runs(tmp_path)
-    path = service.store.record_path("bad")
+    env, service, good, bad = _two_runs(tmp_path)
+    path = service.store.record_path(bad)
     path.write_bytes(damage(path.read_bytes()))  # type: ignore[operator]
-    done = cli(env, "status", "bad")
+    done = cli(env, "status", bad)
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert "was corrupt; it was moved to" in done.stderr
     assert list(path.parent.glob("run.json.corrupt-*"))  # kept for inspection
-    assert cli_json(env, "status", "good")["status"] == "completed"
+    assert cli_json(env, "status", good)["status"] == "completed"
     listed = cli(env, "list", "--json")
     assert listed.returncode == 0, listed.stderr
-    assert "good" in {r["run_id"] for r in json.loads(listed.stdout)["runs"]}
+    assert good in {r["run_id"] for r in json.loads(listed.stdout)["runs"]}
     with pytest.raises(RunNotFound):  # reported once, then out of the way
-        service.store.read("bad")
+        service.store.read(bad)
 
 
 @pytest.mark.parametrize(
@@ -151,25 +151,25 @@ def test_a_damaged_record_is_moved_aside_with_a_clear_error_and_other_runs_stay_
     ],
 )
 def test_a_damaged_index_never_stops_listing_the_runs(tmp_path: Path, damage: object) -> None:
-    env, service = _two_runs(tmp_path)
+    env, service, good, bad = _two_runs(tmp_path)
     index = service.store.index_path
     index.write_bytes(damage(index.read_bytes()))  # type: ignore[operator]
     done = cli(env, "list", "--json")
     assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
     shown = {r["run_id"] for r in json.loads(done.stdout)["runs"]}
-    assert shown <= {"good", "bad"}
-    for run_id in ("good", "bad"):  # each record is still readable by id
+    assert shown <= {good, bad}
+    for run_id in (good, bad):  # each record is still readable by id
         assert cli_json(env, "status", run_id)["status"] == "completed"
 
 
 def test_a_deleted_index_is_rebuilt_with_every_run(tmp_path: Path) -> None:
-    env, service = _two_runs(tmp_path)
+    env, service, good, bad = _two_runs(tmp_path)
     service.store.index_path.unlink()
-    assert {r["run_id"] for r in cli_json(env, "list")["runs"]} == {"good", "bad"}
+    assert {r["run_id"] for r in cli_json(env, "list")["runs"]} == {good, bad}
 
 
 def test_a_store_owned_by_another_user_gives_a_permission_error_not_a_traceback(tmp_path: Path) -> None:
-    env, _ = _two_runs(tmp_path)
+    env, _, good, _ = _two_runs(tmp_path)
     os.chmod(tmp_path, 0o755)  # noqa: S103 - the unprivileged user may reach the store, not enter it
     if os.geteuid() != 0:
         pytest.skip("needs root to act as another user")
@@ -180,7 +180,7 @@ def test_a_store_owned_by_another_user_gives_a_permission_error_not_a_traceback(
         os.setgid(nobody)
         os.setuid(nobody)
 
-    for args in (["list"], ["status", "good"], ["run", str(FIXTURES / "counts_and_exits.py")]):
+    for args in (["list"], ["status", good], ["run", str(FIXTURES / "counts_and_exits.py")]):
         try:
             done = subprocess.run(
                 [sys.executable, "-m", "backprop_mcp", *args],
@@ -201,7 +201,7 @@ def test_a_store_owned_by_another_user_gives_a_permission_error_not_a_traceback(
 
 
 def test_a_read_only_store_refuses_new_runs_clearly_and_still_lists_the_old_ones(tmp_path: Path) -> None:
-    env, _ = _two_runs(tmp_path)
+    env, _, good, bad = _two_runs(tmp_path)
     home = Path(env["BACKPROP_HOME"])
     with mounted(home, "--bind", str(home)):
         remount = subprocess.run(
@@ -212,9 +212,9 @@ def test_a_read_only_store_refuses_new_runs_clearly_and_still_lists_the_old_ones
         done = cli(env, "run", str(FIXTURES / "counts_and_exits.py"), cwd=tmp_path)
         assert done.returncode == 1 and "Traceback" not in done.stderr
         assert "read-only" in done.stderr
-        assert {r["run_id"] for r in cli_json(env, "list")["runs"]} == {"good", "bad"}
-        assert cli_json(env, "status", "good")["status"] == "completed"
-        logs = cli(env, "logs", "good")
+        assert {r["run_id"] for r in cli_json(env, "list")["runs"]} == {good, bad}
+        assert cli_json(env, "status", good)["status"] == "completed"
+        logs = cli(env, "logs", good)
         assert logs.returncode == 0 and "args:" in logs.stdout
 
 

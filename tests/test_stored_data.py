@@ -23,7 +23,7 @@ from backprop_mcp.governor.admission import Admission
 from backprop_mcp.mcp_server.roots import Roots
 from backprop_mcp.mcp_server.tools import build_server
 from backprop_mcp.runs.service import Service
-from tests.helpers import FIXTURES, WAIT_SECONDS, cli
+from tests.helpers import FIXTURES, WAIT_SECONDS, cli, unique_id
 
 SCRIPT = str(FIXTURES / "counts_and_exits.py")
 
@@ -439,13 +439,14 @@ def test_every_line_of_a_rotating_log_is_shown_exactly_once(
     env: dict[str, str], tmp_path: Path, view: str
 ) -> None:
     # 8 kB rotations: the fixture's 400 lines of ~100 bytes rotate the log four times.
+    run_id = unique_id("rotating")
     env = {**env, "BACKPROP_LOG_ROTATE_BYTES": "8192"}
     script = str(FIXTURES / "floods_past_log_rotation.py")
-    run = [sys.executable, "-m", "backprop_mcp", "run", script, "--run-id", "rotating"]
+    run = [sys.executable, "-m", "backprop_mcp", "run", script, "--run-id", run_id]
     if view == "logs -f":
         started = cli(env, *run[3:], "--detach", cwd=tmp_path)
         assert started.returncode == 0, started.stderr
-        done = cli(env, "logs", "rotating", "-f", timeout=WAIT_SECONDS * 2)
+        done = cli(env, "logs", run_id, "-f", timeout=WAIT_SECONDS * 2)
     else:
         done = subprocess.run(
             run, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=WAIT_SECONDS * 2, check=False
@@ -455,5 +456,5 @@ def test_every_line_of_a_rotating_log_is_shown_exactly_once(
     assert _follow_lines(done.stdout) == [f"line {n:05d} {'x' * 80}" for n in range(400)]
     assert "colour \\x1b[31mred\\x1b[0m and\ta tab" in done.stdout
     assert "the end" in done.stdout
-    logs = Path(env["BACKPROP_HOME"]) / "runs" / "rotating" / "logs"
+    logs = Path(env["BACKPROP_HOME"]) / "runs" / run_id / "logs"
     assert (logs / "attempt-1.log.1").exists()  # it did rotate

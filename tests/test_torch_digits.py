@@ -18,7 +18,7 @@ import pytest
 from backprop_mcp.core import contract
 from backprop_mcp.runs import history
 from backprop_mcp.runs.service import Service
-from tests.helpers import cli, cli_json, isolated_env, wait_for_end
+from tests.helpers import cli, cli_json, isolated_env, unique_id, wait_for_end
 
 pytestmark = pytest.mark.skipif(
     find_spec("torch") is None or find_spec("sklearn") is None,
@@ -62,22 +62,24 @@ def digest_of(service: Service, run_id: str, attempt: int) -> str:
 def test_a_run_time_boxed_and_resumed_three_times_ends_with_the_weights_of_an_uninterrupted_run(
     tmp_path: Path,
 ) -> None:
+    boxed_id = unique_id("boxed")
+    whole_id = unique_id("whole")
     env = isolated_env(tmp_path / "home", CUDA_VISIBLE_DEVICES="")  # CPU: deterministic kernels
     service = Service(Path(env["BACKPROP_HOME"]), env=env)
-    boxed = ["--run-id", "boxed", "-m", BOX_MINUTES, *GRACE]
+    boxed = ["--run-id", boxed_id, "-m", BOX_MINUTES, *GRACE]
     first = cli(env, "run", str(DIGITS), *boxed, "--", *ARGS, *SLOW, timeout=CALL_SECONDS)
     assert first.returncode == 4, first.stdout + first.stderr  # timed out
     for _ in range(2):
-        again = cli(env, "resume", "boxed", "-m", BOX_MINUTES, *GRACE, timeout=CALL_SECONDS)
+        again = cli(env, "resume", boxed_id, "-m", BOX_MINUTES, *GRACE, timeout=CALL_SECONDS)
         assert again.returncode == 4, again.stdout + again.stderr
     # The uninterrupted run, at full speed, beside the last attempt (not beside a box, whose
     # start-up it would slow down).
-    whole = cli(env, "run", str(DIGITS), "--run-id", "whole", "-f", "auto", "--detach", "--", *ARGS)
+    whole = cli(env, "run", str(DIGITS), "--run-id", whole_id, "-f", "auto", "--detach", "--", *ARGS)
     assert whole.returncode == 0, whole.stderr
-    last = cli(env, "resume", "boxed", "-m", LAST_BOX_MINUTES, timeout=CALL_SECONDS)
+    last = cli(env, "resume", boxed_id, "-m", LAST_BOX_MINUTES, timeout=CALL_SECONDS)
     assert last.returncode == 0, last.stdout + last.stderr
 
-    record = cli_json(env, "status", "boxed")
+    record = cli_json(env, "status", boxed_id)
     attempts = record["attempts"]
     assert [(a["status"], a["termination_reason"]) for a in attempts] == [
         ("timed_out", "deadline"),
@@ -89,7 +91,7 @@ def test_a_run_time_boxed_and_resumed_three_times_ends_with_the_weights_of_an_un
     # no step saves the same file at the same step, which the record counts once), and each next
     # attempt started from the newest one.
     for attempt in (1, 2, 3):
-        log = service.store.log_path("boxed", attempt).read_text(encoding="utf-8")
+        log = service.store.log_path(boxed_id, attempt).read_text(encoding="utf-8")
         assert '"event":"checkpoint_saved"' in log, log[-2000:]
     checkpoints = record["checkpoints"]
     for before, attempt in enumerate(attempts[1:], start=1):
@@ -100,15 +102,15 @@ def test_a_run_time_boxed_and_resumed_three_times_ends_with_the_weights_of_an_un
     assert cut_at > 0, "no box saw a single step: the machine is too slow for this test's box"
     assert checkpoints[-1]["step"] == TOTAL_STEPS
 
-    assert wait_for_end(service, "whole", timeout=CALL_SECONDS)["status"] == "completed"
-    reference = cli_json(env, "status", "whole")
+    assert wait_for_end(service, whole_id, timeout=CALL_SECONDS)["status"] == "completed"
+    reference = cli_json(env, "status", whole_id)
     assert reference["framework"] == record["framework"] == "pytorch"
     assert record["metrics"]["val_loss"] == reference["metrics"]["val_loss"]
     assert record["metrics"]["val_acc"] == reference["metrics"]["val_acc"]
     assert record["metrics"]["val_acc"] > 0.9  # it learned the digits
-    assert digest_of(service, "boxed", 4) == digest_of(service, "whole", 1)
+    assert digest_of(service, boxed_id, 4) == digest_of(service, whole_id, 1)
     # The whole way there too: the joined curves of the four attempts are the uninterrupted ones.
-    boxed_record, whole_record = service.get("boxed"), service.get("whole")
+    boxed_record, whole_record = service.get(boxed_id), service.get(whole_id)
     for metric in ("loss", "acc", "val_loss"):
         assert history.series(service.store, boxed_record, metric) == history.series(
             service.store, whole_record, metric

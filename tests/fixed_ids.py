@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from backprop_mcp.core.store import valid_run_id
+from backprop_mcp.core.ids import valid_run_id
 
 # The names under which a test hands an id (or a list of them) to the product or to a helper.
 ID_NAMES = frozenset({"run_id", "run_ids", "sweep_id"})

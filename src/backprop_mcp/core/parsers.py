@@ -287,7 +287,7 @@ def parse_text(value: object, where: str) -> str:
 
 def parse_run_id(value: object, where: str) -> str:
     from backprop_mcp.core.errors import UsageError
-    from backprop_mcp.core.store import check_run_id
+    from backprop_mcp.core.ids import check_run_id
 
     if not isinstance(value, str):
         raise ConfigError(f"{where} must be a run id string, got {show(value)}")

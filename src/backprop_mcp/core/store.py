@@ -28,24 +28,22 @@ import contextlib
 import json
 import logging
 import os
-import re
 import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeGuard
+from typing import Any
 
 from backprop_mcp.core import files, notebook
 from backprop_mcp.core.clock import now_iso
 from backprop_mcp.core.errors import RunNotFound, StoreCorrupt, StoreError, UsageError
 from backprop_mcp.core.files import all_lines, append_line, atomic_write, file_lock, storage_error, tail_lines
+from backprop_mcp.core.ids import check_run_id, valid_run_id
 from backprop_mcp.core.records import SCHEMA_VERSION, RunRecord, RunRow, row_of
 from backprop_mcp.core.stored import Invalid, check_record, check_row, salvage_row, stored_version
 
 log = logging.getLogger(__name__)
 
-# Used with fullmatch: `$` would also match before a final newline, letting "id\n" through.
-RUN_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 # Where `stop` leaves its request, for a supervisor whose pid was not known yet when it came.
 STOP_REQUEST_FILE = "stop-request.json"
 # Where the local backend's starter records the supervisor it spawned (see `backends.local`).
@@ -66,21 +64,6 @@ def default_home(env: os._Environ[str] | dict[str, str]) -> Path:
     import platformdirs
 
     return Path(platformdirs.user_data_dir("backprop-mcp", appauthor=False))
-
-
-def valid_run_id(run_id: object) -> TypeGuard[str]:
-    """1-128 letters, digits, '-', '_' or '.', starting with a letter or digit, no '..'."""
-    return isinstance(run_id, str) and RUN_ID_RE.fullmatch(run_id) is not None and ".." not in run_id
-
-
-def check_run_id(run_id: str) -> str:
-    """A run id is 1-128 letters, digits, '-', '_' or '.', not starting with a separator."""
-    if not valid_run_id(run_id):
-        raise UsageError(
-            f"invalid run id {run_id!r}: use 1-128 letters, digits, '-', '_' or '.', "
-            "starting with a letter or digit (no '/', no '..')"
-        )
-    return run_id
 
 
 class Store:

@@ -36,9 +36,10 @@ from backprop_mcp.core.errors import (
     UsageError,
 )
 from backprop_mcp.core.files import atomic_write
+from backprop_mcp.core.ids import check_run_id
 from backprop_mcp.core.records import ACTIVE_STATES, ALL_STATES, RunRecord, RunRow, close_attempt, row_of
 from backprop_mcp.core.settings import Settings
-from backprop_mcp.core.store import STOP_REQUEST_FILE, Store, check_run_id, default_home
+from backprop_mcp.core.store import STOP_REQUEST_FILE, Store, default_home
 from backprop_mcp.core.stored import UNKNOWN_STATUS
 from backprop_mcp.governor import decisions, proctree
 from backprop_mcp.governor.admission import Admission

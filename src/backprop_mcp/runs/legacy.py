@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING, Any
 
 from backprop_mcp.core.clock import now_iso
 from backprop_mcp.core.errors import StoreError, UsageError
+from backprop_mcp.core.ids import valid_run_id
 from backprop_mcp.core.records import AttemptSummary, Checkpoint, RunRecord, new_record, row_of
-from backprop_mcp.core.store import Store, valid_run_id
+from backprop_mcp.core.store import Store
 from backprop_mcp.core.stored import Invalid, check_record
 
 # The seed recorded these states; a run it left "running" has no supervisor any more.

@@ -8,8 +8,9 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from backprop_mcp.core import notebook
+from backprop_mcp.core.ids import check_run_id
 from backprop_mcp.core.notebook import Notebook
-from backprop_mcp.core.store import Store, check_run_id
+from backprop_mcp.core.store import Store
 
 if TYPE_CHECKING:
     from backprop_mcp.runs.requests import RunRequest

@@ -13,9 +13,10 @@ from typing import Any
 from backprop_mcp.core import notebook
 from backprop_mcp.core.answers import RunDiff, RunShow
 from backprop_mcp.core.errors import UsageError
+from backprop_mcp.core.ids import check_run_id
 from backprop_mcp.core.provenance import CodeFile, Provenance, RerunRef
 from backprop_mcp.core.records import RunRecord
-from backprop_mcp.core.store import Store, check_run_id
+from backprop_mcp.core.store import Store
 from backprop_mcp.runs import provenance
 
 # A run's folder that holds the snapshot a rerun runs (when the script changed since).

@@ -22,6 +22,7 @@ from backprop_mcp.core.errors import (
     StoreError,
     UsageError,
 )
+from backprop_mcp.core.ids import check_run_id
 from backprop_mcp.core.machine import Decision
 from backprop_mcp.core.records import (
     ACTIVE_STATES,
@@ -32,7 +33,7 @@ from backprop_mcp.core.records import (
     row_of,
 )
 from backprop_mcp.core.settings import Settings
-from backprop_mcp.core.store import STOP_REQUEST_FILE, SUPERVISOR_PID_FILE, check_run_id
+from backprop_mcp.core.store import STOP_REQUEST_FILE, SUPERVISOR_PID_FILE
 from backprop_mcp.governor import decisions
 from backprop_mcp.governor.admission import Admission
 from backprop_mcp.governor.probe_choice import make_probe

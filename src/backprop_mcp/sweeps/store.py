@@ -23,7 +23,7 @@ from typing import cast
 from backprop_mcp.core.clock import now_iso
 from backprop_mcp.core.errors import RunNotFound, StoreCorrupt, StoreError, UsageError
 from backprop_mcp.core.files import atomic_write, file_lock, storage_error
-from backprop_mcp.core.store import valid_run_id
+from backprop_mcp.core.ids import valid_run_id
 from backprop_mcp.core.stored import Invalid, check_shape, stored_version
 from backprop_mcp.sweeps.shapes import SWEEP_SCHEMA_VERSION, SWEEP_STATES, SweepRecord
 

@@ -27,7 +27,7 @@ from backprop_mcp.core.records import TERMINAL_STATES, RunRecord
 from backprop_mcp.runs.requests import RunRequest
 from backprop_mcp.runs.service import Service
 from tests.fault_helpers import assert_nothing_survives
-from tests.helpers import FIXTURES, WAIT_SECONDS, isolated_env, wait_until
+from tests.helpers import FIXTURES, WAIT_SECONDS, isolated_env, unique_id, wait_until
 
 T = TypeVar("T")
 
@@ -117,7 +117,7 @@ def test_cpu_load_from_other_processes_pauses_the_run_and_it_resumes_and_complet
         RunRequest(
             script=str(FIXTURES / "exits_zero_when_the_gate_opens.py"),
             args=[str(gate)],
-            run_id=f"cpu-pause-{tmp_path.name}",
+            run_id=unique_id("cpu-pause"),
             options={"max_run_minutes": BOX_MINUTES, "max_wall_minutes": 10},
         )
     )["run_id"]

@@ -12,7 +12,7 @@ import pytest
 from mcp import Client
 from mcp.client.stdio import StdioServerParameters
 
-from tests.helpers import FIXTURES, cli, isolated_env
+from tests.helpers import FIXTURES, cli, isolated_env, unique_id
 from tests.test_mcp_stdio import WAIT, server_command
 from tests.test_mcp_tools import call, wait_end
 
@@ -46,7 +46,7 @@ async def run_over_stdio(params: StdioServerParameters, run_id: str) -> None:
 async def test_the_server_keeps_its_runs_in_the_store_its_home_option_names(tmp_path: Path) -> None:
     home, elsewhere = tmp_path / "chosen", tmp_path / "elsewhere"
     env = isolated_env(elsewhere)  # BACKPROP_HOME points elsewhere: --home wins
-    run_id = f"home-{tmp_path.name}"
+    run_id = unique_id("home")
     command, *args = server_command()
     params = StdioServerParameters(
         command=command, args=[*args, "--root", str(FIXTURES), "--home", str(home)], env=env, cwd=tmp_path
@@ -68,7 +68,7 @@ def without_home(tmp_path: Path, **extra: str) -> dict[str, str]:
 @LINUX_ONLY
 def test_without_backprop_home_the_cli_keeps_runs_in_the_users_data_folder(tmp_path: Path) -> None:
     env = without_home(tmp_path)
-    run_id = f"default-{tmp_path.name}"
+    run_id = unique_id("default")
     done = cli(env, "run", str(SCRIPT), "--run-id", run_id, "--", "hello", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     default = tmp_path / "user" / ".local" / "share" / "backprop-mcp"
@@ -91,7 +91,7 @@ async def test_without_backprop_home_or_home_option_the_server_uses_the_users_da
     tmp_path: Path,
 ) -> None:
     env = without_home(tmp_path)
-    run_id = f"server-default-{tmp_path.name}"
+    run_id = unique_id("server-default")
     command, *args = server_command()
     params = StdioServerParameters(
         command=command, args=[*args, "--root", str(FIXTURES)], env=env, cwd=tmp_path

@@ -24,7 +24,7 @@ from backprop_mcp.core.records import RunRecord, new_record, row_of
 from backprop_mcp.core.store import Store
 from backprop_mcp.runs.requests import RunRequest
 from backprop_mcp.runs.service import Service
-from tests.helpers import FIXTURES, WAIT_SECONDS, cli, cli_json, wait_for_end, wait_until
+from tests.helpers import FIXTURES, WAIT_SECONDS, cli, cli_json, unique_id, wait_for_end, wait_until
 
 TOLD = FIXTURES / "reports_progress_when_told.py"
 
@@ -43,7 +43,7 @@ def test_a_log_past_its_size_limit_keeps_one_bounded_rotated_file_and_the_newest
     # stays within the limit, and the rotated one holds at least 192 KiB.
     limit = 262144
     env = {**env, "BACKPROP_LOG_ROTATE_BYTES": str(limit)}
-    run_id = f"rotates-{tmp_path.name}"
+    run_id = unique_id("rotates")
     count = 10_000  # ~1 MB of output: about 4 rotations
     done = cli(
         env, "run", str(FIXTURES / "floods_past_log_rotation.py"), "--run-id", run_id, "--detach",
@@ -124,7 +124,7 @@ def test_eta_is_the_steps_left_at_the_attempts_rate_since_its_first_progress(
     """eta_seconds = (total - step) / rate, rate = steps since the attempt's first progress line
     per second since the supervisor read it. The test knows when each line could have been sent
     and read (it opens the gates and sees the record), which bounds the seconds between them."""
-    run_id = f"eta-{tmp_path.name}"
+    run_id = unique_id("eta")
     gates = tmp_path / "gates"
     start_told(service, run_id, gates, "100", 2.0)
     gate_0 = time.time()
@@ -153,7 +153,7 @@ def test_eta_is_the_steps_left_at_the_attempts_rate_since_its_first_progress(
 
 
 def test_eta_is_none_when_the_script_reports_no_total(service: Service, tmp_path: Path) -> None:
-    run_id = f"eta-none-{tmp_path.name}"
+    run_id = unique_id("eta-none")
     gates = tmp_path / "gates"
     start_told(service, run_id, gates, "none", 0.0)
     (gates / "go-0").touch()
@@ -206,7 +206,7 @@ def foreground(env: dict[str, str], tmp_path: Path, run_id: str, stdout: int) ->
 
 
 def test_the_foreground_run_draws_a_progress_bar_on_a_terminal(env: dict[str, str], tmp_path: Path) -> None:
-    run_id = f"bar-{tmp_path.name}"
+    run_id = unique_id("bar")
     master, slave = pty.openpty()
     proc = foreground(env, tmp_path, run_id, slave)
     os.close(slave)
@@ -234,7 +234,7 @@ def test_the_foreground_run_draws_a_progress_bar_on_a_terminal(env: dict[str, st
 def test_without_a_terminal_the_foreground_run_prints_the_plain_progress_line(
     env: dict[str, str], tmp_path: Path
 ) -> None:
-    run_id = f"plain-{tmp_path.name}"
+    run_id = unique_id("plain")
     proc = foreground(env, tmp_path, run_id, subprocess.PIPE)
     assert proc.stdout is not None and proc.stderr is not None
     reader = Reader(proc.stdout.fileno())
@@ -259,7 +259,7 @@ def test_without_a_terminal_the_foreground_run_prints_the_plain_progress_line(
 
 
 def test_logs_of_an_attempt_show_that_attempts_output_only(env: dict[str, str], tmp_path: Path) -> None:
-    run_id = f"attempts-{tmp_path.name}"
+    run_id = unique_id("attempts")
     script = str(FIXTURES / "prints_each_argument_as_a_line.py")
     first = cli(env, "run", script, "--run-id", run_id, "--", "marker-of-attempt-1", cwd=tmp_path)
     assert first.returncode == 0, first.stderr
@@ -301,7 +301,7 @@ def add_runs(env: dict[str, str], prefix: str, count: int) -> list[str]:
 def test_list_pages_through_every_run_once_in_order_by_its_cursor(
     env: dict[str, str], tmp_path: Path
 ) -> None:
-    newest_first = add_runs(env, f"paged-{tmp_path.name}", 7)
+    newest_first = add_runs(env, unique_id("paged"), 7)
     seen: list[str] = []
     command = ["list", "--limit", "3"]
     pages = 0
@@ -332,7 +332,7 @@ def test_list_pages_through_every_run_once_in_order_by_its_cursor(
 
 
 def test_a_bad_list_cursor_is_a_usage_error(env: dict[str, str], tmp_path: Path) -> None:
-    add_runs(env, f"cursor-{tmp_path.name}", 2)
+    add_runs(env, unique_id("cursor"), 2)
     for cursor in ("abc", "-1", "1.5", ""):
         done = cli(env, "list", "--cursor", cursor)
         no_traceback(done)

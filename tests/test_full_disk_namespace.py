@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from tests.fault_helpers import alive, assert_nothing_survives, strict_json
-from tests.helpers import FIXTURES, isolated_env, wait_until
+from tests.helpers import FIXTURES, isolated_env, unique_id, wait_until
 from tests.test_storage_faults import fill
 
 HOLDER = Path(__file__).parent / "userns_tmpfs.py"
@@ -100,7 +100,7 @@ def test_a_full_disk_under_a_live_run_without_root_keeps_the_run_and_what_was_st
         home = small / "store"
         env = isolated_env(home)
         step_file, finish = tmp_path / "step", tmp_path / "finish"
-        run_id = f"full-{tmp_path.name}"
+        run_id = unique_id("full")
         script = str(FIXTURES / "trains_until_told_to_finish.py")
         started = ns.cli(
             env, tmp_path, "run", script, "--run-id", run_id, "--detach", "--", str(step_file), str(finish)

@@ -21,7 +21,7 @@ from backprop_mcp.core import notebook
 from backprop_mcp.core.errors import RunNotFound, UsageError
 from backprop_mcp.runs.requests import RunRequest
 from backprop_mcp.runs.service import Service
-from tests.helpers import FIXTURES, WAIT_SECONDS, cli, cli_json, wait_for_end, wait_until
+from tests.helpers import FIXTURES, WAIT_SECONDS, cli, cli_json, unique_id, wait_for_end, wait_until
 from tests.test_mcp_stdio import server_command, server_env
 from tests.test_mcp_tools import GENEROUS, call, fails, wait_end, write_script
 
@@ -285,7 +285,7 @@ async def test_over_mcp_stdio_an_agent_notes_its_hypothesis_tags_runs_and_finds_
 
             said = await fails(client, "annotate_run", run_id=run_id, tags=["no good"])
             assert "invalid tag 'no good'" in said
-            said = await fails(client, "annotate_run", run_id="never-was", note="x")
+            said = await fails(client, "annotate_run", run_id=unique_id("never-was"), note="x")
             assert "no run with id 'never-was'" in said
             said = await fails(client, "annotate_run", run_id=run_id)
             assert "give a note" in said

@@ -16,7 +16,7 @@ import pytest
 
 from backprop_mcp.runs.service import Service
 from tests.fault_helpers import alive, assert_nothing_survives, start, supervisor_pid
-from tests.helpers import FIXTURES, cli, wait_for_end, wait_for_log, wait_until
+from tests.helpers import FIXTURES, cli, unique_id, wait_for_end, wait_for_log, wait_until
 
 # Long enough that a run still inside its grace can never end within a test's bounded waits
 # (`tests.helpers.WAIT_SECONDS`): only a stop that skips the grace ends it.
@@ -158,7 +158,7 @@ def _waiting_for_a_lock(pid: int) -> bool:
 def test_ctrl_c_before_the_run_exists_exits_130_and_leaves_no_run(
     service: Service, env: dict[str, str], tmp_path: Path
 ) -> None:
-    run_id = f"interrupted-{tmp_path.name}"
+    run_id = unique_id("interrupted")
     service.store.ensure()
     # Holding the index lock stops `backprop run` inside its start, before the run is whole.
     fd = os.open(service.store.index_lock, os.O_RDWR | os.O_CREAT, 0o600)

@@ -108,8 +108,19 @@ def test_a_run_pauses_when_its_gpu_heats_and_resumes_when_it_cools(
     assert psutil.Process(pid).status() == psutil.STATUS_STOPPED
     fake.set_gpus([{"index": 0, "temperature_c": 82}])  # below the limit but within the hysteresis
     size = gpu_service.store.log_path(run_id, 1).stat().st_size
+    # Only the supervisor queries the GPUs now. The first query counted after the change reads
+    # 82 C; its verdict is acted on before the supervisor's next sample queries again, so after
+    # three more queries at least two samples at 82 C have been decided.
+    queried = fake.gpu_queries()
+    wait_until(lambda: fake.gpu_queries() >= queried + 3, what="three samples at 82 C")
+    assert psutil.Process(pid).status() == psutil.STATUS_STOPPED
     assert gpu_service.get(run_id)["status"] == "paused"
     assert gpu_service.store.log_path(run_id, 1).stat().st_size == size  # stopped: prints nothing
+    assert ("running", "resumed") not in [
+        (e.get("status"), e.get("reason"))
+        for e in gpu_service.store.read_events(run_id)
+        if e.get("type") == "state"
+    ]
     fake.set_gpus([{"index": 0, "temperature_c": 70}])
     wait_until(lambda: gpu_service.get(run_id)["status"] == "running", what="resume")
     record = wait_for_end(gpu_service, run_id)

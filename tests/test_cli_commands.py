@@ -225,20 +225,23 @@ def test_ctrl_c_twice_in_the_foreground_kills_without_the_grace(
 ) -> None:
     from tests.helpers import wait_for_log, wait_until
 
-    proc = _foreground(env, tmp_path, "ignores_sigint_and_sigterm.py", "fg-twice")
+    # The script notes each signal and ignores it: a second Ctrl-C taken as one more graceful stop
+    # would end it too, but only after the grace and a SIGTERM, which it would note.
+    proc = _foreground(env, tmp_path, "notes_and_ignores_sigint_and_sigterm.py", "fg-twice")
     wait_until(lambda: service.store.exists("fg-twice"), what="the run")
     wait_for_log(service, "fg-twice", "ready")
     proc.send_signal(signal.SIGINT)
-    wait_until(
-        lambda: any(e.get("type") == "stop_signal" for e in service.store.read_events("fg-twice")),
-        what="the graceful stop signal",
-    )
+    wait_for_log(service, "fg-twice", "got SIGINT")  # the graceful stop reached the script
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 5
     assert "killing" in out
     record = service.get("fg-twice")
     assert (record["status"], record["signal"]) == ("stopped", "SIGKILL")
+    lines = service.logs("fg-twice", tail=50)["lines"]
+    assert "got SIGINT" in lines and "got SIGTERM" not in lines, lines
+    stops = [e for e in service.store.read_events("fg-twice") if e.get("type") == "stop_requested"]
+    assert [e.get("force") for e in stops] == [False, True], stops
 
 
 def _commands(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:

@@ -323,8 +323,9 @@ async def test_get_status_without_a_run_id_describes_the_machine_and_the_verdict
         status = await call(client, "get_status")
     assert status["snapshot"]["cpu_count"] >= 1
     assert status["live_runs"] == [] and status["queued_runs"] == []
-    assert isinstance(status["verdict"]["allowed"], bool)
-    assert status["verdict"]["checks"]
+    # The test's limits admit runs (no RAM floor, any CPU load, 64 in parallel, no GPU).
+    assert status["verdict"]["allowed"] is True, status["verdict"]
+    assert "0 runs live < max parallel 64" in status["verdict"]["checks"], status["verdict"]
 
 
 @pytest.mark.anyio

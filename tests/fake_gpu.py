@@ -8,9 +8,9 @@ pinned, a run paused when its GPU heats up):
     subprocess.run([...], env=fake.env())          # or monkeypatch.setenv("PATH", fake.path)
 
 Every call of the fake re-reads the state, so a test may change it while a run is going. State
-writes are atomic, so the fake never reads half a file. Every GPU query appends a line to a calls
-file before it reads the state, so a test can wait for samples taken after a change
-(`gpu_queries()`).
+writes are atomic, so the fake never reads half a file. Every GPU query appends its caller's pid to
+a calls file before it reads the state, so a test can wait for a supervisor's samples taken after
+a change (`gpu_queries(by=pid)`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pathlib import Path
 
 _SCRIPT = """#!{python}
 # Fake nvidia-smi written by tests/fake_gpu.py; answers --query-gpu and --query-compute-apps.
-import json, sys, time
+import json, os, sys, time
 
 GPU_FIELDS = {{
     "index": "index", "uuid": "uuid", "name": "name", "memory.total": "memory_total_mb",
@@ -34,9 +34,10 @@ GPU_FIELDS = {{
 APP_FIELDS = {{"gpu_uuid": "gpu_uuid", "pid": "pid", "used_memory": "used_memory_mb"}}
 
 if any(arg.startswith("--query-gpu=") for arg in sys.argv[1:]):
-    # One write of one short line to an O_APPEND file: concurrent callers never mix lines.
+    # The caller's pid, in one write of one short line to an O_APPEND file: concurrent callers
+    # never mix lines.
     with open({calls!r}, "a", encoding="utf-8") as f:
-        f.write("query-gpu\\n")
+        f.write("%d\\n" % os.getppid())
 with open({state!r}, encoding="utf-8") as f:
     state = json.load(f)
 if state["hang"]:
@@ -146,12 +147,13 @@ class FakeNvidiaSmi(FakeCommand):
         self._state["gpus"] = table
         self._save()
 
-    def gpu_queries(self) -> int:
-        """How many GPU queries the fake has begun to answer (each reads the state after it is
-        counted, so a query counted after a `set_gpus` sees the new table)."""
+    def gpu_queries(self, by: int) -> int:
+        """How many GPU queries the fake has begun to answer for the process `by` (a run's
+        supervisor, say). Each reads the state after it is counted, so a query counted after a
+        `set_gpus` sees the new table."""
         if not self.calls_path.exists():
             return 0
-        return self.calls_path.read_text(encoding="utf-8").count("\n")
+        return self.calls_path.read_text(encoding="utf-8").split().count(str(by))
 
     def set_processes(self, processes: Sequence[Mapping[str, object]]) -> None:
         """Compute processes: dicts with `gpu_uuid`, `pid` and `used_memory_mb` (None is `[N/A]`)."""

@@ -112,15 +112,16 @@ def test_a_run_pauses_when_its_gpu_heats_and_resumes_when_it_cools(
     assert "90" in (paused["status_detail"] or "")
     assert psutil.Process(pid).status() == psutil.STATUS_STOPPED
     fake.set_gpus([{"index": 0, "temperature_c": 82}])  # below the limit but within the hysteresis
-    # Only the supervisor queries the GPUs now. The first query counted after the change reads
-    # 82 C; its verdict is acted on before the supervisor's next sample queries again, so after
-    # three more queries at least two samples at 82 C have been decided (and the ticks printed
-    # before the pause have been drained from the pipe into the log).
-    queried = fake.gpu_queries()
-    wait_until(lambda: fake.gpu_queries() >= queried + 3, what="three samples at 82 C")
+    # The supervisor's first GPU query counted after the change reads 82 C; its verdict is acted
+    # on before its next sample queries again, so after three more queries at least two samples
+    # at 82 C have been decided (and the ticks printed before the pause are drained into the log).
+    supervisor = paused["supervisor_pid"]
+    assert supervisor is not None
+    queried = fake.gpu_queries(by=supervisor)
+    wait_until(lambda: fake.gpu_queries(by=supervisor) >= queried + 3, what="three samples at 82 C")
     size = gpu_service.store.log_path(run_id, 1).stat().st_size
-    queried = fake.gpu_queries()
-    wait_until(lambda: fake.gpu_queries() >= queried + 2, what="two more samples at 82 C")
+    queried = fake.gpu_queries(by=supervisor)
+    wait_until(lambda: fake.gpu_queries(by=supervisor) >= queried + 2, what="two more samples at 82 C")
     assert psutil.Process(pid).status() == psutil.STATUS_STOPPED
     assert gpu_service.get(run_id)["status"] == "paused"
     assert gpu_service.store.log_path(run_id, 1).stat().st_size == size  # stopped: prints nothing

@@ -132,8 +132,12 @@ def test_a_run_pauses_when_its_gpu_heats_and_resumes_when_it_cools(
     ]
     fake.set_gpus([{"index": 0, "temperature_c": 70}])
     wait_until(lambda: gpu_service.get(run_id)["status"] == "running", what="resume")
+    # Resumed for real: the script prints again, and at the deadline it handles SIGINT itself.
+    log = gpu_service.store.log_path(run_id, 1)
+    wait_until(lambda: log.stat().st_size > size, what="the script to print again")
     record = wait_for_end(gpu_service, run_id)
     assert (record["status"], record["termination_reason"]) == ("timed_out", "deadline")
+    assert (record["exit_code"], record["signal"]) == (0, None)
     assert record["paused_seconds"] > 0
     kinds = [
         (e.get("status"), e.get("reason"))

@@ -8,7 +8,9 @@ pinned, a run paused when its GPU heats up):
     subprocess.run([...], env=fake.env())          # or monkeypatch.setenv("PATH", fake.path)
 
 Every call of the fake re-reads the state, so a test may change it while a run is going. State
-writes are atomic, so the fake never reads half a file.
+writes are atomic, so the fake never reads half a file. Every GPU query appends its caller's pid to
+a calls file before it reads the state, so a test can wait for a supervisor's samples taken after
+a change (`gpu_queries(by=pid)`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pathlib import Path
 
 _SCRIPT = """#!{python}
 # Fake nvidia-smi written by tests/fake_gpu.py; answers --query-gpu and --query-compute-apps.
-import json, sys, time
+import json, os, sys, time
 
 GPU_FIELDS = {{
     "index": "index", "uuid": "uuid", "name": "name", "memory.total": "memory_total_mb",
@@ -31,6 +33,11 @@ GPU_FIELDS = {{
 }}
 APP_FIELDS = {{"gpu_uuid": "gpu_uuid", "pid": "pid", "used_memory": "used_memory_mb"}}
 
+if any(arg.startswith("--query-gpu=") for arg in sys.argv[1:]):
+    # The caller's pid, in one write of one short line to an O_APPEND file: concurrent callers
+    # never mix lines.
+    with open({calls!r}, "a", encoding="utf-8") as f:
+        f.write("%d\\n" % os.getppid())
 with open({state!r}, encoding="utf-8") as f:
     state = json.load(f)
 if state["hang"]:
@@ -82,11 +89,13 @@ class FakeCommand:
         self.bin_dir = tmp_path / folder
         self.bin_dir.mkdir(parents=True, exist_ok=True)
         self.state_path = tmp_path / f"{name.replace('-', '_')}_state.json"
+        self.calls_path = tmp_path / f"{name.replace('-', '_')}_calls.log"
         self.executable = self.bin_dir / name
         self._state = state
         self._save()
         self.executable.write_text(
-            script.format(python=sys.executable, state=str(self.state_path)), encoding="utf-8"
+            script.format(python=sys.executable, state=str(self.state_path), calls=str(self.calls_path)),
+            encoding="utf-8",
         )
         self.executable.chmod(self.executable.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
 
@@ -137,6 +146,14 @@ class FakeNvidiaSmi(FakeCommand):
             table.append(row)
         self._state["gpus"] = table
         self._save()
+
+    def gpu_queries(self, by: int) -> int:
+        """How many GPU queries the fake has begun to answer for the process `by` (a run's
+        supervisor, say). Each reads the state after it is counted, so a query counted after a
+        `set_gpus` sees the new table."""
+        if not self.calls_path.exists():
+            return 0
+        return self.calls_path.read_text(encoding="utf-8").split().count(str(by))
 
     def set_processes(self, processes: Sequence[Mapping[str, object]]) -> None:
         """Compute processes: dicts with `gpu_uuid`, `pid` and `used_memory_mb` (None is `[N/A]`)."""

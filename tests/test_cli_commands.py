@@ -233,20 +233,23 @@ def test_ctrl_c_twice_in_the_foreground_kills_without_the_grace(
     run_id = unique_id("fg-twice")
     from tests.helpers import wait_for_log, wait_until
 
-    proc = _foreground(env, tmp_path, "ignores_sigint_and_sigterm.py", run_id)
+    # The script notes each signal and ignores it: a second Ctrl-C taken as one more graceful stop
+    # would end it too, but only after the grace and a SIGTERM, which it would note.
+    proc = _foreground(env, tmp_path, "notes_and_ignores_sigint_and_sigterm.py", run_id)
     wait_until(lambda: service.store.exists(run_id), what="the run")
     wait_for_log(service, run_id, "ready")
     proc.send_signal(signal.SIGINT)
-    wait_until(
-        lambda: any(e.get("type") == "stop_signal" for e in service.store.read_events(run_id)),
-        what="the graceful stop signal",
-    )
+    wait_for_log(service, run_id, "got SIGINT")  # the graceful stop reached the script
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 5
     assert "killing" in out
     record = service.get(run_id)
     assert (record["status"], record["signal"]) == ("stopped", "SIGKILL")
+    lines = service.logs(run_id, tail=50)["lines"]
+    assert "got SIGINT" in lines and "got SIGTERM" not in lines, lines
+    stops = [e for e in service.store.read_events(run_id) if e.get("type") == "stop_requested"]
+    assert [e.get("force") for e in stops] == [False, True], stops
 
 
 def _commands(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:

@@ -36,13 +36,16 @@ def test_layers_apply_in_order_user_project_env_options(tmp_path: Path) -> None:
     user = write(tmp_path / "user.json", {"maxRunMinutes": 1, "maxParallel": 3, "gpu": {"maxTempC": 70}})
     project = tmp_path / "proj"
     (project / "sub").mkdir(parents=True)
-    write(project / "backprop.config.json", {"maxRunMinutes": 2, "gpu": {"minFreeVramMB": 1000}})
-    env = {"BACKPROP_CONFIG": str(user), "BACKPROP_MAX_PARALLEL": "4"}
+    write(
+        project / "backprop.config.json",
+        {"maxRunMinutes": 2, "maxParallel": 5, "gpu": {"minFreeVramMB": 1000, "maxTempC": 75}},
+    )
+    env = {"BACKPROP_CONFIG": str(user), "BACKPROP_MAX_PARALLEL": "4", "BACKPROP_GPU_MAX_TEMP_C": "65"}
     settings = load_settings(project / "sub", env, {"gpu_max_temp_c": "60"})
     assert settings.max_run_minutes == 2  # project over user
-    assert settings.max_parallel == 4  # env over files
+    assert settings.max_parallel == 4  # env over both files
     assert settings.gpu_min_free_vram_mb == 1000  # nested objects merge key by key
-    assert settings.gpu_max_temp_c == 60  # options over everything
+    assert settings.gpu_max_temp_c == 60  # options over everything, the environment included
     assert settings.sources == (str(user), str(project / "backprop.config.json"))
 
 

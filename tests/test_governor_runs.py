@@ -99,8 +99,13 @@ def test_a_run_pauses_when_its_gpu_heats_and_resumes_when_it_cools(
     fake: FakeNvidiaSmi, gpu_service: Service
 ) -> None:
     fake.set_gpus([{"index": 0, "temperature_c": 60}])
+    # The pause lasts several samples, which a loaded machine makes slow: a wall-clock cap well
+    # past the default (3x the box) keeps the cap out of this test.
     run_id = gpu_service.start(
-        RunRequest(script=str(FIXTURES / "prints_gpu_and_ticks.py"), options={"max_run_minutes": "0.05"})
+        RunRequest(
+            script=str(FIXTURES / "prints_gpu_and_ticks.py"),
+            options={"max_run_minutes": "0.05", "max_wall_minutes": "5"},
+        )
     )["run_id"]
     pid = int(log_value(gpu_service, run_id, "pid:"))
     fake.set_gpus([{"index": 0, "temperature_c": 90}])
@@ -108,13 +113,32 @@ def test_a_run_pauses_when_its_gpu_heats_and_resumes_when_it_cools(
     assert "90" in (paused["status_detail"] or "")
     assert psutil.Process(pid).status() == psutil.STATUS_STOPPED
     fake.set_gpus([{"index": 0, "temperature_c": 82}])  # below the limit but within the hysteresis
+    # The supervisor's first GPU query counted after the change reads 82 C; its verdict is acted
+    # on before its next sample queries again, so after three more queries at least two samples
+    # at 82 C have been decided (and the ticks printed before the pause are drained into the log).
+    supervisor = paused["supervisor_pid"]
+    assert supervisor is not None
+    queried = fake.gpu_queries(by=supervisor)
+    wait_until(lambda: fake.gpu_queries(by=supervisor) >= queried + 3, what="three samples at 82 C")
     size = gpu_service.store.log_path(run_id, 1).stat().st_size
+    queried = fake.gpu_queries(by=supervisor)
+    wait_until(lambda: fake.gpu_queries(by=supervisor) >= queried + 2, what="two more samples at 82 C")
+    assert psutil.Process(pid).status() == psutil.STATUS_STOPPED
     assert gpu_service.get(run_id)["status"] == "paused"
     assert gpu_service.store.log_path(run_id, 1).stat().st_size == size  # stopped: prints nothing
+    assert ("running", "resumed") not in [
+        (e.get("status"), e.get("reason"))
+        for e in gpu_service.store.read_events(run_id)
+        if e.get("type") == "state"
+    ]
     fake.set_gpus([{"index": 0, "temperature_c": 70}])
     wait_until(lambda: gpu_service.get(run_id)["status"] == "running", what="resume")
+    # Resumed for real: the script prints again, and at the deadline it handles SIGINT itself.
+    log = gpu_service.store.log_path(run_id, 1)
+    wait_until(lambda: log.stat().st_size > size, what="the script to print again")
     record = wait_for_end(gpu_service, run_id)
     assert (record["status"], record["termination_reason"]) == ("timed_out", "deadline")
+    assert (record["exit_code"], record["signal"]) == (0, None)
     assert record["paused_seconds"] > 0
     kinds = [
         (e.get("status"), e.get("reason"))

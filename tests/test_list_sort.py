@@ -3,6 +3,7 @@ earlier version (without them)."""
 
 from __future__ import annotations
 
+import errno
 import json
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ import pytest
 
 from backprop_mcp.core.clock import now_iso
 from backprop_mcp.core.errors import UsageError
+from backprop_mcp.core.files import storage_error
 from backprop_mcp.core.records import (
     MAX_ROW_ARG_CHARS,
     MAX_ROW_ARGS,
@@ -161,14 +163,22 @@ def test_rows_indexed_by_the_previous_version_are_filled_from_the_record(runs: S
     assert runs.store.index_path.stat().st_ino == inode
 
 
-def test_an_old_row_whose_record_cannot_be_read_lists_with_empty_args(runs: Service) -> None:
+def test_an_old_row_whose_record_cannot_be_read_lists_with_empty_args(
+    runs: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
     _strip_new_fields(runs.store)
-    runs.store.record_path("d").chmod(0)
-    try:
-        rows = {r["run_id"]: r for r in runs.list_runs()["runs"]}
-    finally:
-        runs.store.record_path("d").chmod(0o600)
-    assert rows["d"]["args"] in ([], ["--lr", "0.001"])  # empty, unless root reads it anyway
+    # The disk refuses d's record as it refuses an unprivileged user (a chmod 0 file does not stop
+    # root, who runs the suite in CI).
+    read = runs.store.read
+
+    def refusing(run_id: str) -> RunRecord:
+        if run_id == "d":
+            raise storage_error("read", runs.store.record_path("d"), PermissionError(errno.EACCES, "denied"))
+        return read(run_id)
+
+    monkeypatch.setattr(runs.store, "read", refusing)
+    rows = {r["run_id"]: r for r in runs.list_runs()["runs"]}
+    assert (rows["d"]["args"], rows["d"]["metrics"]) == ([], {})
     assert rows["b"]["args"] == ["--lr", "0.01"]
 
 

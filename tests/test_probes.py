@@ -13,6 +13,7 @@ import psutil
 import pytest
 
 from backprop_mcp.core.errors import ConfigError
+from backprop_mcp.governor import probes
 from backprop_mcp.governor.decisions import default_limits, evaluate
 from backprop_mcp.governor.nvidia import NvmlGpus, parse_compute_apps_csv, parse_gpu_csv
 from backprop_mcp.governor.probe_choice import ENV_STATIC_PROBE, make_probe
@@ -251,10 +252,19 @@ def test_a_recent_cpu_sample_in_the_cache_gives_the_load_since_then(tmp_path: Pa
     assert CachedCpu(cache).percent() == pytest.approx(12.3456, abs=1e-3)
 
 
-def test_a_cpu_sample_older_than_a_minute_is_not_trusted(tmp_path: Path) -> None:
+def test_a_cpu_sample_older_than_a_minute_is_not_trusted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     cache = tmp_path / "cpu_sample.json"
     _planted_cache(cache, percent=12.3456, age=3600.0)
-    assert CachedCpu(cache).percent() != pytest.approx(12.3456, abs=1e-3)
+    # The machine's CPU times as the fresh sample reads them: 30% busy between its two readings.
+    first = probes._read_cpu_times()
+    second = first._replace(busy=first.busy + 30.0, total=first.total + 100.0, at=first.at + 0.5)
+    readings = iter([first, second])
+    monkeypatch.setattr(probes, "_read_cpu_times", lambda: next(readings))
+    assert CachedCpu(cache, blocking_seconds=0.0).percent() == pytest.approx(30.0)
+    cached = json.loads(cache.read_text(encoding="utf-8"))
+    assert (cached["percent"], cached["monotonic"]) == (pytest.approx(30.0), second.at)
 
 
 def test_the_live_sampler_gives_a_percentage_on_every_call() -> None:

@@ -7,6 +7,7 @@ import json
 import os
 import stat
 import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from backprop_mcp.core.errors import RunNotFound, StoreCorrupt, StoreError
 from backprop_mcp.core.records import RunRecord, new_record, row_of
 from backprop_mcp.core.store import Store
 from backprop_mcp.runs.service import Service
+from tests.helpers import FIXTURES, cli_json, wait_for_end, wait_until
 
 
 def make_record(run_id: str, *, status: str = "completed", name: str | None = None) -> RunRecord:
@@ -198,3 +200,62 @@ def test_a_record_of_a_newer_schema_is_refused_clearly(tmp_path: Path) -> None:
 def test_a_new_record_refuses_fields_a_record_does_not_have() -> None:
     with pytest.raises(TypeError, match="not fields of a RunRecord: colour"):
         new_record(run_id="r", script="/x.py", created_at=now_iso(), colour="red")
+
+
+# Holds one run's lock, as a command doing read-modify-write of its record does, until stdin closes.
+_RUN_LOCK_HOLDER = """
+import sys
+from pathlib import Path
+from backprop_mcp.core.store import Store
+with Store(Path(sys.argv[1])).run_lock(sys.argv[2]):
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+def _waits_for_a_lock(pid: int) -> bool:
+    """Whether `pid` is blocked on a file lock another process holds: a `->` line of /proc/locks
+    (`N: -> FLOCK ADVISORY WRITE <pid> ...`)."""
+    for line in Path("/proc/locks").read_text(encoding="utf-8").splitlines():
+        fields = line.split()
+        if "->" in fields and fields[fields.index("->") + 4 :][:1] == [str(pid)]:
+            return True
+    return False
+
+
+def test_a_resume_waits_while_another_process_holds_the_runs_lock(
+    env: dict[str, str], service: Service, tmp_path: Path
+) -> None:
+    run_id = f"locked-{uuid.uuid4().hex[:8]}"
+    done = cli_json(env, "run", str(FIXTURES / "counts_and_exits.py"), "--run-id", run_id, cwd=tmp_path)
+    assert done["status"] == "completed"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _RUN_LOCK_HOLDER, env["BACKPROP_HOME"], run_id],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdin is not None and holder.stdout is not None
+    assert holder.stdout.readline().strip() == "held"
+    resume = subprocess.Popen(
+        [sys.executable, "-m", "backprop_mcp", "resume", run_id, "--detach", "--json", "--", "6"],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_until(
+            lambda: resume.poll() is not None or _waits_for_a_lock(resume.pid), what="resume to wait or end"
+        )
+        assert resume.poll() is None, "resume changed the run while another process held its lock"
+        assert service.store.read(run_id)["attempt"] == 1
+    finally:
+        holder.stdin.close()
+        holder.wait()
+        holder.stdout.close()
+    out, err = resume.communicate(timeout=60)
+    assert resume.returncode == 0, err
+    assert json.loads(out)["attempt"] == 2
+    assert wait_for_end(service, run_id)["attempt"] == 2

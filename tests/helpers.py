@@ -88,9 +88,10 @@ def wait_for_log(service: Service, run_id: str, text: str, attempt: int = 1) -> 
 def cli(
     env: Mapping[str, str], *args: str, cwd: Path | None = None, timeout: float = WAIT_SECONDS
 ) -> subprocess.CompletedProcess[str]:
-    """Run the real `backprop` CLI, by default in the folder that holds the test's store (a run
-    started there writes its files there, never into the repository the suite runs from)."""
-    if cwd is None:
+    """Run the real `backprop` CLI, by default in the folder that holds the test's store (else in
+    the test's own folder, see conftest.py): a run started there writes its files there, never
+    into the repository the suite runs from."""
+    if cwd is None and "BACKPROP_HOME" in env:
         cwd = Path(env["BACKPROP_HOME"]).parent
         cwd.mkdir(parents=True, exist_ok=True)
     return subprocess.run(

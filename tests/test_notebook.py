@@ -285,8 +285,9 @@ async def test_over_mcp_stdio_an_agent_notes_its_hypothesis_tags_runs_and_finds_
 
             said = await fails(client, "annotate_run", run_id=run_id, tags=["no good"])
             assert "invalid tag 'no good'" in said
-            said = await fails(client, "annotate_run", run_id=unique_id("never-was"), note="x")
-            assert "no run with id 'never-was'" in said
+            ghost = unique_id("never-was")
+            said = await fails(client, "annotate_run", run_id=ghost, note="x")
+            assert f"no run with id '{ghost}'" in said
             said = await fails(client, "annotate_run", run_id=run_id)
             assert "give a note" in said
             said = await fails(client, "run_training", script="train.py", options={"tags": ["a b"]})

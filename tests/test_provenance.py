@@ -321,6 +321,7 @@ def test_rerun_runs_the_stored_copy_of_an_edited_script_with_its_siblings_still_
     again_record = cli_json(env, "status", unchanged)
     assert again_record["script"] == record["script"] and again_record["status"] == "completed"
     assert again_record["rerun_of"] == {"run_id": again, "attempt": 1, "script": str(script)}
+    assert again_record["name"] == "again"  # a rerun goes by its original's name unless given one
 
 
 @pytest.mark.anyio

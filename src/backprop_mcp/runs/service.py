@@ -414,6 +414,7 @@ class Service(RunViews):
         old, attempt, copies = reproduce.snapshot_of(self.get, self.store, ref)
         options = {k: v for k, v in old["options"].items() if v is not None}
         python = old["python"] if old["python_source"] == "option" else None
+        name = old["name"] if name is None else name  # a rerun goes by its original's name unless renamed
         request = RunRequest(old["script"], old["args"], name, run_id, old["cwd"], python, options=options)
         record = self._prepare(request, None)[0]
         reproduce.adopt(self.store, record, old, attempt, copies)

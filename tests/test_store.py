@@ -20,7 +20,7 @@ from backprop_mcp.core.errors import RunNotFound, StoreCorrupt, StoreError
 from backprop_mcp.core.records import RunRecord, new_record, row_of
 from backprop_mcp.core.store import Store
 from backprop_mcp.runs.service import Service
-from tests.helpers import FIXTURES, cli_json, wait_for_end, wait_until
+from tests.helpers import FIXTURES, cli_json, unique_id, wait_for_end, wait_until
 
 
 def make_record(run_id: str, *, status: str = "completed", name: str | None = None) -> RunRecord:
@@ -226,7 +226,7 @@ def _waits_for_a_lock(pid: int) -> bool:
 def test_a_resume_waits_while_another_process_holds_the_runs_lock(
     env: dict[str, str], service: Service, tmp_path: Path
 ) -> None:
-    run_id = f"locked-{uuid.uuid4().hex[:8]}"
+    run_id = unique_id("locked")
     done = cli_json(env, "run", str(FIXTURES / "counts_and_exits.py"), "--run-id", run_id, cwd=tmp_path)
     assert done["status"] == "completed"
     holder = subprocess.Popen(

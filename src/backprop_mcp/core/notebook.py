@@ -19,6 +19,7 @@ Stdlib only: `backprop list` imports it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -31,7 +32,7 @@ from typing_extensions import TypedDict
 
 from backprop_mcp.core.clock import now_iso
 from backprop_mcp.core.errors import BackpropError, StoreError, UsageError
-from backprop_mcp.core.files import all_lines, append_line, atomic_write, file_lock
+from backprop_mcp.core.files import all_lines, append_line, atomic_write, file_lock, storage_error
 
 NOTES_FILE = "notes.jsonl"
 TAG_INDEX_FILE = "tags.jsonl"
@@ -168,9 +169,9 @@ def fold(lines: Iterable[bytes], run_id: str) -> Notebook:
             continue
         if not isinstance(line, dict) or not isinstance(line.get("at"), str):
             continue
-        for tag in _strings(line.get("tag")):
+        for tag in _tags(line.get("tag")):
             tags[tag] = None
-        for tag in _strings(line.get("untag")):
+        for tag in _tags(line.get("untag")):
             tags.pop(tag, None)
         if isinstance(line.get("note"), str):
             source = line.get("source")
@@ -182,7 +183,7 @@ def fold(lines: Iterable[bytes], run_id: str) -> Notebook:
 
 def read(store: Store, run_id: str) -> Notebook:
     """The run's notebook (empty when it has none); the caller checks that the run exists."""
-    return fold(all_lines(notes_path(store, run_id)), run_id)
+    return fold(_lines(notes_path(store, run_id)), run_id)
 
 
 def write(store: Store, run_id: str, created_at: str, line: Mapping[str, Any]) -> Notebook:
@@ -190,7 +191,7 @@ def write(store: Store, run_id: str, created_at: str, line: Mapping[str, Any]) -
     record the run's tags in the tag index when they changed; returns the notebook after it."""
     path = notes_path(store, run_id)
     with store.run_lock(run_id):
-        raw = all_lines(path)
+        raw = _lines(path)
         before = fold(raw, run_id)
         after = fold([*raw, json.dumps(line).encode("utf-8")], run_id)
         if "note" in line and len(before["notes"]) >= MAX_NOTES:
@@ -209,6 +210,7 @@ def write(store: Store, run_id: str, created_at: str, line: Mapping[str, Any]) -
             raise UsageError(
                 f"the notebook of run {run_id} would pass {MAX_NOTEBOOK_BYTES // 1024} KiB; nothing was added"
             )
+        _end_torn_line(path)
         append_line(path, line)
         if after["tags"] != before["tags"]:
             # Under the run's lock still: the index gets this run's sets in the notebook's order.
@@ -223,6 +225,7 @@ def index_tags(store: Store, run_id: str, created_at: str, tags: list[str]) -> N
     """Record the run's whole set of tags in the tag index."""
     store.ensure()
     with file_lock(store.home / TAG_INDEX_LOCK):
+        _end_torn_line(store.home / TAG_INDEX_FILE)
         append_line(store.home / TAG_INDEX_FILE, {"run_id": run_id, "created_at": created_at, "tags": tags})
 
 
@@ -236,7 +239,7 @@ def tag_map(store: Store) -> dict[str, tuple[str, list[str]]]:
         # process cannot write is listed all the same, without tags.
         with contextlib.suppress(StoreError):
             rebuild_tag_index(store, _noted_runs(store))
-    lines = all_lines(path)
+    lines = _lines(path)
     latest = tag_map_of(lines)
     if len(lines) > len(latest) * TAG_INDEX_RATIO + TAG_INDEX_SLACK:
         with contextlib.suppress(StoreError):  # compacted by a later listing
@@ -257,7 +260,10 @@ def rebuild_tag_index(store: Store, runs: Iterable[tuple[str, str]]) -> None:
     with file_lock(store.home / TAG_INDEX_LOCK):
         rows = []
         for run_id, created_at in runs:
-            tags = read(store, run_id)["tags"]
+            try:
+                tags = read(store, run_id)["tags"]
+            except StoreError:
+                continue  # its notebook cannot be read: unlisted by tag; `note RUN_ID` says why
             if tags:
                 rows.append({"run_id": run_id, "created_at": created_at, "tags": tags})
         data = "".join(json.dumps(row, separators=(",", ":")) + "\n" for row in rows)
@@ -287,7 +293,7 @@ def _compact(store: Store) -> None:
         if not got:
             return  # another process writes it now: compacted another time
         # Read again under the lock: a change appended since the caller's read must survive.
-        fresh = tag_map_of(all_lines(store.home / TAG_INDEX_FILE))
+        fresh = tag_map_of(_lines(store.home / TAG_INDEX_FILE))
         rows = [{"run_id": r, "created_at": c, "tags": t} for r, (c, t) in fresh.items() if t]
         data = "".join(json.dumps(row, separators=(",", ":")) + "\n" for row in rows)
         atomic_write(store.home / TAG_INDEX_FILE, data.encode("utf-8"))
@@ -305,6 +311,41 @@ def tag_map_of(lines: Iterable[bytes]) -> dict[str, tuple[str, list[str]]]:
         if isinstance(run_id, str) and isinstance(created, str) and isinstance(tags, list):
             latest[run_id] = (created, _strings(tags))
     return latest
+
+
+def _lines(path: Path) -> list[bytes]:
+    """The lines of a notebook or of the tag index; one that cannot be read is a StoreError."""
+    try:
+        return all_lines(path)
+    except OSError as exc:
+        raise storage_error("read", path, exc) from None
+
+
+def _end_torn_line(path: Path) -> None:
+    """End a last line that a writer which died mid-line left without its newline (called under
+    the file's lock): the next line appended would join it and be lost with it."""
+    try:
+        with path.open("rb") as file:
+            file.seek(-1, os.SEEK_END)
+            torn = file.read(1) != b"\n"
+    except FileNotFoundError:
+        return
+    except OSError as exc:  # empty (the seek fails): nothing torn; else the append says why
+        if exc.errno == errno.EINVAL:
+            return
+        raise storage_error("read", path, exc) from None
+    if torn:
+        try:
+            with path.open("ab") as file:
+                file.write(b"\n")
+        except OSError as exc:
+            raise storage_error("append to", path, exc) from None
+
+
+def _tags(value: object) -> list[str]:
+    """The valid tags of a notebook line: one no command could have written (the file was edited)
+    is ignored, since no command could remove it either."""
+    return [tag for tag in _strings(value) if TAG_RE.fullmatch(tag)]
 
 
 def _strings(value: object) -> list[str]:

@@ -191,7 +191,10 @@ def _dispatch(ns: argparse.Namespace, script_args: list[str] | None) -> int:
 
                 curve = curve_line(service.metrics([ns.run_id], points=STATUS_CURVE_POINTS))
                 print(render.record_text(record) + (f"\n{curve}" if curve else ""))
-                print(notebook_text(service.notebook(ns.run_id), heading=True), end="")
+                book, unreadable = service.notebook_beside(ns.run_id)
+                print(notebook_text(book, heading=True), end="")
+                if unreadable:
+                    print(render.clean(f"notes      cannot be read: {unreadable}"))
             return 0
         status = service.system_status(options(ns))
         print_json(status) if out else print(render.status_text(status))

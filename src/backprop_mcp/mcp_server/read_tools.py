@@ -65,8 +65,10 @@ def build(app: App) -> list[Tool]:
         if run_id is None:
             return await machine(app)
         record = await app.call(app.service.get, run_id)
-        notes = await app.call(app.service.notebook, run_id)
+        notes, unreadable = await app.call(app.service.notebook_beside, run_id)
         answer = summary({**record, "tags": notes["tags"]})
+        if unreadable:
+            answer["notes_error"] = unreadable
         if record["status"] in ("failed", "lost"):
             tail = await app.call(app.service.logs, run_id, tail=STATUS_LOG_LINES)
             if tail.get("note"):

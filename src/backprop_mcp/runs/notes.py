@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from backprop_mcp.core import notebook
+from backprop_mcp.core.errors import StoreError
 from backprop_mcp.core.ids import check_run_id
 from backprop_mcp.core.notebook import Notebook
 from backprop_mcp.core.store import Store
@@ -46,6 +47,14 @@ class Notebooks:
         check_run_id(run_id)
         self.store.read(run_id)  # no such run: RunNotFound, not an empty notebook
         return notebook.read(self.store, run_id)
+
+    def notebook_beside(self, run_id: str) -> tuple[Notebook, str | None]:
+        """The notebook of a run whose record the caller has read (`status`, `get_status`): an
+        unreadable notebook must not hide a readable record, so it comes back empty with why."""
+        try:
+            return notebook.read(self.store, run_id), None
+        except StoreError as exc:
+            return Notebook(run_id=run_id, tags=[], notes=[]), exc.message
 
 
 def start_entry(request: RunRequest) -> dict[str, Any] | None:

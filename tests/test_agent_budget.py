@@ -292,3 +292,34 @@ async def test_every_list_cap_an_agent_can_meet_is_named_in_its_description(tmp_
                 if cap < PLANNED_ITEMS and not re.search(rf"\b{cap}\b", said):
                     unnamed[f"{tool.name}.{name}"] = (cap, said)
     assert not unnamed, unnamed
+
+
+# get_status(detail=true): the record is the agent's ask; the notes beside it stay within this.
+DETAIL_NOTES_BYTES = 4000
+
+
+@pytest.mark.anyio
+async def test_get_status_detail_shows_the_newest_notes_within_their_budget_and_counts_the_rest(
+    tmp_path: Path,
+) -> None:
+    from backprop_mcp.runs.requests import RunRequest
+    from backprop_mcp.runs.service import Service
+    from tests.helpers import unique_id, wait_until
+
+    home = tmp_path / "home"
+    service = Service(home, env=isolated_env(home), cwd=tmp_path)
+    request = RunRequest(script=str(FIXTURES / "counts_and_exits.py"), run_id=unique_id("noted"))
+    run_id = service.start(request)["run_id"]
+    for i in range(20):  # 20 notes of the largest size: 40 KB of notes in all
+        service.annotate(run_id, note=f"{i:02d} " + "x" * 1997)
+    wait_until(lambda: service.get(run_id)["status"] == "completed", what="the run to end")
+    server = build_server(service=service, roots=Roots((tmp_path,), "option"), cwd=tmp_path)
+    with anyio.fail_after(60):
+        async with Client(server, mode="legacy") as client:
+            result = await client.call_tool("get_status", {"run_id": run_id, "detail": True})
+    answer = result.structured_content
+    assert answer is not None and not result.is_error
+    notes = answer["notes"]
+    assert len(json.dumps(notes, separators=(",", ":")).encode("utf-8")) <= DETAIL_NOTES_BYTES
+    # Each note costs about 2,050 B: only the newest fits, and the 19 older ones are counted.
+    assert [n["text"][:2] for n in notes] == ["19"] and answer["notes_left_out"] == 19

@@ -11,6 +11,7 @@ from mcp.server.mcpserver.tools import Tool
 from mcp_types import ToolAnnotations
 from pydantic import Field
 
+from backprop_mcp.core.notebook import Note
 from backprop_mcp.core.records import RunRecord, RunState
 from backprop_mcp.mcp_server.app import App
 from backprop_mcp.mcp_server.arguments import (
@@ -44,8 +45,10 @@ DEFAULT_LOG_TAIL = 50
 # but never below MIN_POINTS (a curve needs a few points to have a shape).
 DEFAULT_POINTS = 50
 MIN_POINTS = 5
-# get_status(detail=true) shows this many of a run's newest notes (`backprop note RUN_ID` all).
+# get_status(detail=true) shows at most this many of a run's newest notes, and only as many as fit
+# in DETAIL_NOTES_BYTES (20 notes of 2,000 characters would be 40 KB); `backprop note RUN_ID` all.
 DETAIL_NOTES = 20
+DETAIL_NOTES_BYTES = 4000
 
 
 def build(app: App) -> list[Tool]:
@@ -76,7 +79,9 @@ def build(app: App) -> list[Tool]:
             with_log_tail(answer, tail["lines"])
         if detail:
             answer["record"] = dict(record)
-            answer["notes"] = notes["notes"][-DETAIL_NOTES:]
+            answer["notes"] = newest_notes(notes["notes"])
+            if len(answer["notes"]) < len(notes["notes"]):
+                answer["notes_left_out"] = len(notes["notes"]) - len(answer["notes"])
         return answer
 
     async def wait_for_run(
@@ -339,3 +344,17 @@ def shrink(answer: dict[str, Any]) -> dict[str, Any]:
     slim = ("args", "metrics", "checkpoint", "reason")
     answer["runs"] = [{k: v for k, v in row.items() if k not in slim} for row in answer["runs"]]
     return answer
+
+
+def newest_notes(notes: list[Note]) -> list[Note]:
+    """The newest notes, oldest first: at most DETAIL_NOTES of them and DETAIL_NOTES_BYTES of
+    answer (the newest one always: a note is at most 2,000 characters)."""
+    kept: list[Note] = []
+    used = 0
+    for note in reversed(notes[-DETAIL_NOTES:]):
+        cost = size(note)
+        if kept and used + cost > DETAIL_NOTES_BYTES:
+            break
+        kept.append(note)
+        used += cost
+    return kept[::-1]

@@ -245,6 +245,38 @@ def test_the_environment_is_recorded_without_any_environment_variable_value(
             assert secret.encode() not in path.read_bytes(), path
 
 
+def test_the_script_starts_before_its_interpreter_is_asked_for_its_versions(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """Asking the script's interpreter for its versions costs a process start, which the script's
+    own start must not wait for. This interpreter answers that question only once the script has
+    started (it waits for the file the script writes first, longer than the probe's bound), so a
+    supervisor that asked before starting the script would get no answer."""
+    marker = tmp_path / "script-started"
+    late = tmp_path / "python-that-answers-late"
+    late.write_text(
+        "#!/bin/sh\n"
+        'case "$2" in *metadata*)\n'
+        f'  i=0; while [ ! -e "{marker}" ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i+1)); done ;;\n'
+        "esac\n"
+        f'exec "{sys.executable}" "$@"\n',
+        encoding="utf-8",
+    )
+    late.chmod(0o755)
+    script = tmp_path / "writes_a_marker.py"
+    script.write_text("import pathlib, sys\npathlib.Path(sys.argv[1]).write_text('x')\n", encoding="utf-8")
+    service = Service(Path(env["BACKPROP_HOME"]), env=env, cwd=tmp_path)
+    request = RunRequest(
+        str(script), [str(marker)], run_id=unique("late"), cwd=str(tmp_path), python=str(late)
+    )
+
+    record = wait_for_end(service, service.start(request)["run_id"])
+
+    assert record["status"] == "completed"
+    kept = provenance(service, record["run_id"])["env"]
+    assert kept["python_version"] == platform.python_version() and "error" not in kept, kept  # type: ignore[index,operator]
+
+
 def test_editing_the_script_between_two_runs_shows_in_show_and_diff(
     env: dict[str, str], tmp_path: Path
 ) -> None:

@@ -15,7 +15,7 @@ import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import cast
 
@@ -85,9 +85,14 @@ class _Budget:
         self.limit, self.copied, self.hashed = limit, 0, 0
 
 
-def capture(store: Store, record: RunRecord, env: Mapping[str, str], *, ask_python: bool = True) -> CodeRef:
+def capture(
+    store: Store, record: RunRecord, env: Mapping[str, str], *, ask_python: bool = True, with_env: bool = True
+) -> CodeRef:
     """Capture the current attempt's provenance into its folder; returns its short reference.
-    Raises OSError or StoreError when the store cannot be written (the caller goes on without)."""
+    Without `with_env` its environment is left for `add_environment` (a supervisor reads it once
+    the script has started: asking another interpreter costs a process start, which the script's
+    start must not wait for). Raises OSError or StoreError when the store cannot be written (the
+    caller goes on without)."""
     folder = code_dir(store, record["run_id"], record["attempt"])
     if folder.exists():  # a capture begun before (a retried submission): start afresh
         shutil.rmtree(folder)
@@ -121,13 +126,36 @@ def capture(store: Store, record: RunRecord, env: Mapping[str, str], *, ask_pyth
         copied_bytes=budget.copied,
         notes=notes[:MAX_NOTES],
         git=git,
-        env=environment(record, env, ask_python=ask_python),
+        env=environment(record, env, ask_python=ask_python) if with_env else _env_pending(record),
     )
     atomic_write(folder / PROVENANCE_FILE, json.dumps(provenance, indent=1).encode("utf-8"))
     return CodeRef(
         sha=script_file["sha256"] or "",
         commit=git["commit"] if git else None,
         dirty=git["dirty"] if git else None,
+    )
+
+
+def add_environment(
+    store: Store, record: RunRecord, env: Mapping[str, str], on_spawn: Callable[[int], None] | None = None
+) -> None:
+    """Complete the attempt's provenance, captured without its environment, with it; `on_spawn`
+    is told the pid of the interpreter asked (not one of the run's processes)."""
+    kept = load(store, record["run_id"], record["attempt"])
+    if kept is None:
+        return
+    kept["env"] = environment(record, env, on_spawn=on_spawn)
+    folder = code_dir(store, record["run_id"], record["attempt"])
+    atomic_write(folder / PROVENANCE_FILE, json.dumps(kept, indent=1).encode("utf-8"))
+
+
+def _env_pending(record: RunRecord) -> EnvInfo:
+    return EnvInfo(
+        python=record["python"],
+        python_version=None,
+        packages={},
+        backprop=__version__,
+        error="read once the script has started; not read yet (or its supervisor ended first)",
     )
 
 
@@ -269,7 +297,13 @@ def _write_new(path: Path, data: bytes) -> None:
         handle.write(data)
 
 
-def environment(record: RunRecord, env: Mapping[str, str], *, ask_python: bool = True) -> EnvInfo:
+def environment(
+    record: RunRecord,
+    env: Mapping[str, str],
+    *,
+    ask_python: bool = True,
+    on_spawn: Callable[[int], None] | None = None,
+) -> EnvInfo:
     """The interpreter's version and the versions of the frameworks the script imports (read from
     the interpreter's package metadata, nothing imported), the GPU, backprop's version."""
     info = EnvInfo(python=record["python"], python_version=None, packages={}, backprop=__version__)
@@ -281,7 +315,7 @@ def environment(record: RunRecord, env: Mapping[str, str], *, ask_python: bool =
         info["python_version"] = platform.python_version()
         info["packages"] = _versions(wanted)
     elif ask_python:
-        _ask(info, record, wanted, env)
+        _ask(info, record, wanted, env, on_spawn)
     else:
         info["error"] = "the interpreter runs elsewhere (the cluster's); not asked"
     gpu = record["gpu"]
@@ -303,19 +337,31 @@ def _versions(names: list[str]) -> dict[str, str]:
     return found
 
 
-def _ask(info: EnvInfo, record: RunRecord, wanted: list[str], env: Mapping[str, str]) -> None:
+def _ask(
+    info: EnvInfo,
+    record: RunRecord,
+    wanted: list[str],
+    env: Mapping[str, str],
+    on_spawn: Callable[[int], None] | None = None,
+) -> None:
     """Ask the script's own interpreter (another virtualenv has other versions)."""
     try:
-        done = subprocess.run(
+        with subprocess.Popen(
             [record["python"], "-c", _PROBE, *wanted],
             cwd="/",  # no folder of the user's first on sys.path: nothing may shadow json or platform
             env=dict(env),
             stdin=subprocess.DEVNULL,
-            capture_output=True,
-            timeout=ENV_PROBE_SECONDS,
-            check=False,
-        )
-        answer = json.loads(done.stdout.decode("utf-8", "replace").strip().splitlines()[-1])
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        ) as proc:
+            if on_spawn is not None:
+                on_spawn(proc.pid)
+            try:
+                out, _ = proc.communicate(timeout=ENV_PROBE_SECONDS)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                raise
+        answer = json.loads(out.decode("utf-8", "replace").strip().splitlines()[-1])
         info["python_version"] = str(answer["python_version"])
         info["packages"] = {str(k): str(v) for k, v in dict(answer["packages"]).items()}
     except subprocess.TimeoutExpired:

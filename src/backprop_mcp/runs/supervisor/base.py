@@ -5,6 +5,7 @@ flag the loops read, and the summary of an attempt when it closes. See `run.Supe
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import os
@@ -12,6 +13,7 @@ import secrets
 import selectors
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -88,6 +90,11 @@ class SupervisorBase:
         # Run in the script's process between fork and exec (a job's supervisor ties the script's
         # life to its own); None locally, where the run's ledger lets a reader end an orphan.
         self.script_preexec: Callable[[], None] | None = None
+        # Reads the attempt's environment once its script started (see `capture`).
+        self.env_reader: threading.Thread | None = None
+        # Processes of the supervisor's own below it (that reader's interpreter), not the run's:
+        # never signalled, paused or counted with the run's tree.
+        self.helper_pids: set[int] = set()
         self.output: RunLog | None = None
         self.started_epoch = 0.0
         self.cpu_watch: dict[int, psutil.Process] = {}
@@ -231,9 +238,38 @@ class SupervisorBase:
         from backprop_mcp.runs import provenance
 
         try:
-            provenance.keep(self.record, provenance.capture(self.store, self.record, os.environ))
+            code = provenance.capture(self.store, self.record, os.environ, with_env=False)
         except (OSError, StoreError, ValueError) as exc:
             log.warning("run %s: its code snapshot could not be kept: %s", self.run_id, exc)
+            return
+        provenance.keep(self.record, code)
+        self.env_reader = threading.Thread(
+            target=self._read_environment, args=(copy.deepcopy(self.record),), name="environment", daemon=True
+        )
+
+    def _read_environment(self, record: RunRecord) -> None:
+        """The environment part of the provenance, on its own thread once the script has started
+        (`start_environment_reader`); it writes only the attempt's provenance file."""
+        from backprop_mcp.runs import provenance
+
+        try:
+            provenance.add_environment(self.store, record, os.environ, on_spawn=self.helper_pids.add)
+        except (OSError, StoreError, ValueError) as exc:
+            log.warning("run %s: its environment could not be kept: %s", self.run_id, exc)
+
+    def start_environment_reader(self) -> None:
+        """Read the environment beside the script, which must not wait for it (called after the
+        script's start: a thread before a fork with preexec_fn would be unsafe)."""
+        if self.env_reader is not None:
+            self.env_reader.start()
+
+    def join_environment_reader(self) -> None:
+        """Wait for the environment reader (bounded): before the run's leftovers are ended, since
+        its interpreter is below the supervisor too, and before the final state."""
+        from backprop_mcp.runs.provenance import ENV_PROBE_SECONDS
+
+        if self.env_reader is not None and self.env_reader.is_alive():
+            self.env_reader.join(ENV_PROBE_SECONDS + 1.0)
 
     def _close_attempt(self, status: str) -> None:
         record = self.record

@@ -94,13 +94,14 @@ class Supervisor(EndingSupervisor):
                 stderr=subprocess.PIPE,
                 start_new_session=True,  # its own process group: signals reach the whole tree
                 close_fds=True,
-                preexec_fn=self.script_preexec,  # noqa: PLW1509 (the supervisor starts no threads)
+                preexec_fn=self.script_preexec,  # noqa: PLW1509 (its one thread starts after this)
             )
         except OSError as exc:
             self._release()
             self.finish_without_start("failed", "start_failed", f"could not {action}: {exc.strerror or exc}")
             return False
         record["script_pid"] = self.proc.pid
+        self.start_environment_reader()
         self.started_epoch = started
         script_started = proctree.start_time(self.proc.pid)
         if script_started is not None:

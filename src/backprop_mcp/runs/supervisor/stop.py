@@ -26,7 +26,7 @@ class EndingSupervisor(QueuedSupervisor):
     """The ending phase of a supervisor: its process tree and its outcome."""
 
     def _tree(self) -> list[psutil.Process]:
-        return proctree.descendants(os.getpid())
+        return [p for p in proctree.descendants(os.getpid()) if p.pid not in self.helper_pids]
 
     def _signal_tree(self, sig: int) -> None:
         # The group by its leader's pid only while the script is unreaped: then that pid is surely
@@ -45,7 +45,9 @@ class EndingSupervisor(QueuedSupervisor):
 
     def _end_leftovers(self) -> None:
         """After the script exits, end what it left behind: SIGTERM, a short grace, then SIGSTOP
-        and SIGKILL until none is left (`proctree.end_all`), forkers and setsid daemons included."""
+        and SIGKILL until none is left (`proctree.end_all`), forkers and setsid daemons included.
+        The environment reader is waited for first: its interpreter is below us too."""
+        self.join_environment_reader()
         left = [p for p in self._tree() if self.proc is None or p.pid != self.proc.pid]
         found = {key for key in map(proctree.identity, left) if key is not None}
         if left:
@@ -87,8 +89,10 @@ class EndingSupervisor(QueuedSupervisor):
         record["exit_code"], record["signal"] = outcome.exit_code, outcome.signal
         record["termination_reason"] = outcome.reason
         self._close_attempt(outcome.status)
-        # Before the final state: whoever sees the run ended finds its whole history.
+        # Before the final state: whoever sees the run ended finds its whole history, and the
+        # whole provenance of the attempt.
         self.write_history()
+        self.join_environment_reader()  # (done already, unless the script never ended by itself)
         # Released before the final state is written: whoever sees the run ended (and resumes
         # it) finds its slot free, and this release can only ever remove this attempt's slot.
         self._release()
